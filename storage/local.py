@@ -1,0 +1,100 @@
+"""Storage in a local directory, with crash-safe (atomic) writes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+from storage.base import StorageError, safe_key
+
+
+class LocalStorage:
+    def __init__(self, root: Path) -> None:
+        self._root = Path(root).resolve()
+
+    @property
+    def base_url(self) -> str:
+        return self._root.as_uri()
+
+    def put_bytes(
+        self, key: str, data: bytes, content_type: str = "application/octet-stream"
+    ) -> str:
+        # content_type is accepted for interface parity; a plain file has nowhere to keep it.
+        return self._write(key, lambda out: out.write(data))
+
+    def put_file(
+        self, key: str, path: str | Path, content_type: str = "application/octet-stream"
+    ) -> str:
+        with open(path, "rb") as src:
+            return self._write(key, lambda out: shutil.copyfileobj(src, out))
+
+    def get_bytes(self, key: str) -> bytes:
+        path = self._path(key)
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise StorageError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def url_for(self, key: str) -> str:
+        return self._path(key).as_uri()
+
+    def size(self, key: str) -> int | None:
+        path = self._path(key)
+        try:
+            return path.stat().st_size
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StorageError(f"cannot stat {path}: {exc.strerror or exc}") from exc
+
+    def _path(self, key: str) -> Path:
+        path = (self._root / safe_key(key)).resolve()
+        # safe_key already forbids "..", but a symlink planted inside the root
+        # could still point elsewhere; resolving catches that too.
+        if not path.is_relative_to(self._root):
+            raise StorageError(f"key {key!r} resolves outside the storage root {self._root}")
+        return path
+
+    def _write(self, key: str, fill: Callable[[IO[bytes]], object]) -> str:
+        dest = self._path(key)
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            # The temp name starts with '.', which safe_key never accepts, so it
+            # cannot collide with a real key; same directory keeps os.replace atomic.
+            tmp = tempfile.NamedTemporaryFile(
+                dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp", delete=False
+            )
+            try:
+                with tmp:
+                    fill(tmp)
+                    tmp.flush()
+                    # NamedTemporaryFile creates 0o600; readers (e.g. a web server) need 0o644.
+                    os.fchmod(tmp.fileno(), 0o644)
+                    os.fsync(tmp.fileno())
+                os.replace(tmp.name, dest)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp.name)
+                raise
+            _fsync_dir(dest.parent)
+        except OSError as exc:
+            raise StorageError(f"cannot write {dest}: {exc.strerror or exc}") from exc
+        return dest.as_uri()
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Without this the rename itself may be lost on power failure, leaving the
+    # old object (or none) even though put_* returned.
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,140 @@
+"""Storage in an S3 (or S3-compatible) bucket."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import boto3
+from boto3.exceptions import Boto3Error
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from storage.base import StorageError, safe_key
+
+_MiB = 1024 * 1024
+# Objects above 8 MiB go multipart: parts upload in parallel and a failed part
+# is retried alone instead of restarting the whole object.
+_TRANSFER = TransferConfig(
+    multipart_threshold=8 * _MiB, multipart_chunksize=8 * _MiB, max_concurrency=4
+)
+
+
+class S3Storage:
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        *,
+        sse: str | None = None,
+        max_attempts: int = 10,
+    ) -> None:
+        self._bucket = bucket
+        self._prefix = prefix.strip("/")
+        if self._prefix:
+            safe_key(self._prefix)
+        self._sse = sse
+        config = Config(
+            retries={"mode": "standard", "max_attempts": max_attempts},
+            connect_timeout=5,
+            read_timeout=60,
+        )
+        # A private Session: boto3's default session is not thread-safe to create
+        # clients from, whereas the client itself can be shared by all threads.
+        self._client: Any = boto3.session.Session().client(
+            "s3", endpoint_url=endpoint_url, region_name=region, config=config
+        )
+
+    @property
+    def base_url(self) -> str:
+        return f"s3://{self._bucket}/{self._prefix}" if self._prefix else f"s3://{self._bucket}"
+
+    def put_bytes(
+        self, key: str, data: bytes, content_type: str = "application/octet-stream"
+    ) -> str:
+        name = self._name(key)
+        with self._errors("upload", name):
+            self._client.upload_fileobj(
+                io.BytesIO(data),
+                self._bucket,
+                name,
+                ExtraArgs=self._extra_args(content_type),
+                Config=_TRANSFER,
+            )
+        return self._url(name)
+
+    def put_file(
+        self, key: str, path: str | Path, content_type: str = "application/octet-stream"
+    ) -> str:
+        name = self._name(key)
+        with self._errors("upload", name):
+            self._client.upload_file(
+                str(path),
+                self._bucket,
+                name,
+                ExtraArgs=self._extra_args(content_type),
+                Config=_TRANSFER,
+            )
+        return self._url(name)
+
+    def get_bytes(self, key: str) -> bytes:
+        name = self._name(key)
+        with self._errors("download", name):
+            body = self._client.get_object(Bucket=self._bucket, Key=name)["Body"]
+            with body:
+                return body.read()
+
+    def exists(self, key: str) -> bool:
+        return self.size(key) is not None
+
+    def url_for(self, key: str) -> str:
+        return self._url(self._name(key))
+
+    def size(self, key: str) -> int | None:
+        name = self._name(key)
+        with self._errors("head", name):
+            try:
+                head = self._client.head_object(Bucket=self._bucket, Key=name)
+            except ClientError as exc:
+                if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                    return None
+                raise
+            return int(head["ContentLength"])
+
+    def _name(self, key: str) -> str:
+        return f"{self._prefix}/{safe_key(key)}" if self._prefix else safe_key(key)
+
+    def _url(self, name: str) -> str:
+        return f"s3://{self._bucket}/{name}"
+
+    def _extra_args(self, content_type: str) -> dict[str, str]:
+        extra = {"ContentType": content_type}
+        if self._sse:
+            extra["ServerSideEncryption"] = self._sse
+        return extra
+
+    @contextmanager
+    def _errors(self, operation: str, name: str) -> Iterator[None]:
+        # Only the error code/class goes into the message: botocore's own texts
+        # can embed endpoint URLs, which may carry userinfo.
+        try:
+            yield
+        except (ClientError, BotoCoreError, Boto3Error) as exc:
+            raise StorageError(
+                f"S3 {operation} of {self._url(name)} failed: {_error_code(exc)}"
+            ) from exc
+
+
+def _error_code(exc: BaseException) -> str:
+    # boto3's upload_file re-raises ClientError as S3UploadFailedError with the
+    # original only as implicit context, so look one level down for the code.
+    for candidate in (exc, exc.__cause__, exc.__context__):
+        if isinstance(candidate, ClientError):
+            return str(candidate.response.get("Error", {}).get("Code", "Unknown"))
+    return type(exc).__name__

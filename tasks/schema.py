@@ -1,0 +1,142 @@
+"""The job contract of `ttspool.synthesize`: plain JSON keyword arguments.
+
+Validated twice: by the producer (nothing is enqueued when invalid) and by the worker
+(a bad message becomes a FAILURE with the same readable reason). Any Celery client in
+any language can produce these messages, so the worker cannot trust the producer.
+"""
+
+from __future__ import annotations
+
+import lzma
+import re
+import unicodedata
+from typing import Annotated, Any, Literal, Union
+
+import pybase16384 as b14
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
+from pydantic import ValidationError, field_validator
+
+MAX_TEXT_CHARS = 2000
+MAX_VOICE_CHARS = 4096
+MAX_STEPS = 2048
+
+# SSML-like markup (<speak>, <break time="1s"/>) is stripped rather than refused, so
+# pipelines that template their prompts still work; ChatTTS' own [tags] are kept.
+_MARKUP = re.compile(r"<[^<>]{0,200}>")
+_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+Seed = Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]
+
+
+class JobValidationError(ValueError):
+    """A job that must not run; the message names each offending field."""
+
+
+def _decode_speaker(value: str) -> int:
+    """Return the dimension of a ChatTTS speaker string (base16384 + raw LZMA of float16)."""
+    try:
+        raw = lzma.decompress(
+            b14.decode_from_string(value),
+            format=lzma.FORMAT_RAW,
+            filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}],
+        )
+    except Exception:
+        raise ValueError("not a ChatTTS speaker string (expected base16384 + LZMA data)") from None
+    if len(raw) % 2 or not 16 <= len(raw) // 2 <= 4096:
+        raise ValueError("speaker string does not hold a float16 embedding vector")
+    return len(raw) // 2
+
+
+class JobSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    text: StrictStr
+    voice: Union[Seed, Annotated[StrictStr, Field(max_length=MAX_VOICE_CHARS)]] = 2
+    seed: Seed = 0
+    speed: Annotated[StrictInt, Field(ge=0, le=9)] = 5
+    temperature: Annotated[Union[StrictFloat, StrictInt], Field(gt=0, le=2)] = 0.3
+    top_p: Annotated[Union[StrictFloat, StrictInt], Field(gt=0, le=1)] = 0.7
+    top_k: Annotated[StrictInt, Field(ge=1, le=625)] = 20
+    max_tokens: Annotated[StrictInt, Field(ge=1, le=MAX_STEPS)] = MAX_STEPS
+    priority: Literal["realtime", "bulk"] = "bulk"
+    job_id: StrictStr | None = None
+    # Set by producers that know it (the Python API does); used for queue-wait metrics.
+    enqueued_at: Union[StrictFloat, StrictInt, None] = None
+
+    @field_validator("text")
+    @classmethod
+    def _clean_text(cls, v: str) -> str:
+        if len(v) > MAX_TEXT_CHARS * 2:
+            raise ValueError(f"text is longer than {MAX_TEXT_CHARS} characters")
+        v = _MARKUP.sub(" ", v)
+        bad = sorted({f"U+{ord(c):04X}" for c in v if unicodedata.category(c) in ("Cc", "Cs", "Co") and c not in "\n\t"})
+        if bad:
+            raise ValueError(f"text contains control characters ({', '.join(bad[:5])})")
+        v = " ".join(v.split())
+        if not v:
+            raise ValueError("text is empty")
+        if len(v) > MAX_TEXT_CHARS:
+            raise ValueError(f"text is longer than {MAX_TEXT_CHARS} characters ({len(v)})")
+        return v
+
+    @field_validator("voice")
+    @classmethod
+    def _check_voice(cls, v: int | str) -> int | str:
+        if isinstance(v, str):
+            if v.strip().isdigit():
+                raise ValueError("voice seeds must be JSON integers, not strings")
+            _decode_speaker(v)
+        return v
+
+    @field_validator("job_id")
+    @classmethod
+    def _check_job_id(cls, v: str | None) -> str | None:
+        if v is not None and not _JOB_ID.fullmatch(v):
+            raise ValueError(
+                "job_id must be 1-128 characters of letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit"
+            )
+        return v
+
+    def task_kwargs(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+    def sampling_params(self) -> dict[str, Any]:
+        """The fields that shape the audio besides the text (for content keys)."""
+        return {
+            "voice": self.voice,
+            "seed": self.seed,
+            "speed": self.speed,
+            "temperature": float(self.temperature),
+            "top_p": float(self.top_p),
+            "top_k": self.top_k,
+            "max_tokens": self.max_tokens,
+        }
+
+
+def _describe(err: ValidationError) -> str:
+    # Union members report the same field once per member; keep one reason per field.
+    reasons: dict[str, str] = {}
+    for e in err.errors():
+        field = str(e["loc"][0]) if e["loc"] else "job"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        elif field == "voice" and e["type"] in ("int_type", "string_type"):
+            msg = "must be an integer seed or a ChatTTS speaker string"
+        reasons.setdefault(field, f"{field}: {msg}")
+    return "; ".join(reasons.values())
+
+
+def parse_job(data: Any) -> JobSpec:
+    """Validate a job from untrusted JSON-like data; raises JobValidationError only."""
+    if isinstance(data, JobSpec):
+        return data
+    if not isinstance(data, dict):
+        raise JobValidationError(f"job must be a JSON object, got {type(data).__name__}")
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as err:
+        raise JobValidationError(f"invalid job: {_describe(err)}") from None
+    except (TypeError, ValueError, RecursionError) as err:
+        raise JobValidationError(f"invalid job: {err}") from None

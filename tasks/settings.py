@@ -1,0 +1,102 @@
+"""Configuration from the environment (TTSPOOL_*); CLI flags override field by field."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping
+
+QUEUE_REALTIME = "tts.realtime"
+QUEUE_BULK = "tts.bulk"
+QUEUES = (QUEUE_REALTIME, QUEUE_BULK)
+TASK_NAME = "ttspool.synthesize"
+
+_MODELS = ("chattts", "random-tiny", "random-full")
+
+
+def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must be between {lo} and {hi}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    result_backend: str | None = None
+    storage_url: str = field(default_factory=lambda: Path("out").resolve().as_uri())
+    s3_endpoint_url: str | None = None
+    model: str = "chattts"
+    model_dir: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    max_batch: int = 16
+    max_wait_ms: int = 100
+    # Must exceed buffering + one batch + upload, or Redis hands a running job to a
+    # second worker. Kept in seconds, as Redis' transport option is.
+    visibility_timeout: int = 3600
+    max_deliveries: int = 3
+    metrics_port: int = 0
+
+    @property
+    def backend_url(self) -> str:
+        return self.result_backend or self.broker_url
+
+    def override(self, **changes: Any) -> "Settings":
+        return validate(replace(self, **{k: v for k, v in changes.items() if v is not None}))
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if env is None else env
+        d = cls()
+        return validate(
+            cls(
+                broker_url=env.get("TTSPOOL_BROKER_URL") or d.broker_url,
+                result_backend=env.get("TTSPOOL_RESULT_BACKEND") or None,
+                storage_url=env.get("TTSPOOL_STORAGE_URL") or d.storage_url,
+                s3_endpoint_url=env.get("TTSPOOL_S3_ENDPOINT_URL") or None,
+                model=env.get("TTSPOOL_MODEL") or d.model,
+                model_dir=env.get("TTSPOOL_MODEL_DIR") or None,
+                device=env.get("TTSPOOL_DEVICE") or d.device,
+                dtype=env.get("TTSPOOL_DTYPE") or d.dtype,
+                max_batch=_int(env, "TTSPOOL_MAX_BATCH", d.max_batch, 1, 256),
+                max_wait_ms=_int(env, "TTSPOOL_MAX_WAIT_MS", d.max_wait_ms, 0, 60_000),
+                visibility_timeout=_int(
+                    env, "TTSPOOL_VISIBILITY_TIMEOUT", d.visibility_timeout, 10, 7 * 86400
+                ),
+                max_deliveries=_int(env, "TTSPOOL_MAX_DELIVERIES", d.max_deliveries, 1, 100),
+                metrics_port=_int(env, "TTSPOOL_METRICS_PORT", d.metrics_port, 0, 65535),
+            )
+        )
+
+
+def validate(s: Settings) -> Settings:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", s.device):
+        raise ValueError(f"TTSPOOL_DEVICE must be auto, cpu, cuda or cuda:N, got {s.device!r}")
+    if s.dtype not in ("auto", "float16", "bfloat16", "float32"):
+        raise ValueError(
+            f"TTSPOOL_DTYPE must be auto, float16, bfloat16 or float32, got {s.dtype!r}"
+        )
+    if s.model not in _MODELS and not os.path.isabs(os.path.expanduser(s.model)):
+        raise ValueError(
+            f"TTSPOOL_MODEL must be one of {', '.join(_MODELS)} or an absolute path to a "
+            f"ChatTTS asset folder, got {s.model!r}"
+        )
+    for name, url in (("TTSPOOL_BROKER_URL", s.broker_url), ("TTSPOOL_RESULT_BACKEND", s.backend_url)):
+        if not re.match(r"rediss?://", url):
+            raise ValueError(f"{name} must be a redis:// or rediss:// URL, got {redact_url(url)!r}")
+    return s
+
+
+def redact_url(url: str) -> str:
+    """Hide the password in scheme://user:password@host URLs before logging or erroring."""
+    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)

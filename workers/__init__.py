@@ -1,0 +1,1 @@
+"""The GPU side: ChatTTS engine, the Celery batch task, the worker process."""

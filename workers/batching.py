@@ -1,0 +1,40 @@
+"""celery-batches with one batch in flight at a time.
+
+Stock celery-batches flushes its buffer on every `flush_interval` tick and hands each
+flush to the pool. With one GPU thread, flushes taken while a batch runs would queue as
+many tiny batches. Here a flush is skipped while a batch runs; the buffer keeps filling
+(bounded by the prefetch limit), and the scheduler splits the next flush into GPU
+batches. Messages are acked only after the batch function returns, which it does only
+once every job in it has a stored result or has been re-enqueued.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Collection
+
+from celery_batches import Batches, SimpleRequest, apply_batches_task
+
+
+class GpuBatches(Batches):
+    def __init__(self) -> None:
+        super().__init__()
+        self._inflight = threading.Event()
+
+    def _do_flush(self) -> None:
+        if self._inflight.is_set():
+            return
+        super()._do_flush()
+
+    def flush(self, requests: Collection[Any]) -> Any:
+        self._inflight.set()
+        simple = ([SimpleRequest.from_request(r) for r in requests],)
+
+        def on_return(_result: Any) -> None:
+            try:
+                for req in requests:
+                    req.acknowledge()
+            finally:
+                self._inflight.clear()
+
+        return self._pool.apply_async(apply_batches_task, (self, simple, 0, None), callback=on_return)
