@@ -22,7 +22,7 @@ MAX_STEPS = 2048
 
 # SSML-like markup (<speak>, <break time="1s"/>) is stripped rather than refused, so
 # pipelines that template their prompts still work; ChatTTS' own [tags] are kept.
-_MARKUP = re.compile(r"<[^<>]{0,200}>")
+_MARKUP = re.compile(r"</?[A-Za-z][^<>]{0,200}>")
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 Seed = Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]
@@ -34,12 +34,13 @@ class JobValidationError(ValueError):
 
 def _decode_speaker(value: str) -> int:
     """Return the dimension of a ChatTTS speaker string (base16384 + raw LZMA of float16)."""
+    decoder = lzma.LZMADecompressor(
+        format=lzma.FORMAT_RAW,
+        filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}],
+    )
     try:
-        raw = lzma.decompress(
-            b14.decode_from_string(value),
-            format=lzma.FORMAT_RAW,
-            filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}],
-        )
+        # Bounded: a few KB of input could otherwise expand to many MB (an LZMA bomb).
+        raw = decoder.decompress(b14.decode_from_string(value), max_length=2 * 4096 + 2)
     except Exception:
         raise ValueError("not a ChatTTS speaker string (expected base16384 + LZMA data)") from None
     if len(raw) % 2 or not 16 <= len(raw) // 2 <= 4096:
@@ -69,7 +70,7 @@ class JobSpec(BaseModel):
         if len(v) > MAX_TEXT_CHARS * 2:
             raise ValueError(f"text is longer than {MAX_TEXT_CHARS} characters")
         v = _MARKUP.sub(" ", v)
-        bad = sorted({f"U+{ord(c):04X}" for c in v if unicodedata.category(c) in ("Cc", "Cs", "Co") and c not in "\n\t"})
+        bad = sorted({f"U+{ord(c):04X}" for c in v if unicodedata.category(c) in ("Cc", "Cs", "Co") and c not in "\n\r\t"})
         if bad:
             raise ValueError(f"text contains control characters ({', '.join(bad[:5])})")
         v = " ".join(v.split())

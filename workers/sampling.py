@@ -47,12 +47,16 @@ def repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: flo
 def filter_logits(
     logits: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor, min_keep: int = 3
 ) -> torch.Tensor:
-    """Per-row top-k and top-p (nucleus) filtering; removed entries become -inf."""
+    """Per-row top-k and top-p (nucleus) filtering; removed entries become -inf.
+
+    As in ChatTTS the nucleus never shrinks below `min_keep` codes, but an explicit
+    top_k below that is honoured (top_k=1 is greedy).
+    """
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     ranks = torch.arange(logits.shape[-1], device=logits.device).view(1, 1, -1)
     probs = sorted_logits.softmax(dim=-1)
     before = probs.cumsum(dim=-1) - probs  # mass strictly above each token
-    keep = (ranks < top_k.view(-1, 1, 1).clamp(min=min_keep)) & (
+    keep = (ranks < top_k.view(-1, 1, 1)) & (
         (before < top_p.view(-1, 1, 1)) | (ranks < min_keep)
     )
     filtered = sorted_logits.masked_fill(~keep, float("-inf"))

@@ -1,0 +1,199 @@
+"""End to end: producer -> Redis -> real worker (real engine, random-tiny) -> S3 -> result."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import subprocess
+import sys
+import uuid
+
+import redis
+import soundfile as sf
+
+from scheduler.lengths import predicted_steps, steps_to_samples
+from tasks.app import make_app
+from tasks.producer import Client
+from tasks.schema import JobValidationError
+from tasks.settings import QUEUE_BULK, QUEUE_REALTIME, TASK_NAME
+
+from .conftest import BUCKET, PREFIX, ROOT, S3Endpoint, WorkerProc
+
+STATUS_FIELDS = {"id", "status", "url", "duration_s", "sample_rate", "error"}
+
+
+def _cli(worker: WorkerProc, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tasks.cli", *args], cwd=ROOT, env=worker.env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _fetch_wav(s3: S3Endpoint, url: str) -> tuple[object, bytes]:
+    assert url.startswith(f"s3://{BUCKET}/{PREFIX}/audio/"), url
+    key = url.removeprefix(f"s3://{BUCKET}/")
+    data = s3.client().get_object(Bucket=BUCKET, Key=key)["Body"].read()
+    return sf.info(io.BytesIO(data)), data
+
+
+def _expected_frames(text: str, speed: int = 5) -> int:
+    # random-tiny's length is predicted from the text (ASCII text normalizes to itself).
+    return steps_to_samples(predicted_steps(text, speed))
+
+
+def test_cli_submit_wait_json_stores_wav_in_s3(worker: WorkerProc, s3: S3Endpoint) -> None:
+    text = "The quick brown fox jumps over the lazy dog."
+    out = _cli(worker, "submit", text, "--voice", "5", "--seed", "9", "--wait", "--json")
+    assert out.returncode == 0, out.stderr
+    status = json.loads(out.stdout)
+    assert set(status) == STATUS_FIELDS
+    assert status["status"] == "SUCCESS" and status["error"] is None
+    info, _ = _fetch_wav(s3, status["url"])
+    assert (info.samplerate, info.channels, info.subtype) == (24000, 1, "PCM_16")
+    assert info.frames == _expected_frames(text)
+    assert abs(status["duration_s"] - info.frames / 24000) < 1e-4
+    assert status["sample_rate"] == 24000
+
+    again = _cli(worker, "status", status["id"], "--json")
+    assert json.loads(again.stdout) == status
+
+
+def test_cli_submit_prints_id_and_json_id(worker: WorkerProc) -> None:
+    plain = _cli(worker, "submit", "Plain id please.", "--job-id", "cli-plain-1")
+    assert plain.returncode == 0 and plain.stdout.strip() == "cli-plain-1"
+    as_json = _cli(worker, "submit", "Json id please.", "--json")
+    assert as_json.returncode == 0 and set(json.loads(as_json.stdout)) == {"id"}
+
+
+def test_python_api_many_jobs_mixed_voices_and_priorities(client: Client, s3: S3Endpoint) -> None:
+    texts = ["Short one.", "A somewhat longer sentence for the second job in this batch.",
+             "Third job, realtime.", "欢迎使用语音合成服务。"]
+    jobs = [{"text": t, "voice": i + 1, "seed": 100 + i, "priority": "realtime" if i == 2 else "bulk"}
+            for i, t in enumerate(texts)]
+    ids = client.submit_many(jobs)
+    results = client.wait(ids, timeout=180)
+    for text, st in zip(texts, results):
+        assert st.status == "SUCCESS", st
+        info, _ = _fetch_wav(s3, st.url)
+        assert info.samplerate == 24000 and info.channels == 1
+        assert abs(st.duration_s - info.frames / 24000) < 1e-4
+        if text.isascii():
+            assert info.frames == _expected_frames(text)
+    assert len({st.url for st in results}) == len(texts)
+
+
+def test_alone_and_batched_give_same_duration_and_audio(client: Client, s3: S3Endpoint, redis_server) -> None:
+    short = {"text": "Batch invariance check.", "voice": 42, "seed": 4242}
+    alone = client.wait([client.submit(short)], timeout=120)[0]
+    info_alone, wav_alone = _fetch_wav(s3, alone.url)
+
+    # Remove the stored output and its record so the same content is synthesized again,
+    # this time in one batch with much longer jobs.
+    key = alone.url.removeprefix(f"s3://{BUCKET}/")
+    s3.client().delete_object(Bucket=BUCKET, Key=key)
+    redis.Redis.from_url(redis_server.url).delete("ttspool:objects:" + key.removeprefix(PREFIX + "/"))
+    long_text = "This is a long passage that keeps going for quite a while, " * 8
+    ids = client.submit_many([{"text": long_text, "voice": v, "seed": v} for v in (1, 2, 3)] + [short])
+    batched = client.wait(ids, timeout=300)[-1]
+    info_batched, wav_batched = _fetch_wav(s3, batched.url)
+    assert batched.url == alone.url
+    assert info_batched.frames == info_alone.frames
+    a, _ = sf.read(io.BytesIO(wav_alone), dtype="int16")
+    b, _ = sf.read(io.BytesIO(wav_batched), dtype="int16")
+    assert abs(a.astype(int) - b.astype(int)).max() <= 33  # within 1e-3 of full scale
+
+
+def test_duplicates_share_one_output(client: Client) -> None:
+    job = {"text": "Same request twice.", "voice": 3, "seed": 3}
+    first, second = client.wait(client.submit_many([job, job]), timeout=120)
+    assert first.status == second.status == "SUCCESS"
+    assert first.url == second.url and first.id != second.id
+
+
+def test_producer_refuses_invalid_jobs_and_enqueues_nothing(worker: WorkerProc, redis_server) -> None:
+    cases = [
+        ("", "text"),
+        ("   ", "text"),
+        ("x" * 2001, "text"),
+    ]
+    for text, field in cases:
+        out = _cli(worker, "submit", text)
+        assert out.returncode == 2 and field in out.stderr and out.stderr.count("\n") == 1, out.stderr
+    bad_speed = _cli(worker, "submit", "hello", "--speed", "10")
+    assert bad_speed.returncode == 2 and "speed" in bad_speed.stderr
+    bad_priority = _cli(worker, "submit", "hello", "--priority", "urgent")
+    assert bad_priority.returncode == 2
+
+    # A broker database no worker reads from, so the queue length is observable.
+    idle = worker.settings.override(broker_url=redis_server.url.rsplit("/", 1)[0] + "/5")
+    c = Client(idle)
+    r = redis.Redis.from_url(idle.broker_url)
+    try:
+        for bad in ({"text": "ok"}, {"text": ""}), ({"text": "ok", "priority": "urgent"},), ({"text": "ok", "speed": 11},):
+            try:
+                c.submit_many(list(bad))
+            except JobValidationError:
+                pass
+            else:
+                raise AssertionError(f"{bad} was accepted")
+        assert r.llen(QUEUE_BULK) == 0 and r.llen(QUEUE_REALTIME) == 0
+        c.submit({"text": "ok", "priority": "realtime"})
+        assert r.llen(QUEUE_REALTIME) == 1  # the check above could have failed
+    finally:
+        r.flushdb()
+        c.close()
+
+
+def test_worker_fails_bad_messages_alone_and_keeps_serving(worker: WorkerProc, client: Client) -> None:
+    app = make_app(worker.settings)
+    tid = lambda: uuid.uuid4().hex  # noqa: E731
+    bad = {
+        "empty": (tid(), {"kwargs": {"text": ""}}),
+        "speed": (tid(), {"kwargs": {"text": "hi", "speed": 42}}),
+        "unknown": (tid(), {"kwargs": {"text": "hi", "volume": 11}}),
+        "positional": (tid(), {"args": ["hi"], "kwargs": {}}),
+        "missing": (tid(), {"kwargs": {}}),
+        "voice": (tid(), {"kwargs": {"text": "hi", "voice": "definitely not a speaker"}}),
+    }
+    good_id = tid()
+    for job_id, body in bad.values():
+        app.send_task(TASK_NAME, args=body.get("args"), kwargs=body["kwargs"], task_id=job_id, queue=QUEUE_BULK)
+    app.send_task(TASK_NAME, kwargs={"text": "The good job in a bad batch."}, task_id=good_id, queue=QUEUE_BULK)
+    pickled_id = tid()
+    app.send_task(TASK_NAME, kwargs={"text": "pickled"}, task_id=pickled_id, queue=QUEUE_BULK, serializer="pickle")
+
+    results = {name: st for name, st in zip(bad, client.wait([i for i, _ in bad.values()], timeout=120))}
+    for name, field in [("empty", "text"), ("speed", "speed"), ("unknown", "volume"),
+                        ("positional", "keyword"), ("missing", "text"), ("voice", "voice")]:
+        assert results[name].status == "FAILURE" and field in results[name].error, (name, results[name])
+    assert client.wait([good_id], timeout=120)[0].status == "SUCCESS"
+    pickled = client.wait([pickled_id], timeout=60)[0]
+    assert pickled.status == "FAILURE" and "JSON" in pickled.error
+    after = client.wait([client.submit({"text": "Still serving after bad input."})], timeout=120)[0]
+    assert after.status == "SUCCESS" and worker.proc.poll() is None
+    app.close()
+
+
+def test_non_python_client_raw_json_message_is_served(worker: WorkerProc, client: Client, redis_server) -> None:
+    """What a Node or Go Celery client puts on the Redis list: protocol 2, JSON, base64 body."""
+    job_id = "raw-" + uuid.uuid4().hex
+    body = json.dumps([[], {"text": "Sent without Python.", "voice": 8}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])
+    envelope = {
+        "body": base64.b64encode(body.encode()).decode(),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": {"lang": "js", "task": TASK_NAME, "id": job_id, "root_id": job_id, "parent_id": None,
+                    "group": None, "retries": 0, "eta": None, "expires": None, "argsrepr": "[]", "kwargsrepr": "{}"},
+        "properties": {"correlation_id": job_id, "reply_to": "", "delivery_mode": 2,
+                       "delivery_info": {"exchange": QUEUE_BULK, "routing_key": QUEUE_BULK},
+                       "priority": 0, "body_encoding": "base64", "delivery_tag": uuid.uuid4().hex},
+    }
+    redis.Redis.from_url(redis_server.url).lpush(QUEUE_BULK, json.dumps(envelope))
+    st = client.wait([job_id], timeout=120)[0]
+    assert st.status == "SUCCESS" and st.url.endswith(".wav")
+
+
+def test_no_pickle_accepted_anywhere(worker: WorkerProc) -> None:
+    app = make_app(worker.settings)
+    assert app.conf.accept_content == ["json"] and app.conf.result_accept_content == ["json"]
+    assert app.conf.task_serializer == "json" and app.conf.result_serializer == "json"
+    app.close()
