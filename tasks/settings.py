@@ -45,7 +45,6 @@ class Settings:
     # second worker. Kept in seconds, as Redis' transport option is.
     visibility_timeout: int = 3600
     max_deliveries: int = 3
-    metrics_port: int = 0
 
     @property
     def backend_url(self) -> str:
@@ -74,7 +73,6 @@ class Settings:
                     env, "TTSPOOL_VISIBILITY_TIMEOUT", d.visibility_timeout, 10, 7 * 86400
                 ),
                 max_deliveries=_int(env, "TTSPOOL_MAX_DELIVERIES", d.max_deliveries, 1, 100),
-                metrics_port=_int(env, "TTSPOOL_METRICS_PORT", d.metrics_port, 0, 65535),
             )
         )
 

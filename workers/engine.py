@@ -49,9 +49,10 @@ class SynthRequest:
 
 @dataclass
 class SynthResult:
-    audio: np.ndarray | None  # float32 mono at SAMPLE_RATE
+    audio: np.ndarray | None  # float32 mono at Engine.sample_rate
     steps: int
     error: str | None = None
+    codes: np.ndarray | None = None  # [steps, num_vq] audio codes the GPT sampled
 
 
 class EngineError(RuntimeError):
@@ -167,8 +168,8 @@ class Engine:
         """Synthesize a batch. A failing row fails alone: on an error the batch is split
         in halves and retried, down to single rows (this also sheds CUDA OOMs)."""
         try:
-            codes = self._generate_hiddens(requests)
-            return [self._decode(h) for h in codes]
+            rows = self._generate_rows(requests)
+            return [self._decode(hidden, codes) for hidden, codes in rows]
         except Exception as err:  # noqa: BLE001 - any failure is isolated to its row below
             if isinstance(err, torch.cuda.OutOfMemoryError):
                 torch.cuda.empty_cache()
@@ -179,7 +180,8 @@ class Engine:
             log.warning("batch of %d failed (%s); retrying in halves", len(requests), type(err).__name__)
             return self.generate(requests[:mid]) + self.generate(requests[mid:])
 
-    def _generate_hiddens(self, requests: Sequence[SynthRequest]) -> list[torch.Tensor]:
+    def _generate_rows(self, requests: Sequence[SynthRequest]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per row: the GPT hidden states [steps, hidden] that feed the decoder, and the codes."""
         from transformers import DynamicCache
 
         dev, n = self.device, len(requests)
@@ -246,13 +248,12 @@ class Engine:
             out = self.gpt(inputs_embeds=emb, attention_mask=mask, position_ids=pos,
                            past_key_values=cache, use_cache=True)
             hidden = out.last_hidden_state[:, -1]
-        self.last_tokens = [tok_buf[i, : int(lengths[i])].cpu() for i in range(n)]
-        return [hid_buf[i, : int(lengths[i])] for i in range(n)]
+        return [(hid_buf[i, : int(lengths[i])], tok_buf[i, : int(lengths[i])]) for i in range(n)]
 
-    def _decode(self, hidden: torch.Tensor) -> SynthResult:
+    def _decode(self, hidden: torch.Tensor, codes: torch.Tensor) -> SynthResult:
         steps = int(hidden.shape[0])
         if steps == 0:
             return SynthResult(None, 0, "the model produced no audio for this text")
         mel = self.chat.decoder(hidden.t().unsqueeze(0).to(self.dtype))
         wav = self.chat.vocos.decode(mel.float()).squeeze(0)
-        return SynthResult(wav.float().cpu().numpy(), steps)
+        return SynthResult(wav.float().cpu().numpy(), steps, codes=codes.cpu().numpy())

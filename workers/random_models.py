@@ -16,7 +16,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pybase16384 as b14
 import torch
 
@@ -169,6 +168,3 @@ def ensure_random_model(name: str, cache_dir: Path) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
 
-
-def speaker_dim(spk_stat: str) -> int:
-    return np.frombuffer(b14.decode_from_string(spk_stat), dtype=np.float16).size // 2
