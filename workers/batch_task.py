@@ -18,7 +18,7 @@ from scheduler.planner import PlanItem, plan_batches
 from storage import Storage, StorageError
 from tasks.errors import JobFailed, RedeliveryLimit
 from tasks.schema import JobSpec, JobValidationError, parse_job
-from tasks.settings import QUEUE_BULK, QUEUE_REALTIME, TASK_NAME, Settings
+from tasks.settings import TASK_NAME, Settings
 
 from .audio import wav_bytes, wav_duration
 from .batching import GpuBatches
@@ -70,25 +70,17 @@ class BatchRunner:
             job.id, {"id": job.id, "status": "SUCCESS", **record, "cached": cached}
         )
 
-    def _requeue(self, jobs: Sequence[Job], reason: str) -> None:
-        """Put jobs back on the broker (same id) so another attempt can finish them."""
-        log.warning("re-enqueueing %d job(s): %s", len(jobs), reason)
-        for job in jobs:
-            queue = QUEUE_REALTIME if job.spec.priority == "realtime" else QUEUE_BULK
-            self.app.send_task(TASK_NAME, kwargs=job.kwargs, task_id=job.id, queue=queue)
-
     # -- the batch ----------------------------------------------------------------
 
-    def __call__(self, requests: Sequence[Any]) -> None:
+    def __call__(self, requests: Sequence[Any]) -> set[str]:
+        """Run one flush; return the ids to requeue (their messages are not acked)."""
         jobs = self._admit(requests)
-        if not jobs:
-            return
-        try:
-            self._run(jobs)
-        except Exception as err:  # noqa: BLE001 - never let a batch error ack unfinished jobs
-            log.exception("batch failed")
-            unfinished = [j for j in jobs if self.app.backend.get_task_meta(j.id)["status"] not in ("SUCCESS", "FAILURE")]
-            self._requeue(unfinished, f"{type(err).__name__}: {err}")
+        unfinished: set[str] = set()
+        if jobs:
+            self._run(jobs, unfinished)
+        if unfinished:
+            log.warning("requeueing %d unfinished job(s)", len(unfinished))
+        return unfinished
 
     def _admit(self, requests: Sequence[Any]) -> list[Job]:
         """Validate every message; count deliveries; a bad one fails alone."""
@@ -123,7 +115,7 @@ class BatchRunner:
                 admitted.append(job)
         return admitted
 
-    def _run(self, jobs: list[Job]) -> None:
+    def _run(self, jobs: list[Job], unfinished: set[str]) -> None:
         works: dict[str, Work] = {}
         for job in jobs:
             s = job.spec
@@ -159,7 +151,8 @@ class BatchRunner:
                 try:
                     record = self._store(work.key, res.audio)
                 except StorageError as err:
-                    self._requeue(work.jobs, f"upload failed: {err}")
+                    log.warning("upload failed, will retry: %s", err)
+                    unfinished.update(job.id for job in work.jobs)
                     continue
                 for job in work.jobs:
                     self._succeed(job, record, cached=False)
@@ -203,5 +196,5 @@ def register(app: Celery, runner: BatchRunner, settings: Settings) -> None:
         flush_every=settings.max_batch,
         flush_interval=max(settings.max_wait_ms, 10) / 1000.0,
     )
-    def synthesize(requests: Sequence[Any]) -> None:
-        runner(requests)
+    def synthesize(requests: Sequence[Any]) -> set[str]:
+        return runner(requests)

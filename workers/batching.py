@@ -5,7 +5,10 @@ flush to the pool. With one GPU thread, flushes taken while a batch runs would q
 many tiny batches. Here a flush is skipped while a batch runs; the buffer keeps filling
 (bounded by the prefetch limit), and the scheduler splits the next flush into GPU
 batches. Messages are acked only after the batch function returns, which it does only
-once every job in it has a stored result or has been re-enqueued.
+once every job in it has a recorded result. The batch function returns the ids of
+the jobs it could not finish (e.g. storage down); those messages are rejected with
+requeue instead of acked. If it raises, every message is requeued: a job is never
+acked without a result.
 """
 
 from __future__ import annotations
@@ -30,10 +33,13 @@ class GpuBatches(Batches):
         self._inflight.set()
         simple = ([SimpleRequest.from_request(r) for r in requests],)
 
-        def on_return(_result: Any) -> None:
+        def on_return(unfinished: Any) -> None:
             try:
                 for req in requests:
-                    req.acknowledge()
+                    if unfinished is None or req.id in unfinished:
+                        req.reject(requeue=True)
+                    else:
+                        req.acknowledge()
             finally:
                 self._inflight.clear()
 
