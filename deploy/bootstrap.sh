@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up a fresh Debian machine with Python 3.11 for ttspool: a virtual environment in
 # .venv with the project installed, and redis-server when it is needed and missing.
-# Usage: source-free; run as `bash deploy/bootstrap.sh EXTRA NEED_REDIS` (EXTRA: worker|test).
+# Usage: bash deploy/bootstrap.sh EXTRA NEED_REDIS   (EXTRA: worker|test; NEED_REDIS: yes|no)
 set -euo pipefail
 
 extra="${1:-worker}"

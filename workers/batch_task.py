@@ -158,10 +158,9 @@ class BatchRunner:
                     self._succeed(job, record, cached=False)
 
     def _store(self, key: str, audio: Any) -> dict[str, Any]:
-        data = wav_bytes(audio, self.engine.sample_rate)
-        url = self.storage.put_bytes(key, data, "audio/wav")
-        duration, sr = wav_duration(data)
-        record = {"url": url, "key": key, "duration_s": round(duration, 6), "sample_rate": sr}
+        sr = self.engine.sample_rate
+        url = self.storage.put_bytes(key, wav_bytes(audio, sr), "audio/wav")
+        record = {"url": url, "key": key, "duration_s": round(len(audio) / sr, 6), "sample_rate": sr}
         self.redis.set(_OBJECTS + key, json.dumps(record), ex=_RECORD_TTL)
         return record
 
