@@ -18,7 +18,6 @@ from hypothesis import strategies as st
 
 from scheduler.keys import content_key, object_key
 from scheduler.lengths import MAX_STEPS, predicted_steps, steps_to_samples
-from scheduler.planner import PlanItem, plan_batches
 from storage import safe_key
 from tasks.schema import MAX_TEXT_CHARS, JobSpec, JobValidationError, parse_job
 
@@ -38,56 +37,6 @@ def test_producer_and_scheduler_do_not_import_torch() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-
-
-# ---------------------------------------------------------------- planner
-
-plan_items = st.lists(
-    st.tuples(st.integers(1, 2048), st.sampled_from(["realtime", "bulk"])), max_size=200
-).map(lambda rows: [PlanItem(payload=i, steps=s, priority=p) for i, (s, p) in enumerate(rows)])
-
-
-@PROPS
-@given(items=plan_items, max_batch=st.integers(1, 64), token_budget=st.integers(1, 50_000))
-def test_plan_batches_contract(items: list[PlanItem[int]], max_batch: int, token_budget: int) -> None:
-    batches = plan_batches(items, max_batch, token_budget)
-
-    placed = [it.payload for b in batches for it in b]
-    assert sorted(placed) == [it.payload for it in items]  # each exactly once
-    by_payload = {it.payload: it for it in items}
-    # The planner must hand back the caller's items, not copies with changed fields.
-    assert all(it is by_payload[it.payload] for b in batches for it in b)
-
-    for b in batches:
-        assert b, "empty batch"
-        assert len(b) <= max_batch
-        assert len(b) == 1 or sum(it.steps for it in b) <= token_budget
-        assert len({it.priority for it in b}) == 1  # batches never mix priorities
-
-    prios = [b[0].priority for b in batches]
-    if "bulk" in prios and "realtime" in prios:
-        assert max(i for i, p in enumerate(prios) if p == "realtime") < prios.index("bulk")
-
-    for prio in ("realtime", "bulk"):
-        same = [b for b in batches if b[0].priority == prio]
-        for earlier, later in zip(same, same[1:]):
-            assert max(it.steps for it in earlier) <= min(it.steps for it in later)
-
-
-def test_plan_batches_oversized_item_runs_alone() -> None:
-    items = [PlanItem("a", 10), PlanItem("big", 500), PlanItem("b", 20)]
-    batches = plan_batches(items, max_batch=8, token_budget=100)
-    assert [[it.payload for it in b] for b in batches] == [["a", "b"], ["big"]]
-
-
-def test_plan_batches_empty() -> None:
-    assert plan_batches([], max_batch=4, token_budget=100) == []
-
-
-@pytest.mark.parametrize("max_batch, token_budget", [(0, 100), (-1, 100), (4, 0), (4, -5)])
-def test_plan_batches_rejects_bad_limits(max_batch: int, token_budget: int) -> None:
-    with pytest.raises(ValueError):
-        plan_batches([PlanItem(1, 10)], max_batch, token_budget)
 
 
 # ---------------------------------------------------------------- lengths
