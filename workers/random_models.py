@@ -19,6 +19,9 @@ from typing import Any
 import pybase16384 as b14
 import torch
 
+from storage.model_cache import touch_used
+from storage.model_manifest import Manifest, write_manifest
+
 RANDOM_MODELS = ("random-tiny", "random-full")
 FORMAT_VERSION = 1
 MANIFEST = "ttspool.json"
@@ -149,6 +152,7 @@ def ensure_random_model(name: str, cache_dir: Path) -> Path:
     overrides_for(name)
     target = cache_dir / f"{name}-v{FORMAT_VERSION}"
     if (target / MANIFEST).exists():
+        touch_used(target)
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     with open(cache_dir / f".{name}.lock", "w") as lock:
@@ -166,5 +170,15 @@ def ensure_random_model(name: str, cache_dir: Path) -> Path:
             os.replace(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+    touch_used(target)
     return target
+
+
+def export_random(name: str, cache_dir: Path, out: Path) -> Manifest:
+    """Write a random model's files and their manifest.json into `out`, as a mirror serves them."""
+    src = ensure_random_model(name, cache_dir)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} is not empty")
+    shutil.copytree(src, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".*"))
+    return write_manifest(out, name)
 
