@@ -59,6 +59,10 @@ class Storage(Protocol):
 
     def url_for(self, key: str) -> str: ...
 
+    def presigned_url(self, key: str, expires_s: int) -> str:
+        """A URL anyone can GET for `expires_s` seconds (a file:// URL for local storage)."""
+        ...
+
     def size(self, key: str) -> int | None: ...
 
 

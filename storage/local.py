@@ -46,6 +46,10 @@ class LocalStorage:
     def url_for(self, key: str) -> str:
         return self._path(key).as_uri()
 
+    def presigned_url(self, key: str, expires_s: int) -> str:
+        # A local file has no signed form; whoever can read the directory can read it.
+        return self.url_for(key)
+
     def size(self, key: str) -> int | None:
         path = self._path(key)
         try:

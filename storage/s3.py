@@ -44,6 +44,8 @@ class S3Storage:
             retries={"mode": "standard", "max_attempts": max_attempts},
             connect_timeout=5,
             read_timeout=60,
+            # botocore still presigns with SigV2 in some regions; SigV4 works everywhere.
+            signature_version="s3v4",
         )
         # A private Session: boto3's default session is not thread-safe to create
         # clients from, whereas the client itself can be shared by all threads.
@@ -95,6 +97,15 @@ class S3Storage:
 
     def url_for(self, key: str) -> str:
         return self._url(self._name(key))
+
+    def presigned_url(self, key: str, expires_s: int) -> str:
+        # SigV4 caps a presigned URL at 7 days; the signature is computed locally.
+        if not 1 <= expires_s <= 7 * 86400:
+            raise ValueError(f"presigned URL lifetime must be 1-604800 seconds, got {expires_s}")
+        name = self._name(key)
+        with self._errors("presign", name):
+            return str(self._client.generate_presigned_url(
+                "get_object", Params={"Bucket": self._bucket, "Key": name}, ExpiresIn=expires_s))
 
     def size(self, key: str) -> int | None:
         name = self._name(key)

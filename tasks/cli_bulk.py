@@ -1,0 +1,192 @@
+"""`ttspool book` and `ttspool submit-file`: the long-form and bulk producer commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .cli import _voice
+from .settings import Settings
+
+if TYPE_CHECKING:
+    from storage import Storage
+
+    from .book import BookStatus
+    from .producer import Client
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    b = sub.add_parser("book", help="synthesize a long text file as one audio file (+ manifest, SRT)")
+    b.add_argument("file", type=Path, help="UTF-8 text file")
+    b.add_argument("--voice", type=_voice, default=2, help="speaker seed or ChatTTS speaker string")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--speed", type=int, default=5)
+    b.add_argument("--pause-ms", type=int, default=300, help="silence between segments")
+    b.add_argument("--out-format", choices=("wav", "flac", "ogg"), default="wav")
+    b.add_argument("--max-segment-s", type=float, default=30.0, help="longest predicted segment (1-30 s)")
+    b.add_argument("--max-tokens", type=int, help="cap on GPT steps per segment")
+    b.add_argument("--tenant")
+    b.add_argument("--no-wait", action="store_true", help="print the book id and return")
+    b.add_argument("--timeout", type=float, default=86400.0)
+    _add_output_flags(b)
+    b.set_defaults(handler=_book)
+
+    f = sub.add_parser("submit-file", help="submit one job per line of a JSONL file")
+    f.add_argument("file", type=Path)
+    f.add_argument("--strict", action="store_true", help="enqueue nothing when any line is invalid")
+    f.add_argument("--wait", action="store_true", help="wait for every job")
+    f.add_argument("--results", type=Path, help="write one JSON line per job (id, status, url, duration)")
+    f.add_argument("--timeout", type=float, default=86400.0)
+    _add_output_flags(f)
+    f.set_defaults(handler=_submit_file)
+
+
+def _add_output_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--presign", type=int, metavar="SECONDS", help="print presigned HTTPS URLs for S3 results")
+    p.add_argument("--storage-url", help="where the worker stores results (TTSPOOL_STORAGE_URL), for --presign")
+
+
+class _Presigner:
+    def __init__(self, settings: Settings, seconds: int | None) -> None:
+        self.seconds = seconds
+        self.storage: Storage | None = None
+        if seconds is not None:
+            from storage import open_storage
+
+            self.storage = open_storage(settings.storage_url, s3_endpoint_url=settings.s3_endpoint_url)
+
+    def __call__(self, url: str | None) -> str | None:
+        if url is None or self.storage is None or self.seconds is None:
+            return url
+        prefix = self.storage.base_url + "/"
+        if not url.startswith(prefix):
+            # Results are already in hand at this point (perhaps after hours): keep them.
+            print(f"ttspool: warning: {url} is not in storage {self.storage.base_url}; not presigned",
+                  file=sys.stderr)
+            return url
+        return self.storage.presigned_url(url.removeprefix(prefix), self.seconds)
+
+
+# -- book ---------------------------------------------------------------------------
+
+
+def _book(args: argparse.Namespace, settings: Settings) -> int:
+    from .book import submit_book
+    from .producer import Client
+
+    text = args.file.read_text(encoding="utf-8")
+    presign = _Presigner(settings, args.presign)
+    job = {k: v for k, v in (("max_tokens", args.max_tokens), ("tenant", args.tenant)) if v is not None}
+    client = Client(settings)
+    try:
+        book_id = submit_book(client, text, voice=args.voice, seed=args.seed, speed=args.speed,
+                              pause_ms=args.pause_ms, out_format=args.out_format, job=job,
+                              max_segment_s=args.max_segment_s)
+        if args.no_wait:
+            print(json.dumps({"id": book_id}) if args.json else book_id)
+            return 0
+        st = _wait_with_bar(client, book_id, args.timeout)
+        _print_book(st, args.json, presign, final=True)
+        return 0 if st.status == "SUCCESS" else 1
+    finally:
+        client.close()
+
+
+def _wait_with_bar(client: Client, book_id: str, timeout: float) -> BookStatus:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .book import wait_book
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("segments"),
+               TextColumn("{task.fields[minutes]:.1f} min audio"), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True)) as bar:
+        task = bar.add_task("PENDING", total=None, minutes=0.0)
+
+        def show(st: BookStatus) -> None:
+            bar.update(task, description=st.status, total=st.segments, completed=st.done + st.failed,
+                       minutes=st.audio_s / 60)
+
+        return wait_book(client.redis, book_id, timeout=timeout, on_progress=show)
+
+
+def _print_book(st: BookStatus, as_json: bool, presign: _Presigner, final: bool) -> None:
+    urls = {"url": presign(st.url), "manifest_url": presign(st.manifest_url), "srt_url": presign(st.srt_url)}
+    if as_json:
+        print(json.dumps({**(st.to_dict() if final else st.progress_dict()), **urls}))
+        return
+    line = f"{st.id} {st.status} {st.done}/{st.segments} segments, {st.audio_s / 60:.1f} min audio"
+    if st.duration_s is not None:
+        line += f"\n  audio     {st.duration_s:.2f}s {urls['url']}\n  manifest  {urls['manifest_url']}\n  subtitles {urls['srt_url']}"
+    if st.error:
+        line += f"\n  error: {st.error}"
+    print(line)
+
+
+def print_book_status(client: Client, book_id: str, as_json: bool) -> bool:
+    """For `ttspool status`: print a book's progress; False when `book_id` is no book."""
+    from .book import book_status, is_book_id
+
+    st = book_status(client.redis, book_id) if is_book_id(book_id) else None
+    if st is None:
+        return False
+    _print_book(st, as_json, _Presigner(client.settings, None), final=False)
+    return True
+
+
+# -- submit-file --------------------------------------------------------------------
+
+
+def read_jobs(path: Path) -> tuple[list[tuple[int, Any]], list[str]]:
+    """Valid jobs as (line number, spec) and one error line per invalid line."""
+    from .schema import JobValidationError, parse_job
+
+    jobs: list[tuple[int, Any]] = []
+    errors: list[str] = []
+    with path.open(encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                jobs.append((n, parse_job(json.loads(line))))
+            except json.JSONDecodeError as err:
+                errors.append(f"line {n}: not JSON ({err.msg} at column {err.colno})")
+            except JobValidationError as err:
+                errors.append(f"line {n}: {err}")
+    return jobs, errors
+
+
+def _submit_file(args: argparse.Namespace, settings: Settings) -> int:
+    from .producer import Client
+
+    jobs, errors = read_jobs(args.file)
+    for err in errors:
+        print(f"ttspool: {args.file}: {err}", file=sys.stderr)
+    if errors and args.strict:
+        print(f"ttspool: {len(errors)} invalid line(s); --strict: nothing enqueued", file=sys.stderr)
+        return 2
+    presign = _Presigner(settings, args.presign)
+    client = Client(settings)
+    try:
+        ids = client.submit_many([spec for _, spec in jobs])
+        print(f"ttspool: enqueued {len(ids)} job(s), {len(errors)} invalid line(s)", file=sys.stderr)
+        if args.wait:
+            rows = [{"line": n, **st.to_dict(), "url": presign(st.url)}
+                    for (n, _), st in zip(jobs, client.wait(ids, timeout=args.timeout))]
+        else:
+            rows = [{"line": n, "id": job_id, "status": "PENDING"} for (n, _), job_id in zip(jobs, ids)]
+    finally:
+        client.close()
+    if args.results:
+        with args.results.open("w", encoding="utf-8") as out:
+            out.writelines(json.dumps(row) + "\n" for row in rows)
+    for row in rows:
+        print(json.dumps(row) if args.json else " ".join(str(row.get(k) or "") for k in ("id", "status", "url")).rstrip())
+    failed = sum(row["status"] != "SUCCESS" for row in rows) if args.wait else 0
+    if args.wait:
+        print(f"ttspool: {len(rows) - failed} succeeded, {failed} did not", file=sys.stderr)
+    return 1 if errors or failed else 0

@@ -1,0 +1,114 @@
+"""`ttspool.assemble_book`: a book's segment audio, in order and with pauses, as one file,
+plus a manifest (JSON) and subtitles (SRT) next to it in storage.
+
+A plain Celery task on its own queue. It shares the worker's single pool thread with
+the GPU batches, so it is kept short: segment downloads run in parallel, and the work
+is decode + concatenate + encode (about a second per hour of audio on one CPU core).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import redis
+import soundfile as sf
+from celery import Celery, Task
+
+from storage import Storage, StorageError
+from tasks.book import finish_book, load_spec
+from tasks.settings import ASSEMBLE_TASK
+
+log = logging.getLogger(__name__)
+
+_SOUNDFILE = {"wav": ("WAV", "PCM_16", "audio/wav"), "flac": ("FLAC", "PCM_16", "audio/flac"),
+              "ogg": ("OGG", "VORBIS", "audio/ogg")}
+_MAX_TRIES = 4
+_BLOCK = 1 << 18
+
+
+def srt_time(seconds: float) -> str:
+    ms = round(seconds * 1000)
+    return f"{ms // 3_600_000:02d}:{ms // 60_000 % 60:02d}:{ms // 1000 % 60:02d},{ms % 1000:03d}"
+
+
+def srt_text(segments: list[dict[str, Any]]) -> str:
+    return "\n".join(f"{s['index'] + 1}\n{srt_time(s['start_s'])} --> {srt_time(s['end_s'])}\n{s['text']}\n"
+                     for s in segments)
+
+
+def _write(out: sf.SoundFile, audio: np.ndarray) -> None:
+    # libsndfile's Vorbis encoder crashes the process (SIGSEGV) on very large single
+    # writes (seen with one hour at once), so audio goes in in blocks.
+    for i in range(0, len(audio), _BLOCK):
+        out.write(audio[i:i + _BLOCK])
+
+
+def assemble(app: Celery, r: redis.Redis, storage: Storage, book_id: str) -> dict[str, Any]:
+    spec, jobs = load_spec(r, book_id)
+    texts: list[str] = spec["segments"]
+    records = []
+    for i in range(len(texts)):
+        meta = app.backend.get_task_meta(jobs[i])
+        if meta.get("status") != "SUCCESS" or not isinstance(meta.get("result"), dict):
+            raise RuntimeError(f"segment {i} ({jobs[i]}) has no stored audio")
+        records.append(meta["result"])
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        blobs = list(pool.map(lambda rec: storage.get_bytes(rec["key"]), records))
+    parts = []
+    rate = 0
+    for i, blob in enumerate(blobs):
+        audio, sr = sf.read(io.BytesIO(blob), dtype="int16")
+        if rate and sr != rate:
+            raise RuntimeError(f"segment {i} is at {sr} Hz, the others at {rate} Hz")
+        rate = sr
+        parts.append(audio)
+    pause = np.zeros(round(spec["pause_ms"] * rate / 1000), dtype=np.int16)
+    fmt, subtype, content_type = _SOUNDFILE[spec["format"]]
+    buf = io.BytesIO()
+    segments, cursor = [], 0
+    with sf.SoundFile(buf, "w", rate, 1, format=fmt, subtype=subtype) as out:
+        for i, audio in enumerate(parts):
+            if i:
+                _write(out, pause)
+                cursor += len(pause)
+            segments.append({"index": i, "text": texts[i], "start_s": round(cursor / rate, 6),
+                             "end_s": round((cursor + len(audio)) / rate, 6), "job_id": jobs[i],
+                             "url": records[i].get("url")})
+            _write(out, audio)
+            cursor += len(audio)
+    base = f"books/{book_id}/{book_id}"
+    duration_s = round(cursor / rate, 6)
+    url = storage.put_bytes(f"{base}.{spec['format']}", buf.getvalue(), content_type)
+    manifest = {"id": book_id, "url": url, "format": spec["format"], "sample_rate": rate,
+                "duration_s": duration_s, "pause_ms": spec["pause_ms"], "job": spec["job"], "segments": segments}
+    manifest_url = storage.put_bytes(f"{base}.manifest.json", json.dumps(manifest, ensure_ascii=False, indent=1).encode(),
+                                     "application/json")
+    srt_url = storage.put_bytes(f"{base}.srt", srt_text(segments).encode(), "application/x-subrip")
+    return {"url": url, "key": f"{base}.{spec['format']}", "manifest_url": manifest_url, "srt_url": srt_url,
+            "duration_s": duration_s, "segments": len(texts)}
+
+
+def register(app: Celery, storage: Storage, r: redis.Redis) -> None:
+    @app.task(name=ASSEMBLE_TASK, bind=True, acks_late=True, max_retries=_MAX_TRIES - 1)
+    def assemble_book(self: Task, book_id: str) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        try:
+            result = assemble(app, r, storage, book_id)
+        except StorageError as err:
+            if self.request.retries + 1 < _MAX_TRIES:
+                raise self.retry(countdown=5 * (self.request.retries + 1)) from err
+            finish_book(r, book_id, "FAILURE", error=f"assembly failed after {_MAX_TRIES} tries: {err}")
+            raise
+        except (RuntimeError, KeyError, ValueError, sf.LibsndfileError) as err:
+            finish_book(r, book_id, "FAILURE", error=f"assembly failed: {err}")
+            raise
+        finish_book(r, book_id, "SUCCESS", result=result)
+        log.info("book %s assembled: %d segments, %.1f s of audio, in %.2f s", book_id, result["segments"],
+                 result["duration_s"], time.perf_counter() - t0)
+        return result
