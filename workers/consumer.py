@@ -20,8 +20,8 @@ class Consumer(CeleryConsumer):
         task_id = headers.get("id")
         if isinstance(task_id, str) and task_id:
             reason = MessageRejected(
-                f"message rejected ({type(exc).__name__}, content type {message.content_type!r}): "
-                "ttspool accepts JSON messages only"
+                f"message rejected ({type(exc).__name__}: {str(exc)[:200]!r}, content type "
+                f"{message.content_type!r}): ttspool accepts JSON protocol-2 task messages only"
             )
             self.app.backend.mark_as_failure(task_id, reason)
 

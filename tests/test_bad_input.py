@@ -1,0 +1,107 @@
+"""Bad input on the broker and at the producer: a clear reason, and nothing else affected.
+
+Broker-side messages are written straight onto the Redis list, the way a buggy or
+hostile client in any language could; the shared worker must record a FAILURE with a
+reason where the message names a job id, and keep serving either way. Producer-side
+field checks live in tests/test_scheduler.py (schema) and tests/test_pipeline.py (CLI).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from typing import Any
+
+import redis
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from tasks.producer import Client
+from tasks.schema import JobValidationError, parse_job
+from tasks.settings import QUEUE_BULK, QUEUE_REALTIME, Settings
+
+from .conftest import WorkerProc, raw_message
+
+_EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+
+
+def _body(*parts: Any) -> bytes:
+    return json.dumps(list(parts)).encode()
+
+
+def test_broken_broker_messages_fail_with_a_reason_and_the_worker_keeps_serving(
+        worker: WorkerProc, client: Client, redis_server) -> None:
+    r = redis.Redis.from_url(redis_server.url)
+    huge_text = "x" * (16 * 1024 * 1024)
+    cases: dict[str, tuple[bytes, str, str]] = {
+        # name: (body, content type, what the recorded reason must say)
+        "malformed json": (b'[[], {"text": "unterminated', "application/json", "MessageRejected"),
+        "kwargs missing": (_body([]), "application/json", "[args, kwargs, embed]"),
+        "kwargs not an object": (_body([], "just a string", _EMBED), "application/json", "JSON object"),
+        "body not a list": (json.dumps({"text": "hi"}).encode(), "application/json", "[args, kwargs, embed]"),
+        "huge body": (_body([], {"text": huge_text}, _EMBED), "application/json", "longer than"),
+        "yaml": (b"text: hi\n", "application/x-yaml", "JSON"),
+    }
+    ids = {name: f"bad-{i}-{uuid.uuid4().hex}" for i, name in enumerate(cases)}
+    # Not even envelopes: no id to report a failure against, but they must not stop the worker.
+    for garbage in (b"\x80\x04garbage that is not JSON", b"[1, 2, 3]", b'{"body": "x", "headers": {"id": "nope"}}',
+                    json.dumps({"body": "%%%", "properties": {"delivery_tag": "t", "body_encoding": "base64"}})):
+        r.lpush(QUEUE_BULK, garbage)
+    for name, (body, ctype, _) in cases.items():
+        r.lpush(QUEUE_BULK, raw_message(ids[name], body, ctype))
+    unknown = "unknown-" + uuid.uuid4().hex
+    r.lpush(QUEUE_BULK, raw_message(unknown, _body([], {"text": "hi"}, _EMBED), task="ttspool.synthesise"))
+
+    results = dict(zip(cases, client.wait(list(ids.values()), timeout=120)))
+    for name, (_, _, reason) in cases.items():
+        st_ = results[name]
+        assert st_.status == "FAILURE" and reason in (st_.error or ""), (name, st_)
+        assert len(st_.error or "") < 1000 and "\n" not in (st_.error or ""), (name, "reason must be one short line")
+    assert "NotRegistered" in (client.wait([unknown], timeout=60)[0].error or "")
+    after = client.wait([client.submit({"text": "Still serving after broken messages."})], timeout=120)[0]
+    assert after.status == "SUCCESS" and worker.proc.poll() is None
+    assert huge_text[:100_000] not in worker.log_text()  # a huge body is not copied into the log
+
+
+json_scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=40)
+json_values = st.recursive(json_scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
+                           max_leaves=8)
+known = st.fixed_dictionaries({"text": st.text(max_size=60)}, optional={
+    "voice": st.integers(-5, 2**32) | st.text(max_size=20), "seed": json_scalars, "speed": st.integers(-2, 12),
+    "temperature": st.floats(), "top_p": st.floats(), "top_k": st.integers(-1, 700), "max_tokens": st.integers(-1, 3000),
+    "priority": st.sampled_from(["realtime", "bulk", "urgent", ""]), "job_id": st.text(max_size=140),
+    "ttl_s": json_scalars, "expires_at": json_scalars, "tenant": st.text(max_size=70),
+})
+# Unknown fields (long, multi-line, any characters) in some of the jobs.
+unknown = st.just({}) | st.dictionaries(st.text(min_size=1, max_size=300), json_values, max_size=2)
+job_like = st.tuples(known, unknown).map(lambda kv: {**kv[1], **kv[0]})
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(job=job_like)
+@example(job={"text": "hi", "evil\nfield" * 500: 1})
+@example(job={"text": "hi", **{f"field{i}" * 9: i for i in range(5000)}})
+def test_fuzzed_jobs_enqueue_intact_or_fail_with_one_readable_line(job: dict[str, Any], redis_server) -> None:
+    """Through the real producer into a Redis database no worker reads: a job either
+    raises JobValidationError (one line, bounded, no echo of a long value) and enqueues
+    nothing, or lands on its queue as JSON the worker's validator accepts as the same job."""
+    db = redis_server.url.rsplit("/", 1)[0] + "/7"
+    c = Client(Settings(broker_url=db))
+    r = redis.Redis.from_url(db)
+    try:
+        try:
+            [job_id] = c.submit_many([job])
+        except JobValidationError as err:
+            msg = str(err)
+            assert "\n" not in msg and len(msg) < 2000, msg
+            assert r.llen(QUEUE_BULK) + r.llen(QUEUE_REALTIME) == 0
+            return
+        [raw] = r.lrange(QUEUE_REALTIME if job.get("priority") == "realtime" else QUEUE_BULK, 0, -1)
+        envelope = json.loads(raw)
+        assert envelope["content-type"] == "application/json" and envelope["headers"]["id"] == job_id
+        args, kwargs, _ = json.loads(base64.b64decode(envelope["body"]))
+        assert args == [] and parse_job(kwargs) == parse_job(job).model_copy(update={"enqueued_at": kwargs["enqueued_at"]})
+    finally:
+        r.flushdb()
+        c.close()

@@ -1,0 +1,106 @@
+"""Load and soak: 2,000 random-tiny jobs through one CPU worker, all complete.
+
+A closed-loop producer keeps WINDOW jobs in flight (a steady backlog of a few batches,
+as a queue under sustained load has), so the waits measured are those of a loaded
+worker rather than of one burst. Printed (run with -s): queue wait p50/p99 from the
+worker's own ttspool_queue_wait_seconds histogram (enqueue -> start of the job's GPU
+batch), end-to-end latency p50/p99 from the recorded results, throughput, and the
+worker's RSS at the start, every 500 jobs and at the end. docs/RELIABILITY.md keeps
+the numbers and the growth bound asserted here.
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+import statistics
+import time
+import urllib.request
+from pathlib import Path
+
+from tasks.local_redis import LocalRedis, free_port
+
+from .conftest import S3Endpoint, running_worker, worker_env
+
+JOBS = 2000
+WINDOW = 64
+# RSS may grow by this much between the end of the first 500 jobs (allocator pools,
+# caches and torch's workspaces warmed up) and the end; a leak of even 10 KB per job
+# would cross it.
+RSS_GROWTH_BOUND_MB = 15
+
+
+def _rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    match = re.search(r"VmRSS:\s+(\d+) kB", status)
+    assert match is not None
+    return int(match.group(1)) / 1024
+
+
+def _histogram_quantile(metrics: str, name: str, q: float) -> float:
+    """Prometheus' histogram_quantile over every label set of one histogram."""
+    buckets: dict[float, float] = {}
+    for le, count in re.findall(rf'^{name}_bucket{{[^}}]*le="([^"]+)"[^}}]*}} (\S+)$', metrics, re.M):
+        buckets[float(le)] = buckets.get(float(le), 0.0) + float(count)
+    bounds = sorted(buckets)
+    total = buckets[bounds[-1]]
+    rank, prev_bound, prev_count = q * total, 0.0, 0.0
+    for bound in bounds:
+        if buckets[bound] >= rank:
+            if bound == float("inf"):
+                return prev_bound
+            return prev_bound + (bound - prev_bound) * (rank - prev_count) / max(buckets[bound] - prev_count, 1e-9)
+        prev_bound, prev_count = bound, buckets[bound]
+    return prev_bound
+
+
+def _pct(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q * 100) - 1]
+
+
+def test_soak_2000_jobs_one_worker(s3: S3Endpoint, aws_env, tmp_path: Path) -> None:
+    metrics_port = free_port()
+    with LocalRedis() as broker:
+        env = worker_env(broker.url, s3, aws_env, TTSPOOL_MAX_BATCH="16", TTSPOOL_MAX_WAIT_MS="100",
+                         TTSPOOL_METRICS_PORT=str(metrics_port), TTSPOOL_METRICS_ADDR="127.0.0.1")
+        with running_worker(env, tmp_path / "worker.log") as (proc, client):
+            rss = {0: _rss_mb(proc.pid)}
+            texts = ["Soak test.", "Short and sweet.", "Hello there, friend.", "One more line."]
+            jobs = [{"text": texts[i % 4], "seed": i, "voice": 1 + i % 3, "max_tokens": 24} for i in range(JOBS)]
+            started = time.monotonic()
+            in_flight: list[str] = []
+            sent_at: dict[str, float] = {}
+            done: dict[str, str] = {}
+            submitted = 0
+            while len(done) < JOBS:
+                assert proc.poll() is None and time.monotonic() - started < 1800
+                room = WINDOW - len(in_flight)
+                if room > 0 and submitted < JOBS:
+                    ids = client.submit_many(jobs[submitted:submitted + room])
+                    sent_at.update(dict.fromkeys(ids, time.time()))
+                    in_flight += ids
+                    submitted = min(JOBS, submitted + room)
+                for job_id in list(in_flight):
+                    st = client.status(job_id)
+                    if st.done:
+                        done[job_id] = st.status
+                        in_flight.remove(job_id)
+                        if len(done) % 500 == 0:
+                            rss[len(done)] = _rss_mb(proc.pid)
+                time.sleep(0.05)
+            elapsed = time.monotonic() - started
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as resp:
+                metrics = resp.read().decode()
+            latencies = []
+            for job_id in done:
+                meta = client.app.backend.get_task_meta(job_id)
+                assert meta["status"] == "SUCCESS", meta
+                finished = datetime.datetime.fromisoformat(meta["date_done"]).replace(tzinfo=datetime.timezone.utc)
+                latencies.append(finished.timestamp() - sent_at[job_id])
+    assert all(s == "SUCCESS" for s in done.values()) and len(done) == JOBS
+    wait_p50, wait_p99 = (_histogram_quantile(metrics, "ttspool_queue_wait_seconds", q) for q in (0.5, 0.99))
+    print(f"\nsoak: {JOBS} jobs in {elapsed:.0f} s ({JOBS / elapsed:.1f} jobs/s), {WINDOW} in flight; "
+          f"queue wait p50 {wait_p50:.2f} s, p99 {wait_p99:.2f} s (worker histogram); "
+          f"latency p50 {_pct(latencies, 0.5):.2f} s, p99 {_pct(latencies, 0.99):.2f} s; "
+          f"RSS MB by jobs done: {', '.join(f'{k}: {v:.0f}' for k, v in rss.items())}")
+    assert rss[JOBS] - rss[500] < RSS_GROWTH_BOUND_MB and rss[JOBS] - rss[0] < 4 * RSS_GROWTH_BOUND_MB, rss
