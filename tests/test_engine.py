@@ -40,6 +40,7 @@ def test_same_job_alone_or_batched_gives_same_tokens_and_audio(engine: Engine) -
     job = _req(engine, SHORT, voice=9, seed=77, temperature=0.7, top_k=40)
     alone = engine.generate([job])[0]
     others = [_req(engine, LONG, voice=v, seed=v, temperature=0.3 + v / 10, top_p=0.5 + v / 20) for v in range(5)]
+    others[3] = _req(engine, SHORT, voice=1, seed=5)  # same length: decoded in one call with the job
     batched_all = engine.generate(others[:2] + [job] + others[2:])
     batched = batched_all[2]
     assert np.array_equal(batched.codes, alone.codes)
@@ -77,3 +78,21 @@ def test_a_failing_row_fails_alone(engine: Engine) -> None:
     assert bad.audio is None and "dimensions" in (bad.error or "")
     assert good1.error is None and good2.error is None
     assert good1.steps == predicted_steps(reqs[0].text) and good2.steps == predicted_steps(reqs[2].text)
+
+
+def test_keeping_finished_rows_changes_only_the_cost(engine: Engine) -> None:
+    reqs = [_req(engine, SHORT, voice=3, seed=11), _req(engine, LONG, voice=4, seed=12, top_k=2),
+            _req(engine, LONG[:60], voice=5, seed=13, temperature=1.2)]
+    dropped = engine.generate(reqs)
+    kept = engine.generate(reqs, keep_finished=True)
+    for d, k in zip(dropped, kept):
+        assert d.steps == k.steps
+        assert np.array_equal(d.codes, k.codes)
+        assert np.abs(d.audio - k.audio).max() < 1e-3
+
+
+def test_compile_flag_is_refused_without_cuda() -> None:
+    from workers.engine import EngineError
+
+    with pytest.raises(EngineError, match="CUDA"):
+        Engine("random-tiny", device="cpu", compile=True)

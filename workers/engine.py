@@ -17,7 +17,7 @@ import logging
 import time
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from scheduler.lengths import predicted_steps
 
-from . import sampling
+from . import faults, sampling
 from .model_assets import ModelAssets, resolve
 from .random_models import build_config
 
@@ -80,9 +80,15 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 class Engine:
     sample_rate = 24_000
 
-    def __init__(self, model: str, model_dir: str | None = None, device: str = "auto", dtype: str = "auto") -> None:
+    def __init__(self, model: str, model_dir: str | None = None, device: str = "auto", dtype: str = "auto",
+                 compile: bool = False) -> None:
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
+        if compile and self.device.type != "cuda":
+            # Inductor's CPU backend fails to build this model's kernels with torch 2.11
+            # (a C++ compile error, seen on x86-64), and CPU serving gains little from it.
+            raise EngineError("TTSPOOL_COMPILE=1 needs a CUDA device")
+        self.compile = compile
         self._model_name = model
         self._model_dir = model_dir
         self.assets: ModelAssets | None = None
@@ -123,9 +129,16 @@ class Engine:
             self.code_emb = torch.stack([e.weight.detach() for e in chat.embed.emb_code]).to(self.dtype)
             self.text_emb = chat.embed.emb_text.weight.detach().to(self.dtype)
         self.tokenizer = chat.tokenizer
+        if self.compile:
+            # Shapes change every step (the cache grows, finished rows leave), so the
+            # graph is compiled for dynamic shapes; the first batches pay for compiling.
+            self.gpt = torch.compile(self.gpt, dynamic=True)
         self.load_seconds = time.perf_counter() - t0
         t1 = time.perf_counter()
-        self.generate([SynthRequest(text=self.normalize("warm up"), max_tokens=8)])
+        warm = self.generate([SynthRequest(text=self.normalize("warm up"), max_tokens=8)])[0]
+        if warm.error is not None:
+            # A worker that cannot synthesize must not take jobs only to fail them all.
+            raise EngineError(f"warm-up synthesis failed: {warm.error}")
         self.warmup_seconds = time.perf_counter() - t1
         log.info(
             "engine ready: model=%s device=%s dtype=%s load=%.1fs warmup=%.1fs",
@@ -164,12 +177,17 @@ class Engine:
     # -- generation ---------------------------------------------------------------
 
     @torch.inference_mode()
-    def generate(self, requests: Sequence[SynthRequest]) -> list[SynthResult]:
+    def generate(self, requests: Sequence[SynthRequest], keep_finished: bool = False) -> list[SynthResult]:
         """Synthesize a batch. A failing row fails alone: on an error the batch is split
-        in halves and retried, down to single rows (this also sheds CUDA OOMs)."""
+        in halves and retried, down to single rows (this also sheds CUDA OOMs).
+
+        `keep_finished` computes finished rows until the longest ends, as static
+        batching does (same output, more work): only for measuring what dropping
+        them saves."""
         try:
-            rows = self._generate_rows(requests)
-            return [self._decode(hidden, codes) for hidden, codes in rows]
+            faults.inject([r.text for r in requests])
+            rows = self._generate_rows(requests, keep_finished)
+            return self._decode(rows)
         except Exception as err:  # noqa: BLE001 - any failure is isolated to its row below
             if isinstance(err, torch.cuda.OutOfMemoryError):
                 torch.cuda.empty_cache()
@@ -178,12 +196,10 @@ class Engine:
                 return [SynthResult(None, 0, f"{type(err).__name__}: {err}")]
             mid = len(requests) // 2
             log.warning("batch of %d failed (%s); retrying in halves", len(requests), type(err).__name__)
-            return self.generate(requests[:mid]) + self.generate(requests[mid:])
+            return self.generate(requests[:mid], keep_finished) + self.generate(requests[mid:], keep_finished)
 
-    def _generate_rows(self, requests: Sequence[SynthRequest]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _generate_rows(self, requests: Sequence[SynthRequest], keep_finished: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per row: the GPT hidden states [steps, hidden] that feed the decoder, and the codes."""
-        from transformers import DynamicCache
-
         dev, n = self.device, len(requests)
         prompts = [self._prompt_ids(r) for r in requests]
         speakers = [self.speaker(r.voice) for r in requests]
@@ -211,13 +227,11 @@ class Engine:
         forced = torch.tensor([t is not None for t in targets], device=dev)
         alive = torch.arange(n, device=dev)  # original row of each running row
         lengths = torch.zeros(n, dtype=torch.long, device=dev)
+        finished = torch.zeros(n, dtype=torch.bool, device=dev)  # per running row
         hid_buf = torch.zeros(n, max_steps, self.gpt.config.hidden_size, dtype=self.dtype, device=dev)
         tok_buf = torch.zeros(n, max_steps, self.num_vq, dtype=torch.long, device=dev)
 
-        cache = DynamicCache()
-        out = self.gpt(inputs_embeds=emb, attention_mask=mask, position_ids=pos,
-                       past_key_values=cache, use_cache=True)
-        hidden = out.last_hidden_state[:, -1]
+        cache, hidden = self._prefill(emb, mask, pos, [len(p) for p in prompts])
         pos = pos[:, -1:]
         for step in range(max_steps):
             hid_buf[alive, step] = hidden
@@ -234,14 +248,16 @@ class Engine:
             tok_buf[alive, step] = tokens
             ended_eos = tokens.eq(self.eos).any(dim=1)
             ended_cap = (step + 1) >= cap[alive]
-            lengths[alive] = torch.where(ended_eos, step, step + 1)
-            done = ended_eos | ended_cap
-            if bool(done.all()):
+            ended = torch.where(ended_eos, step, step + 1)
+            lengths[alive] = torch.where(finished, lengths[alive], ended)
+            finished = finished | ended_eos | ended_cap
+            if bool(finished.all()):
                 break
-            if bool(done.any()):
-                keep = (~done).nonzero().squeeze(1)
+            if bool(finished.any()) and not keep_finished:
+                keep = (~finished).nonzero().squeeze(1)
                 cache.batch_select_indices(keep)
                 alive, tokens, mask, pos = alive[keep], tokens[keep], mask[keep], pos[keep]
+                finished = finished[keep]
             emb = self.code_emb[torch.arange(self.num_vq, device=dev), tokens].sum(dim=1, keepdim=True)
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             pos = pos + 1
@@ -250,10 +266,60 @@ class Engine:
             hidden = out.last_hidden_state[:, -1]
         return [(hid_buf[i, : int(lengths[i])], tok_buf[i, : int(lengths[i])]) for i in range(n)]
 
-    def _decode(self, hidden: torch.Tensor, codes: torch.Tensor) -> SynthResult:
-        steps = int(hidden.shape[0])
-        if steps == 0:
-            return SynthResult(None, 0, "the model produced no audio for this text")
-        mel = self.chat.decoder(hidden.t().unsqueeze(0).to(self.dtype))
-        wav = self.chat.vocos.decode(mel.float()).squeeze(0)
-        return SynthResult(wav.float().cpu().numpy(), steps, codes=codes.cpu().numpy())
+    def _prefill(self, emb: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
+                 lens: list[int]) -> tuple[Any, torch.Tensor]:
+        """The prompt pass, in groups of similar prompt length merged into one
+        left-padded cache: a padded position costs as much as a real token, and mixed
+        traffic pads short prompts to the longest (half the positions, measured)."""
+        from transformers import DynamicCache
+
+        n, width = mask.shape
+        order = sorted(range(n), key=lambda i: lens[i])
+        groups: list[list[int]] = [[]]
+        for i in order:
+            g = groups[-1]
+            if g and lens[i] > lens[g[0]] + max(4, lens[g[0]] // 4):
+                groups.append([])
+            groups[-1].append(i)
+        cache = DynamicCache()
+        if len(groups) == 1:
+            out = self.gpt(inputs_embeds=emb, attention_mask=mask, position_ids=pos,
+                           past_key_values=cache, use_cache=True)
+            return cache, out.last_hidden_state[:, -1]
+        hidden = emb.new_empty(n, emb.shape[-1])
+        merged: list[list[torch.Tensor]] = []
+        for g in groups:
+            rows, w = torch.tensor(g, device=emb.device), lens[g[-1]]
+            part = DynamicCache()
+            out = self.gpt(inputs_embeds=emb[rows, -w:], attention_mask=mask[rows, -w:],
+                           position_ids=pos[rows, -w:], past_key_values=part, use_cache=True)
+            hidden[rows] = out.last_hidden_state[:, -1]
+            for layer_idx, layer in enumerate(part.layers):
+                if len(merged) <= layer_idx:
+                    k, v = layer.keys, layer.values
+                    merged.append([k.new_zeros(n, k.shape[1], width, k.shape[3]),
+                                   v.new_zeros(n, v.shape[1], width, v.shape[3])])
+                # Masked positions: their zeros are never attended to.
+                merged[layer_idx][0][rows, :, width - w:] = layer.keys
+                merged[layer_idx][1][rows, :, width - w:] = layer.values
+        for layer_idx, (k, v) in enumerate(merged):
+            cache.update(k, v, layer_idx)
+        return cache, hidden
+
+    def _decode(self, rows: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[SynthResult]:
+        """Decoder + Vocos at each row's own length; rows of equal length go together
+        (no padding, so no row's audio depends on another's)."""
+        results: list[SynthResult | None] = [None] * len(rows)
+        by_len: dict[int, list[int]] = {}
+        for i, (hidden, _) in enumerate(rows):
+            by_len.setdefault(int(hidden.shape[0]), []).append(i)
+        for steps, idx in by_len.items():
+            if steps == 0:
+                for i in idx:
+                    results[i] = SynthResult(None, 0, "the model produced no audio for this text")
+                continue
+            hidden = torch.stack([rows[i][0] for i in idx]).transpose(1, 2).to(self.dtype)
+            wavs = self.chat.vocos.decode(self.chat.decoder(hidden).float()).float().cpu().numpy()
+            for i, wav in zip(idx, wavs):
+                results[i] = SynthResult(wav, steps, codes=rows[i][1].cpu().numpy())
+        return [r for r in results if r is not None]

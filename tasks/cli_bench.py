@@ -1,0 +1,73 @@
+"""`ttspool bench`: capacity planning numbers for this machine (see workers/bench.py)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+from .settings import Settings
+
+
+def _sizes(raw: str) -> list[int]:
+    try:
+        sizes = sorted({int(x) for x in raw.split(",") if x.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--batch-sizes must be integers like 1,8,32, got {raw!r}") from None
+    if not sizes or sizes[0] < 1 or sizes[-1] > 256:
+        raise argparse.ArgumentTypeError("--batch-sizes must be between 1 and 256")
+    return sizes
+
+
+def add_commands(sub: Any) -> None:
+    p = sub.add_parser("bench", help="measure ttspool's engine against one Chat.infer call per job")
+    p.add_argument("--model", default="random-full", help="chattts | random-tiny | random-full | /path (default random-full)")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", help="auto | float16 | bfloat16 | float32")
+    p.add_argument("--compile", action="store_const", const=True, help="torch.compile the GPT")
+    p.add_argument("--jobs", type=int, default=32, help="jobs in the set (default 32)")
+    p.add_argument("--batch-sizes", type=_sizes, default=[1, 8, 32], help="comma-separated (default 1,8,32)")
+    p.add_argument("--no-keep-rows", action="store_true", help="skip the run with finished rows kept")
+    p.add_argument("--json-out", type=Path, help="write the results as JSON")
+    p.add_argument("--plot", type=Path, help="write a PNG bar chart")
+    p.set_defaults(handler=_bench)
+
+
+def _bench(args: argparse.Namespace, settings: Settings) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from workers.bench import Run, bench, plot, write_json
+    from workers.engine import Engine
+
+    if not 1 <= args.jobs <= 4096:
+        raise ValueError("--jobs must be between 1 and 4096")
+    console = Console(stderr=True)
+    # Random weights never emit EOS, so the baseline would log "hit max_new_token" per job.
+    logging.getLogger("ChatTTS").setLevel(logging.ERROR)
+    with console.status("loading the model"):
+        engine = Engine(settings.model, settings.model_dir, settings.device, settings.dtype, settings.compile).load()
+
+    def progress(run: Run) -> None:
+        console.log(f"{run.name}: {run.audio_s_per_s:.2f} audio s/s in {run.wall_s:.1f} s")
+
+    result = bench(engine, args.jobs, args.batch_sizes, not args.no_keep_rows, on_run=progress)
+    m, j = result["machine"], result["jobs"]
+    table = Table(title=f"{m['model']} on {m.get('gpu', m['device'])} ({m['dtype']}, {m['threads']} threads): "
+                        f"{j['count']} jobs, {j['min_steps']}-{j['max_steps']} steps, {j['voices']} voices")
+    for col in ("run", "audio s/s", "steps/s", "RTF", "peak RSS MiB", "peak GPU MiB", "x baseline"):
+        table.add_column(col, justify="left" if col == "run" else "right")
+    for row in [result["baseline"], *result["runs"]]:
+        gpu = row["peak_gpu_bytes"]
+        table.add_row(row["name"], f"{row['audio_s_per_s']:.2f}", f"{row['steps_per_s']:.1f}", f"{row['rtf']:.3f}",
+                      f"{row['peak_rss_bytes'] / 2**20:.0f}", "-" if gpu is None else f"{gpu / 2**20:.0f}",
+                      f"{row['ratio_to_baseline']:.2f}")
+    Console(width=120).print(table)
+    if "drop_finished_vs_keep" in result:
+        print(f"dropping finished rows vs keeping them: {result['drop_finished_vs_keep']:.2f}x")
+    if args.json_out:
+        write_json(result, args.json_out)
+    if args.plot:
+        plot(result, args.plot)
+    return 0

@@ -1,0 +1,244 @@
+"""`ttspool bench`: ttspool's engine against one `Chat.infer` call per job, side by side.
+
+One process, one set of loaded modules, one set of jobs (mixed lengths and voices),
+so every ratio compares runs made minutes apart on the same machine. The baseline is
+what a one-request-at-a-time ChatTTS server does: `Chat.infer` for each job in turn.
+ttspool's engine then runs the same jobs at each batch size, batches chosen by the
+real scheduler policy. At the largest batch size it also runs with finished rows kept
+until the longest row ends (static batching) to show what dropping them saves.
+
+Random-weight models never end a row by themselves, so every job's length is fixed by
+its text (the engine does this for random models; the baseline gets it as
+min_new_token = max_new_token), and both sides generate the same number of steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from scheduler.lengths import predicted_steps
+from scheduler.planner import PlanItem, Policy, next_batch
+
+from .engine import Engine, SynthRequest
+
+_WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike "
+          "november oscar papa quebec romeo sierra tango uniform victor whiskey yankee zulu").split()
+
+
+@dataclass
+class Run:
+    name: str
+    batch_size: int
+    keep_finished: bool
+    wall_s: float
+    audio_s: float
+    steps: int
+    peak_rss_bytes: int
+    peak_gpu_bytes: int | None = None
+    audio_s_per_s: float = field(init=False)
+    steps_per_s: float = field(init=False)
+    rtf: float = field(init=False)  # wall seconds per second of audio: < 1 is faster than real time
+
+    def __post_init__(self) -> None:
+        self.audio_s_per_s = self.audio_s / self.wall_s
+        self.steps_per_s = self.steps / self.wall_s
+        self.rtf = self.wall_s / self.audio_s
+
+
+def make_jobs(n: int, seed: int = 0, min_chars: int = 4, max_chars: int = 34) -> list[SynthRequest]:
+    """Deterministic mixed jobs: eight voices, varied sampling, and lengths spread about
+    5x, log-uniformly (as many jobs between 1 and 2 s of audio as between 2 and 4 s):
+    service traffic has more short prompts than long ones."""
+    rng = random.Random(seed)
+    jobs = []
+    for i in range(n):
+        target = round(min_chars * (max_chars / min_chars) ** (i / max(1, n - 1)))
+        words: list[str] = []
+        while len(" ".join(words)) < target:
+            words.append(rng.choice(_WORDS))
+        text = " ".join(words)[:target].strip() + "."
+        jobs.append(SynthRequest(
+            text=text, voice=1 + i % 8, seed=rng.randrange(2**31), speed=5,
+            temperature=rng.choice([0.2, 0.3, 0.5]), top_p=rng.choice([0.7, 0.9]),
+            top_k=rng.choice([20, 40]), max_tokens=2048,
+        ))
+    rng.shuffle(jobs)  # arrival order is not length order
+    return jobs
+
+
+class PeakRss:
+    """Samples this process' resident memory while a run lasts (ru_maxrss only grows,
+    so it cannot tell the runs of one process apart)."""
+
+    def __init__(self, interval_s: float = 0.01) -> None:
+        self.interval_s = interval_s
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> "PeakRss":
+        self.peak = self.rss()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+
+
+def _measure(engine: Engine, name: str, batch_size: int, keep: bool, work: Callable[[], tuple[float, int]]) -> Run:
+    cuda = engine.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(engine.device)
+    with PeakRss() as mem:
+        t0 = time.perf_counter()
+        audio_s, steps = work()
+        if cuda:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    gpu = int(torch.cuda.max_memory_allocated(engine.device)) if cuda else None
+    return Run(name, batch_size, keep, wall, audio_s, steps, mem.peak, gpu)
+
+
+def batches_for(jobs: Sequence[SynthRequest], batch_size: int) -> Iterator[list[SynthRequest]]:
+    """The real scheduler's choices for a backlog of these jobs (all waiting at once)."""
+    policy = Policy(max_batch=batch_size, token_budget=10**9, max_wait_s=0.0)
+    held = [PlanItem(j, predicted_steps(j.text, j.speed, j.max_tokens)) for j in jobs]
+    while held:
+        batch = next_batch(held, 0.0, policy).batch
+        yield [item.payload for item in batch]
+        held = [i for i in held if i not in batch]
+
+
+def run_engine(engine: Engine, jobs: Sequence[SynthRequest], batch_size: int, keep: bool) -> tuple[float, int]:
+    audio_s, steps = 0.0, 0
+    for batch in batches_for(jobs, batch_size):
+        for res in engine.generate(batch, keep_finished=keep):
+            if res.audio is None:
+                raise RuntimeError(f"benchmark job failed: {res.error}")
+            audio_s += len(res.audio) / engine.sample_rate
+            steps += res.steps
+    return audio_s, steps
+
+
+def run_baseline(engine: Engine, jobs: Sequence[SynthRequest]) -> tuple[float, int]:
+    import ChatTTS
+
+    chat = engine.chat
+    audio_s, steps = 0.0, 0
+    for job in jobs:
+        n = engine.target_steps(job)
+        params = ChatTTS.Chat.InferCodeParams(
+            prompt=f"[speed_{job.speed}]",
+            spk_emb=chat.speaker._encode(engine.speaker(job.voice).float().cpu()),
+            temperature=job.temperature, top_P=job.top_p, top_K=job.top_k,
+            max_new_token=n or job.max_tokens, min_new_token=n or 0,
+            manual_seed=job.seed, show_tqdm=False,
+        )
+        wavs = chat.infer([job.text], skip_refine_text=True, do_text_normalization=False,
+                          do_homophone_replacement=False, split_text=False, params_infer_code=params)
+        audio_s += sum(len(w) for w in wavs) / engine.sample_rate
+        steps += n or predicted_steps(job.text, job.speed, job.max_tokens)
+    return audio_s, steps
+
+
+def machine_info(engine: Engine) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "platform": platform.platform(), "python": platform.python_version(),
+        "cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "device": str(engine.device), "dtype": str(engine.dtype).removeprefix("torch."),
+        "model": engine.model_id,
+    }
+    if engine.device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(engine.device)
+    return info
+
+
+def bench(engine: Engine, n_jobs: int, batch_sizes: Sequence[int], keep_rows: bool = True,
+          on_run: Callable[[Run], None] | None = None) -> dict[str, Any]:
+    jobs = [SynthRequest(**{**asdict(j), "text": engine.normalize(j.text)}) for j in make_jobs(n_jobs)]
+    lengths = [engine.target_steps(j) or predicted_steps(j.text, j.speed) for j in jobs]
+    run_baseline(engine, jobs[:1])  # warm the baseline's own code path too
+    runs: list[Run] = []
+
+    def record(run: Run) -> None:
+        runs.append(run)
+        if on_run:
+            on_run(run)
+
+    record(_measure(engine, "baseline: Chat.infer per job", 1, False, lambda: run_baseline(engine, jobs)))
+    for b in batch_sizes:
+        record(_measure(engine, f"ttspool B={b}", b, False, lambda b=b: run_engine(engine, jobs, b, False)))
+    if keep_rows:
+        b = max(batch_sizes)
+        record(_measure(engine, f"ttspool B={b} keep-rows", b, True,
+                        lambda: run_engine(engine, jobs, b, True)))
+    base, ours = runs[0], runs[1:]
+    out: dict[str, Any] = {
+        "baseline": _row(base, base),
+        "runs": [_row(r, base) for r in ours],
+        "jobs": {"count": n_jobs, "min_steps": min(lengths), "max_steps": max(lengths),
+                 "total_steps": sum(lengths), "voices": len({j.voice for j in jobs})},
+        "machine": machine_info(engine),
+    }
+    dropped = [r for r in ours if r.batch_size == max(batch_sizes) and not r.keep_finished]
+    kept = [r for r in ours if r.keep_finished]
+    if dropped and kept:
+        out["drop_finished_vs_keep"] = round(dropped[0].audio_s_per_s / kept[0].audio_s_per_s, 3)
+    return out
+
+
+def _row(run: Run, base: Run) -> dict[str, Any]:
+    row = {k: v for k, v in asdict(run).items()}
+    row["ratio_to_baseline"] = round(run.audio_s_per_s / base.audio_s_per_s, 3)
+    for k in ("wall_s", "audio_s", "audio_s_per_s", "steps_per_s", "rtf"):
+        row[k] = round(row[k], 4)
+    return row
+
+
+def write_json(result: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = result["runs"]
+    labels = ["baseline"] + [f"B={r['batch_size']}" + (" keep" if r["keep_finished"] else "") for r in runs]
+    values = [result["baseline"]["audio_s_per_s"]] + [r["audio_s_per_s"] for r in runs]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bars = ax.bar(labels, values, color=["#999999"] + ["#4477aa" if not r["keep_finished"] else "#aa7744" for r in runs])
+    for bar, r in zip(bars[1:], runs):
+        ax.annotate(f"{r['ratio_to_baseline']:.1f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom")
+    m = result["machine"]
+    ax.set_ylabel("audio seconds per wall second")
+    ax.set_title(f"ttspool bench: {m['model']} on {m.get('gpu', m['device'])} ({m['dtype']}), {result['jobs']['count']} jobs")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
