@@ -42,3 +42,8 @@ fi
 if [ "$need_redis" = yes ] && ! command -v redis-server >/dev/null; then
     apt_install redis-server
 fi
+
+# The tests validate deploy/prometheus with promtool (Debian's prometheus package).
+if [ "$extra" = test ] && ! command -v promtool >/dev/null; then
+    apt_install prometheus
+fi

@@ -5,7 +5,7 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Exchange, Queue
 
-from .settings import QUEUE_BULK, QUEUES, Settings
+from .settings import ASSEMBLE_TASK, QUEUE_ASSEMBLE, QUEUE_BULK, WORKER_QUEUES, Settings
 
 
 def make_app(settings: Settings, *, worker_consumer: str | None = None) -> Celery:
@@ -14,6 +14,13 @@ def make_app(settings: Settings, *, worker_consumer: str | None = None) -> Celer
         # Redis re-delivers an unacked message after this long; it must cover waiting in
         # the worker's buffer, the batch and the upload, or a job runs twice.
         "visibility_timeout": settings.visibility_timeout,
+        # kombu sweeps for such messages every interval x throttle seconds (100 s by
+        # default); a tenth of the timeout keeps redelivery close to the timeout itself.
+        "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 10)),
+        "unacked_restore_throttle": 1,
+        # The sweep's lock outlives a worker killed mid-sweep (or a Redis restart) by
+        # this long, which delays every restore: at most one more visibility timeout.
+        "unacked_mutex_expire": min(300, settings.visibility_timeout),
         # Poll tts.realtime before tts.bulk instead of round-robin.
         "queue_order_strategy": "priority",
         "socket_timeout": 10,
@@ -31,12 +38,18 @@ def make_app(settings: Settings, *, worker_consumer: str | None = None) -> Celer
         task_track_started=True,
         # Each queue its own direct exchange: a bare Queue(name) would bind to the
         # default exchange and routing key, and send everything to the default queue.
-        task_queues=[Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES],
+        task_queues=[Queue(name, Exchange(name, type="direct"), routing_key=name) for name in WORKER_QUEUES],
+        task_routes={ASSEMBLE_TASK: {"queue": QUEUE_ASSEMBLE}},
         task_default_queue=QUEUE_BULK,
         broker_transport_options=transport,
         result_backend_transport_options=dict(transport),
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
+        # Ride out a Redis restart: a result write or a publish retries for about 20 s
+        # instead of failing the batch or the submit on the first refused connection.
+        result_backend_always_retry=True,
+        result_backend_max_retries=12,
+        task_publish_retry_policy={"max_retries": 10, "interval_start": 0, "interval_step": 0.5, "interval_max": 3},
         result_expires=7 * 86400,
         result_extended=False,
         # One process owns one GPU; the buffer must hold more than one batch so the

@@ -81,6 +81,8 @@ def run_local(settings: Settings, jobs_file: Path | None, out_dir: Path, timeout
         env["TTSPOOL_RESULT_BACKEND"] = settings.result_backend
     if settings.model_dir:
         env["TTSPOOL_MODEL_DIR"] = settings.model_dir
+    # A one-off local run serves no metrics unless asked: port 9808 may be a real worker's.
+    env.setdefault("TTSPOOL_METRICS_PORT", "0")
     worker = subprocess.Popen([sys.executable, "-m", "tasks.cli", "worker", "--loglevel", "WARNING"], env=env)
     client = Client(settings)
     try:

@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Mapping
 
+import redis
 from celery import Celery
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from .app import make_app
+from .ratelimit import Limit, RateLimiter, parse_limits
 from .schema import JobSpec, parse_job
 from .settings import QUEUE_BULK, QUEUE_REALTIME, TASK_NAME, Settings
 
-TERMINAL = ("SUCCESS", "FAILURE")
+# EXPIRED is recorded in Celery as a FAILURE (so plain Celery clients see it end) whose
+# reason is JobExpired; this API reports it under its own name.
+TERMINAL = ("SUCCESS", "FAILURE", "EXPIRED")
+# A client-chosen job_id is claimed here (SET NX) before its message is sent; kept as
+# long as results are (result_expires), so a retried submit finds the first job.
+CLAIM_PREFIX = "ttspool:jobid:"
+_CLAIM_TTL = 7 * 86400
 
 
 @dataclass(frozen=True)
@@ -36,31 +47,74 @@ class JobStatus:
 class Client:
     """Submit jobs and read results; one per process is enough (it is thread-safe)."""
 
-    def __init__(self, settings: Settings | None = None, app: Celery | None = None) -> None:
+    def __init__(self, settings: Settings | None = None, app: Celery | None = None,
+                 rate_limits: Mapping[str, Limit] | None = None) -> None:
         self.settings = settings or Settings.from_env()
         self.app = app or make_app(self.settings)
+        # Retries for about as long as a publish does (task_publish_retry_policy), so a
+        # submit rides out a Redis restart on the claim and rate-limit calls too.
+        self.redis = redis.Redis.from_url(self.settings.broker_url, socket_timeout=10, socket_connect_timeout=5,
+                                          retry=Retry(ExponentialBackoff(cap=3, base=0.5), 10))
+        if rate_limits is None:
+            rate_limits = parse_limits(os.environ.get("TTSPOOL_RATE_LIMITS", ""))
+        self.limiter = RateLimiter(rate_limits, self.redis)
 
     def submit(self, job: Mapping[str, Any] | JobSpec) -> str:
         """Validate and enqueue one job; returns its id. Raises JobValidationError."""
         return self.submit_many([job])[0]
 
     def submit_many(self, jobs: Iterable[Mapping[str, Any] | JobSpec]) -> list[str]:
-        """Validate every job first, then enqueue them all: one bad job enqueues nothing."""
+        """Validate every job first, then enqueue them all: one bad job enqueues nothing.
+
+        A job whose client-chosen job_id was submitted before is not enqueued again: its
+        existing id is returned. Raises RateLimited (nothing enqueued) when a tenant's
+        bucket is short.
+        """
         specs = [parse_job(dict(j) if not isinstance(j, JobSpec) else j) for j in jobs]
+        self.limiter.take(spec.tenant for spec in specs)
+        claimed = self._claim([spec.job_id for spec in specs if spec.job_id is not None])
         ids = []
         with self.app.producer_or_acquire() as producer:
             for spec in specs:
+                if spec.job_id is not None and spec.job_id not in claimed:
+                    ids.append(spec.job_id)
+                    continue
                 job_id = spec.job_id or uuid.uuid4().hex
                 kwargs = spec.model_copy(update={"enqueued_at": time.time()}).task_kwargs()
-                self.app.send_task(
-                    TASK_NAME,
-                    kwargs=kwargs,
-                    task_id=job_id,
-                    queue=QUEUE_REALTIME if spec.priority == "realtime" else QUEUE_BULK,
-                    producer=producer,
-                )
+                try:
+                    self.app.send_task(
+                        TASK_NAME,
+                        kwargs=kwargs,
+                        task_id=job_id,
+                        queue=QUEUE_REALTIME if spec.priority == "realtime" else QUEUE_BULK,
+                        producer=producer,
+                    )
+                except BaseException:
+                    # Unsent claims would make a retry return ids of jobs that never ran.
+                    if claimed:
+                        self.redis.delete(*(CLAIM_PREFIX + j for j in claimed))
+                    raise
+                # Sent: a second copy of this id later in the same call is a duplicate.
+                claimed.discard(job_id)
                 ids.append(job_id)
         return ids
+
+    def _claim(self, job_ids: list[str]) -> set[str]:
+        """Atomically claim each id (SET NX); returns the ids this call claimed first."""
+        if not job_ids:
+            return set()
+        # A token per call: when a SET NX is retried after its reply was lost, the key
+        # already holds our own token, which still counts as our claim.
+        token = uuid.uuid4().hex
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.set(CLAIM_PREFIX + job_id, token, nx=True, ex=_CLAIM_TTL)
+        won = {j for j, ok in zip(job_ids, pipe.execute()) if ok}
+        lost = sorted(set(job_ids) - won)
+        if lost:
+            holders = self.redis.mget([CLAIM_PREFIX + j for j in lost])
+            won.update(j for j, h in zip(lost, holders) if h == token.encode())
+        return won
 
     def status(self, job_id: str) -> JobStatus:
         meta = self.app.backend.get_task_meta(job_id)
@@ -75,13 +129,15 @@ class Client:
                 sample_rate=result.get("sample_rate"),
             )
         if state == "FAILURE":
-            return JobStatus(id=job_id, status=state, error=_error_text(result))
+            kind = result.get("exc_type") if isinstance(result, dict) else type(result).__name__
+            expired = kind == "JobExpired"
+            return JobStatus(id=job_id, status="EXPIRED" if expired else state, error=_error_text(result))
         if state in ("STARTED", "RECEIVED"):
             return JobStatus(id=job_id, status="STARTED")
         return JobStatus(id=job_id, status="PENDING")
 
     def wait(self, job_ids: list[str], timeout: float = 600.0, poll: float = 0.2) -> list[JobStatus]:
-        """Poll until every job is SUCCESS or FAILURE, or raise TimeoutError."""
+        """Poll until every job is SUCCESS, FAILURE or EXPIRED, or raise TimeoutError."""
         deadline = time.monotonic() + timeout
         pending = list(job_ids)
         done: dict[str, JobStatus] = {}
@@ -99,6 +155,7 @@ class Client:
         return [done[j] for j in job_ids]
 
     def close(self) -> None:
+        self.redis.close()
         self.app.close()
 
 
@@ -109,4 +166,6 @@ def _error_text(result: Any) -> str:
             msg = " ".join(str(m) for m in msg)
         kind = result.get("exc_type") or "Error"
         return f"{kind}: {msg}" if msg else str(kind)
+    if isinstance(result, BaseException):
+        return f"{type(result).__name__}: {result}"
     return str(result) if result is not None else "unknown error"

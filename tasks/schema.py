@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, Union
 
 import pybase16384 as b14
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
-from pydantic import ValidationError, field_validator
+from pydantic import ValidationError, ValidationInfo, field_validator
 
 MAX_TEXT_CHARS = 2000
 MAX_VOICE_CHARS = 4096
@@ -24,6 +24,8 @@ MAX_STEPS = 2048
 # pipelines that template their prompts still work; ChatTTS' own [tags] are kept.
 _MARKUP = re.compile(r"</?[A-Za-z][^<>]{0,200}>")
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+MAX_TTL_S = 7 * 86400
 
 Seed = Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]
 
@@ -61,8 +63,15 @@ class JobSpec(BaseModel):
     max_tokens: Annotated[StrictInt, Field(ge=1, le=MAX_STEPS)] = MAX_STEPS
     priority: Literal["realtime", "bulk"] = "bulk"
     job_id: StrictStr | None = None
-    # Set by producers that know it (the Python API does); used for queue-wait metrics.
+    # Set by producers that know it (the Python API does); used for queue-wait metrics
+    # and as the start of `ttl_s`.
     enqueued_at: Union[StrictFloat, StrictInt, None] = None
+    # Deadline (Unix seconds), or a time-to-live counted from enqueued_at: a job past
+    # it fails fast as EXPIRED instead of taking a GPU slot nobody waits for any more.
+    expires_at: Union[StrictFloat, StrictInt, None] = None
+    ttl_s: Annotated[Union[StrictFloat, StrictInt, None], Field(gt=0, le=MAX_TTL_S)] = None
+    # Who submitted the job: the key of per-tenant rate limits.
+    tenant: StrictStr | None = None
 
     @field_validator("text")
     @classmethod
@@ -89,15 +98,24 @@ class JobSpec(BaseModel):
             _decode_speaker(v)
         return v
 
-    @field_validator("job_id")
+    @field_validator("job_id", "tenant")
     @classmethod
-    def _check_job_id(cls, v: str | None) -> str | None:
-        if v is not None and not _JOB_ID.fullmatch(v):
+    def _check_name(cls, v: str | None, info: ValidationInfo) -> str | None:
+        # Both end up in Redis keys and storage paths: a safe charset, bounded length.
+        pattern, limit = (_JOB_ID, 128) if info.field_name == "job_id" else (_TENANT, 64)
+        if v is not None and not pattern.fullmatch(v):
             raise ValueError(
-                "job_id must be 1-128 characters of letters, digits, '.', '_' or '-', "
-                "starting with a letter or digit"
+                f"{info.field_name} must be 1-{limit} characters of letters, digits, '.', '_' "
+                "or '-', starting with a letter or digit"
             )
         return v
+
+    def deadline(self) -> float | None:
+        """The earliest of expires_at and enqueued_at + ttl_s, or None if neither is set."""
+        ends = [float(self.expires_at)] if self.expires_at is not None else []
+        if self.ttl_s is not None and self.enqueued_at is not None:
+            ends.append(float(self.enqueued_at) + float(self.ttl_s))
+        return min(ends) if ends else None
 
     def task_kwargs(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)
@@ -119,14 +137,18 @@ def _describe(err: ValidationError) -> str:
     # Union members report the same field once per member; keep one reason per field.
     reasons: dict[str, str] = {}
     for e in err.errors():
-        field = str(e["loc"][0]) if e["loc"] else "job"
+        # Unknown field names come from the sender: keep them one short printable line.
+        field = ascii(str(e["loc"][0]))[1:-1][:40] if e["loc"] else "job"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
         elif field == "voice" and e["type"] in ("int_type", "string_type"):
             msg = "must be an integer seed or a ChatTTS speaker string"
         reasons.setdefault(field, f"{field}: {msg}")
-    return "; ".join(reasons.values())
+    parts = list(reasons.values())
+    if len(parts) > 12:  # a message with thousands of unknown fields gets a bounded reason
+        parts = parts[:12] + [f"and {len(parts) - 12} more fields"]
+    return "; ".join(parts)
 
 
 def parse_job(data: Any) -> JobSpec:

@@ -12,6 +12,13 @@ QUEUE_REALTIME = "tts.realtime"
 QUEUE_BULK = "tts.bulk"
 QUEUES = (QUEUE_REALTIME, QUEUE_BULK)
 TASK_NAME = "ttspool.synthesize"
+# Jobs that crashed or hung the worker too often: JSON {id, kwargs, reason, at}, newest first.
+DEAD_LETTER_KEY = "ttspool:dead"
+# Book assembly (a plain task, not a GPU batch); polled before tts.bulk so that a
+# finished book is not held back behind every other book's segments.
+QUEUE_ASSEMBLE = "tts.assemble"
+ASSEMBLE_TASK = "ttspool.assemble_book"
+WORKER_QUEUES = (QUEUE_REALTIME, QUEUE_ASSEMBLE, QUEUE_BULK)
 
 _MODELS = ("chattts", "random-tiny", "random-full")
 
@@ -29,6 +36,13 @@ def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> i
     return value
 
 
+def _bool(env: Mapping[str, str], name: str) -> bool:
+    raw = (env.get(name) or "0").strip().lower()
+    if raw not in ("0", "1", "true", "false", "yes", "no"):
+        raise ValueError(f"{name} must be 0 or 1, got {raw!r}")
+    return raw in ("1", "true", "yes")
+
+
 @dataclass(frozen=True)
 class Settings:
     broker_url: str = "redis://127.0.0.1:6379/0"
@@ -39,12 +53,22 @@ class Settings:
     model_dir: str | None = None
     device: str = "auto"
     dtype: str = "auto"
+    compile: bool = False  # torch.compile the GPT (TTSPOOL_COMPILE=1)
     max_batch: int = 16
     max_wait_ms: int = 100
+    # A bulk job held this long ranks with realtime ones, so bulk is never starved.
+    aging_ms: int = 10_000
     # Must exceed buffering + one batch + upload, or Redis hands a running job to a
     # second worker. Kept in seconds, as Redis' transport option is.
     visibility_timeout: int = 3600
     max_deliveries: int = 3
+    # How long a failed upload is retried in place (growing pauses, on top of boto3's
+    # own retries) before the job goes back to the queue; a graceful stop may wait this.
+    upload_retry_s: int = 60
+    # Worker /metrics and /healthz; 0 turns the HTTP server off. All interfaces by
+    # default so Prometheus and the kubelet can reach it inside a container.
+    metrics_port: int = 9808
+    metrics_addr: str = "0.0.0.0"
 
     @property
     def backend_url(self) -> str:
@@ -67,12 +91,17 @@ class Settings:
                 model_dir=env.get("TTSPOOL_MODEL_DIR") or None,
                 device=env.get("TTSPOOL_DEVICE") or d.device,
                 dtype=env.get("TTSPOOL_DTYPE") or d.dtype,
+                compile=_bool(env, "TTSPOOL_COMPILE"),
                 max_batch=_int(env, "TTSPOOL_MAX_BATCH", d.max_batch, 1, 256),
                 max_wait_ms=_int(env, "TTSPOOL_MAX_WAIT_MS", d.max_wait_ms, 0, 60_000),
+                aging_ms=_int(env, "TTSPOOL_AGING_MS", d.aging_ms, 0, 3_600_000),
                 visibility_timeout=_int(
                     env, "TTSPOOL_VISIBILITY_TIMEOUT", d.visibility_timeout, 10, 7 * 86400
                 ),
                 max_deliveries=_int(env, "TTSPOOL_MAX_DELIVERIES", d.max_deliveries, 1, 100),
+                upload_retry_s=_int(env, "TTSPOOL_UPLOAD_RETRY_S", d.upload_retry_s, 0, 3600),
+                metrics_port=_int(env, "TTSPOOL_METRICS_PORT", d.metrics_port, 0, 65535),
+                metrics_addr=env.get("TTSPOOL_METRICS_ADDR") or d.metrics_addr,
             )
         )
 
@@ -92,6 +121,12 @@ def validate(s: Settings) -> Settings:
     for name, url in (("TTSPOOL_BROKER_URL", s.broker_url), ("TTSPOOL_RESULT_BACKEND", s.backend_url)):
         if not re.match(r"rediss?://", url):
             raise ValueError(f"{name} must be a redis:// or rediss:// URL, got {redact_url(url)!r}")
+        # Without it kombu would connect with TLS but without checking the certificate.
+        if url.startswith("rediss://") and "ssl_cert_reqs=" not in url:
+            raise ValueError(
+                f"{name} is a rediss:// URL without ?ssl_cert_reqs=required (with "
+                f"&ssl_ca_certs=/path/ca.pem for a private CA): {redact_url(url)!r}"
+            )
     return s
 
 

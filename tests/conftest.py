@@ -6,11 +6,15 @@ stopped by that fixture.
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -18,9 +22,9 @@ from typing import Iterator
 import boto3
 import pytest
 
-from tasks.local_redis import LocalRedis
+from tasks.local_redis import LocalRedis, free_port
 from tasks.producer import Client
-from tasks.settings import Settings
+from tasks.settings import QUEUE_BULK, TASK_NAME, Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "ttspool-test"
@@ -96,6 +100,9 @@ def worker_env(redis_url: str, s3: S3Endpoint, aws_env: dict[str, str], **extra:
         "TTSPOOL_DEVICE": "cpu",
         "TTSPOOL_MAX_BATCH": "8",
         "TTSPOOL_MAX_WAIT_MS": "300",
+        # Its own loopback port: workers of parallel tests must not fight over 9808.
+        "TTSPOOL_METRICS_PORT": str(free_port()),
+        "TTSPOOL_METRICS_ADDR": "127.0.0.1",
         "PYTHONUNBUFFERED": "1",
     })
     env.update(extra)
@@ -129,17 +136,48 @@ def worker(redis_server: LocalRedis, s3: S3Endpoint, aws_env: dict[str, str], tm
     handle = WorkerProc(proc, log, settings, env)
     client = Client(settings)
     try:
-        # Ready means: it has loaded the model and served a job end to end.
-        job = client.submit({"text": "warm up", "job_id": "fixture-warmup"})
-        deadline = time.monotonic() + 300
-        while not client.status(job).done:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"worker did not become ready:\n{handle.log_text()[-5000:]}")
-            time.sleep(0.2)
+        wait_ready(client, proc, log)
         yield handle
     finally:
         client.close()
         stop_process(proc)
+
+
+def wait_ready(client: Client, proc: subprocess.Popen[bytes], log: Path, timeout: float = 300) -> None:
+    """Ready means: the worker has loaded the model and served a job end to end."""
+    job = client.submit({"text": "warm up", "job_id": "warmup-" + uuid.uuid4().hex})
+    deadline = time.monotonic() + timeout
+    while not client.status(job).done:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"worker did not become ready:\n{log.read_text(errors='replace')[-5000:]}")
+        time.sleep(0.2)
+
+
+@contextmanager
+def running_worker(env: dict[str, str], log: Path) -> Iterator[tuple[subprocess.Popen[bytes], Client]]:
+    """A ready worker subprocess and a client; both stopped when the block ends, failed or not."""
+    proc = start_worker(env, log)
+    client = Client(Settings.from_env(env))
+    try:
+        wait_ready(client, proc, log)
+        yield proc, client
+    finally:
+        client.close()
+        stop_process(proc)
+
+
+def raw_message(job_id: str, body: bytes, content_type: str = "application/json", task: str = TASK_NAME) -> str:
+    """A Celery protocol-2 message as it sits on a Redis list, for clients other than Python's."""
+    return json.dumps({
+        "body": base64.b64encode(body).decode(),
+        "content-encoding": "utf-8",
+        "content-type": content_type,
+        "headers": {"lang": "js", "task": task, "id": job_id, "root_id": job_id, "parent_id": None,
+                    "group": None, "retries": 0, "eta": None, "expires": None, "argsrepr": "[]", "kwargsrepr": "{}"},
+        "properties": {"correlation_id": job_id, "reply_to": "", "delivery_mode": 2,
+                       "delivery_info": {"exchange": QUEUE_BULK, "routing_key": QUEUE_BULK},
+                       "priority": 0, "body_encoding": "base64", "delivery_tag": uuid.uuid4().hex},
+    })
 
 
 @pytest.fixture()
@@ -147,3 +185,9 @@ def client(worker: WorkerProc) -> Iterator[Client]:
     c = Client(worker.settings)
     yield c
     c.close()
+
+
+def run_cli(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """`ttspool ARGS` as a subprocess with `env`; output captured as text."""
+    return subprocess.run([sys.executable, "-m", "tasks.cli", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)

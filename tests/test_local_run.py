@@ -11,8 +11,6 @@ import soundfile as sf
 
 from tasks.local_run import EXAMPLES, load_jobs
 
-from .conftest import ROOT
-
 
 def test_run_synthesizes_the_examples_into_a_local_folder(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TTSPOOL_")}

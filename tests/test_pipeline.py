@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import subprocess
@@ -18,7 +17,7 @@ from tasks.producer import Client
 from tasks.schema import JobValidationError
 from tasks.settings import QUEUE_BULK, QUEUE_REALTIME, TASK_NAME
 
-from .conftest import BUCKET, PREFIX, ROOT, S3Endpoint, WorkerProc
+from .conftest import BUCKET, PREFIX, ROOT, S3Endpoint, WorkerProc, raw_message
 
 STATUS_FIELDS = {"id", "status", "url", "duration_s", "sample_rate", "error"}
 
@@ -177,17 +176,7 @@ def test_non_python_client_raw_json_message_is_served(worker: WorkerProc, client
     """What a Node or Go Celery client puts on the Redis list: protocol 2, JSON, base64 body."""
     job_id = "raw-" + uuid.uuid4().hex
     body = json.dumps([[], {"text": "Sent without Python.", "voice": 8}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])
-    envelope = {
-        "body": base64.b64encode(body.encode()).decode(),
-        "content-encoding": "utf-8",
-        "content-type": "application/json",
-        "headers": {"lang": "js", "task": TASK_NAME, "id": job_id, "root_id": job_id, "parent_id": None,
-                    "group": None, "retries": 0, "eta": None, "expires": None, "argsrepr": "[]", "kwargsrepr": "{}"},
-        "properties": {"correlation_id": job_id, "reply_to": "", "delivery_mode": 2,
-                       "delivery_info": {"exchange": QUEUE_BULK, "routing_key": QUEUE_BULK},
-                       "priority": 0, "body_encoding": "base64", "delivery_tag": uuid.uuid4().hex},
-    }
-    redis.Redis.from_url(redis_server.url).lpush(QUEUE_BULK, json.dumps(envelope))
+    redis.Redis.from_url(redis_server.url).lpush(QUEUE_BULK, raw_message(job_id, body.encode()))
     st = client.wait([job_id], timeout=120)[0]
     assert st.status == "SUCCESS" and st.url.endswith(".wav")
 
@@ -197,3 +186,17 @@ def test_no_pickle_accepted_anywhere(worker: WorkerProc) -> None:
     assert app.conf.accept_content == ["json"] and app.conf.result_accept_content == ["json"]
     assert app.conf.task_serializer == "json" and app.conf.result_serializer == "json"
     app.close()
+
+
+def test_jobs_past_their_deadline_expire_without_the_gpu(client: Client) -> None:
+    import time
+
+    tag = uuid.uuid4().hex[:8]
+    late = client.submit({"text": f"Too late {tag}.", "expires_at": time.time() - 1})
+    short_ttl = client.submit({"text": f"Short lived {tag}.", "ttl_s": 0.001})
+    fine = client.submit({"text": f"In time {tag}.", "ttl_s": 600, "max_tokens": 40})
+    done = client.wait([late, short_ttl, fine], timeout=120)
+    assert [s.status for s in done] == ["EXPIRED", "EXPIRED", "SUCCESS"]
+    assert done[0].error is not None and done[0].error.startswith("JobExpired: deadline passed")
+    # Plain Celery clients see an ended task (a FAILURE), not one that never ends.
+    assert client.app.AsyncResult(late).state == "FAILURE"

@@ -5,29 +5,32 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import redis
 from celery import Celery
+from kombu.utils.functional import retry_over_time
 
 from scheduler.keys import content_key, object_key
-from scheduler.lengths import predicted_steps
-from scheduler.planner import PlanItem, plan_batches
+from scheduler.lengths import MAX_STEPS, predicted_steps
+from scheduler.planner import PlanItem, Policy, next_batch
 from storage import Storage, StorageError
-from tasks.errors import JobFailed, RedeliveryLimit
+from tasks.book import BookTracker
+from tasks.errors import JobExpired, JobFailed, RedeliveryLimit
 from tasks.schema import JobSpec, JobValidationError, parse_job
-from tasks.settings import TASK_NAME, Settings
+from tasks.settings import DEAD_LETTER_KEY, TASK_NAME, Settings
 
 from .audio import wav_bytes, wav_duration
-from .batching import GpuBatches
+from .batching import GpuBatches, Outcome
 from .engine import Engine, SynthRequest
+from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-DEAD_LETTER_KEY = "ttspool:dead"
 _DELIVERIES = "ttspool:deliveries:"
+# Per job: GPU batches it was in that never returned (the worker died or hung in them).
+_STRIKES = "ttspool:strikes:"
 _OBJECTS = "ttspool:objects:"
 _RECORD_TTL = 7 * 86400
 
@@ -37,52 +40,103 @@ class Job:
     id: str
     spec: JobSpec
     kwargs: dict[str, Any]
+    arrived: float = field(default_factory=time.monotonic)  # when this worker took it
+    key: str | None = None  # content key, once normalized
+    request: SynthRequest | None = None
+    cache_checked: bool = False
+    suspect: bool = False  # was in a GPU batch that never returned: runs alone
 
 
 @dataclass
 class Work:
-    """One synthesis: every job with the same content key shares it."""
+    """One synthesis: every held job with the same content key shares it."""
 
     key: str
     request: SynthRequest
-    priority: str
     jobs: list[Job] = field(default_factory=list)
+
+    def plan_item(self, clock_offset: float) -> PlanItem["Work"]:
+        """`clock_offset` turns Unix time into the monotonic clock `arrived` is on."""
+        r = self.request
+        realtime = any(j.spec.priority == "realtime" for j in self.jobs)
+        # The work expires only when every job sharing it has (a job without a
+        # deadline still wants the audio, so the others get it at no extra cost).
+        deadlines = [j.spec.deadline() for j in self.jobs]
+        deadline = None if None in deadlines else max(d for d in deadlines if d is not None) + clock_offset
+        return PlanItem(self, predicted_steps(r.text, r.speed, r.max_tokens),
+                        "realtime" if realtime else "bulk", min(j.arrived for j in self.jobs), deadline)
 
 
 class BatchRunner:
-    def __init__(self, app: Celery, engine: Engine, storage: Storage, settings: Settings) -> None:
+    """The batch function: sees every job the worker holds, runs at most one GPU batch.
+
+    Stateful across calls only as a cache: a job admitted once (validated, delivery
+    counted, normalized) is not admitted again while the worker holds its message.
+    """
+
+    def __init__(self, app: Celery, engine: Engine, storage: Storage, settings: Settings,
+                 metrics: Metrics | None = None) -> None:
         self.app = app
         self.engine = engine
         self.storage = storage
         self.settings = settings
+        self.metrics = metrics if metrics is not None else Metrics()
         self.redis = redis.Redis.from_url(settings.broker_url, socket_timeout=10, socket_connect_timeout=5)
-        # Upper bound on the steps one GPU batch may hold (sum of predicted lengths).
-        self.token_budget = settings.max_batch * 1024
+        self.books = BookTracker(app, self.redis)
+        self.policy = Policy(
+            max_batch=settings.max_batch,
+            # Steps one GPU batch may hold (sum of predicted lengths): half the rows at
+            # the longest length, so a batch of long jobs stays within memory.
+            token_budget=max(MAX_STEPS, settings.max_batch * MAX_STEPS // 2),
+            max_wait_s=settings.max_wait_ms / 1000.0,
+            aging_s=settings.aging_ms / 1000.0,
+        )
+        self._jobs: dict[str, Job] = {}
 
     # -- results ------------------------------------------------------------------
 
     def _fail(self, job_id: str, exc: Exception) -> None:
         log.info("job %s failed: %s", job_id, exc)
         self.app.backend.mark_as_failure(job_id, exc)
+        self.books.job_finished(job_id, error=f"{type(exc).__name__}: {exc}")
+        self.metrics.job_failed(exc)
 
     def _succeed(self, job: Job, record: dict[str, Any], cached: bool) -> None:
         self.app.backend.mark_as_done(
             job.id, {"id": job.id, "status": "SUCCESS", **record, "cached": cached}
         )
+        self.books.job_finished(job.id, duration_s=record["duration_s"])
+        self.metrics.job_succeeded(job.spec, cached)
 
     # -- the batch ----------------------------------------------------------------
 
-    def __call__(self, requests: Sequence[Any]) -> set[str]:
-        """Run one flush; return the ids to requeue (their messages are not acked)."""
-        jobs = self._admit(requests)
-        unfinished: set[str] = set()
-        if jobs:
-            self._run(jobs, unfinished)
-        if unfinished:
-            log.warning("requeueing %d unfinished job(s)", len(unfinished))
-        return unfinished
+    def __call__(self, requests: Sequence[Any]) -> Outcome:
+        """Called with every held request; returns which are finished or to requeue."""
+        out = Outcome()
+        held = {r.id for r in requests}
+        self._jobs = {k: v for k, v in self._jobs.items() if k in held}
+        try:
+            new = [r for r in requests if r.id not in self._jobs]
+            for job in self._admit(new, out):
+                self._jobs[job.id] = job
+            works = self._group(out)
+            # Storage is asked once per job, not on every scheduler tick.
+            fresh = [w for w in works if all(j.cache_checked for j in w.jobs) or not self._serve_cached(w, out)]
+            now = time.monotonic()
+            offset = now - time.time()
+            decision = next_batch([w.plan_item(offset) for w in fresh], now, self.policy)
+            for item in decision.expired:
+                self._expire(item.payload, now, out)
+            if decision.batch:
+                self._run(_isolate_suspects([item.payload for item in decision.batch]), out)
+        finally:
+            for job_id in out.finished | out.requeue:
+                self._jobs.pop(job_id, None)
+        if out.requeue:
+            log.warning("requeueing %d unfinished job(s)", len(out.requeue))
+        return out
 
-    def _admit(self, requests: Sequence[Any]) -> list[Job]:
+    def _admit(self, requests: Sequence[Any], out: Outcome) -> list[Job]:
         """Validate every message; count deliveries; a bad one fails alone."""
         jobs: list[Job] = []
         for req in requests:
@@ -92,6 +146,7 @@ class BatchRunner:
                 spec = parse_job(req.kwargs)
             except JobValidationError as err:
                 self._fail(req.id, err)
+                out.finished.add(req.id)
                 continue
             jobs.append(Job(req.id, spec, dict(req.kwargs)))
         if not jobs:
@@ -100,72 +155,126 @@ class BatchRunner:
         for job in jobs:
             pipe.incr(_DELIVERIES + job.id)
             pipe.expire(_DELIVERIES + job.id, _RECORD_TTL)
-        counts = pipe.execute()[::2]
+            pipe.get(_STRIKES + job.id)
+        replies = pipe.execute()
         admitted = []
-        for job, count in zip(jobs, counts):
-            if count > self.settings.max_deliveries:
+        for job, count, raw_strikes in zip(jobs, replies[::3], replies[2::3]):
+            strikes = int(raw_strikes or 0)
+            if count > 1 and self._has_result(job.id):
+                # Redelivered after its result was recorded (the worker died or Redis
+                # restarted before the ack): report it once, do not run it again.
+                out.finished.add(job.id)
+            elif strikes >= self.settings.max_deliveries:
+                # Counted in GPU batches that never returned, not in deliveries: jobs that
+                # only shared a batch (or a buffer) with a crashing job are not blamed.
                 reason = RedeliveryLimit(
-                    f"job was delivered {count} times without finishing (limit "
-                    f"{self.settings.max_deliveries}); moved to {DEAD_LETTER_KEY}"
+                    f"job was in {strikes} GPU batches that never finished (the worker died "
+                    f"or hung each time; limit {self.settings.max_deliveries}); moved to {DEAD_LETTER_KEY}"
                 )
                 self.redis.lpush(DEAD_LETTER_KEY, json.dumps({"id": job.id, "kwargs": job.kwargs, "reason": str(reason), "at": time.time()}))
                 self._fail(job.id, reason)
+                out.finished.add(job.id)
             else:
+                job.suspect = strikes > 0
                 self.app.backend.store_result(job.id, {"id": job.id}, "STARTED")
                 admitted.append(job)
         return admitted
 
-    def _run(self, jobs: list[Job], unfinished: set[str]) -> None:
-        works: dict[str, Work] = {}
-        for job in jobs:
-            s = job.spec
-            try:
-                text = self.engine.normalize(s.text)
-                if not text.strip():
-                    raise JobFailed("text is empty after normalization (no speakable characters)")
-                if isinstance(s.voice, str):
-                    self.engine.speaker(s.voice)
-            except (JobFailed, ValueError) as err:
-                self._fail(job.id, err if isinstance(err, JobFailed) else JobFailed(str(err)))
-                continue
-            key = object_key(content_key(self.engine.model_id, text, s.sampling_params()))
-            if key not in works:
-                req = SynthRequest(text=text, voice=s.voice, seed=s.seed, speed=s.speed,
-                                   temperature=float(s.temperature), top_p=float(s.top_p),
-                                   top_k=s.top_k, max_tokens=s.max_tokens)
-                works[key] = Work(key, req, s.priority)
-            elif s.priority == "realtime":
-                works[key].priority = "realtime"
-            works[key].jobs.append(job)
+    def _has_result(self, job_id: str) -> bool:
+        return self.app.backend.get_task_meta(job_id).get("status") in ("SUCCESS", "FAILURE")
 
-        fresh = [w for w in works.values() if not self._serve_cached(w)]
-        items = [PlanItem(w, predicted_steps(w.request.text, w.request.speed, w.request.max_tokens), w.priority) for w in fresh]
-        for batch in plan_batches(items, self.settings.max_batch, self.token_budget):
-            results = self.engine.generate([i.payload.request for i in batch])
-            for item, res in zip(batch, results, strict=True):
-                work = item.payload
-                if res.audio is None:
-                    for job in work.jobs:
-                        self._fail(job.id, JobFailed(res.error or "synthesis failed"))
-                    continue
+    def _strike(self, batch: list[Work], n: int) -> None:
+        pipe = self.redis.pipeline()
+        for job in (j for w in batch for j in w.jobs):
+            pipe.incrby(_STRIKES + job.id, n)
+            pipe.expire(_STRIKES + job.id, _RECORD_TTL)
+        pipe.execute()
+
+    def _expire(self, work: Work, now: float, out: Outcome) -> None:
+        """Past its deadline: nobody waits for it any more, so it ends without the GPU."""
+        for job in work.jobs:
+            self._fail(job.id, JobExpired(f"deadline passed before the job could run (held {now - job.arrived:.1f} s)"))
+            out.finished.add(job.id)
+
+    def _group(self, out: Outcome) -> list[Work]:
+        """Normalize each held job (once) and merge jobs with the same content key."""
+        works: dict[str, Work] = {}
+        for job in self._jobs.values():
+            if job.id in out.finished:
+                continue
+            if job.key is None or job.request is None:
+                s = job.spec
                 try:
-                    record = self._store(work.key, res.audio)
-                except StorageError as err:
-                    log.warning("upload failed, will retry: %s", err)
-                    unfinished.update(job.id for job in work.jobs)
+                    text = self.engine.normalize(s.text)
+                    if not text.strip():
+                        raise JobFailed("text is empty after normalization (no speakable characters)", reason="empty_text")
+                    if isinstance(s.voice, str):
+                        self.engine.speaker(s.voice)
+                except (JobFailed, ValueError) as err:
+                    self._fail(job.id, err if isinstance(err, JobFailed) else JobFailed(str(err), reason="voice"))
+                    out.finished.add(job.id)
                     continue
+                job.key = object_key(content_key(self.engine.model_id, text, s.sampling_params()))
+                job.request = SynthRequest(text=text, voice=s.voice, seed=s.seed, speed=s.speed,
+                                           temperature=float(s.temperature), top_p=float(s.top_p),
+                                           top_k=s.top_k, max_tokens=s.max_tokens)
+            works.setdefault(job.key, Work(job.key, job.request)).jobs.append(job)
+        return list(works.values())
+
+    def _run(self, batch: list[Work], out: Outcome) -> None:
+        # A strike for every job in the GPU batch, taken back when the batch returns:
+        # only a batch the worker dies (or hangs past the visibility timeout) in leaves one.
+        self._strike(batch, 1)
+        timer = self.metrics.batch_started([j.spec for w in batch for j in w.jobs])
+        results = self.engine.generate([w.request for w in batch])
+        timer.generated(results, self.engine.sample_rate)
+        self._strike(batch, -1)
+        for work, res in zip(batch, results, strict=True):
+            ids = {job.id for job in work.jobs}
+            if res.audio is None:
                 for job in work.jobs:
-                    self._succeed(job, record, cached=False)
+                    self._fail(job.id, JobFailed(res.error or "synthesis failed"))
+                out.finished |= ids
+                continue
+            try:
+                record = self._store_patiently(work.key, res.audio)
+            except StorageError as err:
+                log.warning("upload failed, will retry: %s", err)
+                out.requeue |= ids
+                continue
+            for job in work.jobs:
+                self._succeed(job, record, cached=False)
+            out.finished |= ids
+        timer.finished()
+
+    def _store_patiently(self, key: str, audio: Any) -> dict[str, Any]:
+        """Upload, retrying with growing pauses for up to upload_retry_s: a storage outage
+        then costs time instead of a requeue and a second synthesis of the same audio."""
+
+        def pause(err: Exception, intervals: Iterator[float], retries: int) -> float:
+            wait = next(intervals)
+            log.warning("upload failed (try %d), retrying in %.0f s: %s", retries + 1, wait, err)
+            return wait
+
+        budget = self.settings.upload_retry_s
+        record: dict[str, Any] = retry_over_time(
+            self._store, StorageError, (key, audio), errback=pause, max_retries=None if budget else 0,
+            interval_start=1, interval_step=2, interval_max=10, timeout=budget,
+        )
+        return record
 
     def _store(self, key: str, audio: Any) -> dict[str, Any]:
         sr = self.engine.sample_rate
-        url = self.storage.put_bytes(key, wav_bytes(audio, sr), "audio/wav")
+        with self.metrics.upload_seconds.time():
+            url = self.storage.put_bytes(key, wav_bytes(audio, sr), "audio/wav")
         record = {"url": url, "key": key, "duration_s": round(len(audio) / sr, 6), "sample_rate": sr}
         self.redis.set(_OBJECTS + key, json.dumps(record), ex=_RECORD_TTL)
         return record
 
-    def _serve_cached(self, work: Work) -> bool:
+    def _serve_cached(self, work: Work, out: Outcome) -> bool:
         """Serve from storage when this exact output exists already (no GPU)."""
+        for job in work.jobs:
+            job.cache_checked = True
         raw = self.redis.get(_OBJECTS + work.key)
         try:
             if raw is not None:
@@ -183,7 +292,15 @@ class BatchRunner:
             return False
         for job in work.jobs:
             self._succeed(job, record, cached=True)
+            out.finished.add(job.id)
         return True
+
+
+def _isolate_suspects(batch: list[Work]) -> list[Work]:
+    """A suspect runs alone; the rest of the batch waits for the next tick. A job that
+    kills the worker then takes no batch-mates with it again, and its strikes grow."""
+    suspects = [w for w in batch if any(j.suspect for j in w.jobs)]
+    return suspects[:1] or batch
 
 
 def register(app: Celery, runner: BatchRunner, settings: Settings) -> None:
@@ -193,7 +310,8 @@ def register(app: Celery, runner: BatchRunner, settings: Settings) -> None:
         bind=False,
         acks_late=True,
         flush_every=settings.max_batch,
-        flush_interval=max(settings.max_wait_ms, 10) / 1000.0,
+        # The scheduler's clock: held jobs are looked at again on every tick.
+        flush_interval=max(10, min(settings.max_wait_ms, 50)) / 1000.0,
     )
-    def synthesize(requests: Sequence[Any]) -> set[str]:
+    def synthesize(requests: Sequence[Any]) -> Outcome:
         return runner(requests)

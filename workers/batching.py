@@ -1,44 +1,97 @@
-"""celery-batches with one batch in flight at a time.
+"""celery-batches with one GPU batch in flight and a scheduler-visible window of jobs.
 
-Stock celery-batches flushes its buffer on every `flush_interval` tick and hands each
-flush to the pool. With one GPU thread, flushes taken while a batch runs would queue as
-many tiny batches. Here a flush is skipped while a batch runs; the buffer keeps filling
-(bounded by the prefetch limit), and the scheduler splits the next flush into GPU
-batches. Messages are acked only after the batch function returns, which it does only
-once every job in it has a recorded result. The batch function returns the ids of
-the jobs it could not finish (e.g. storage down); those messages are rejected with
-requeue instead of acked. If it raises, every message is requeued: a job is never
-acked without a result.
+Stock celery-batches hands every flush of its buffer to the pool and acks all of it
+when the batch function returns. Here:
+- a flush is skipped while a batch runs (with one GPU thread, flushes taken meanwhile
+  would queue up as many tiny batches); the buffer keeps filling, bounded by the
+  prefetch limit;
+- the batch function sees every job this worker holds (newly buffered plus those held
+  over from earlier flushes), runs at most one GPU batch, and says which jobs are
+  finished (acked) and which must go back to the queue (rejected with requeue); the
+  rest stay held, unacked, for the next flush. So the scheduler chooses each GPU batch
+  from the whole window: realtime jobs that arrive while a bulk batch runs go next,
+  and a job waits for company at most `max_wait_ms`;
+- if the batch function raises, every held message is requeued: a job is never acked
+  without a recorded result.
 """
 
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass, field
 from typing import Any, Collection
 
-from celery_batches import Batches, SimpleRequest, apply_batches_task
+from celery.exceptions import InvalidTaskError
+from celery_batches import Batches, SimpleRequest, apply_batches_task, consume_queue
+
+
+@dataclass
+class Outcome:
+    finished: set[str] = field(default_factory=set)  # result recorded: ack
+    requeue: set[str] = field(default_factory=set)  # not done, give back to the broker
 
 
 class GpuBatches(Batches):
     def __init__(self) -> None:
         super().__init__()
         self._inflight = threading.Event()
+        self._held: dict[str, Any] = {}
+
+    def Strategy(self, task: Any, app: Any, consumer: Any) -> Any:  # noqa: N802 - Celery's name
+        # Celery calls this again when the consumer restarts after a lost broker
+        # connection. Requests from the old connection cannot be acked any more (their
+        # messages come back through Redis), and stock celery-batches would keep its
+        # dead flush timer, so nothing held would ever be flushed again.
+        self._held.clear()
+        for stale in (self._buffer, self._pending):
+            list(consume_queue(stale))
+        if self._tref is not None:
+            self._tref.cancel()
+            self._tref = None
+        handler = super().Strategy(task, app, consumer)
+
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            # A JSON body that is not [args, kwargs, embed] fails while Celery builds its
+            # Request, with an error Celery treats as fatal to the whole worker. As an
+            # InvalidTaskError it is rejected and recorded (workers.consumer) instead.
+            try:
+                return handler(*args, **kwargs)
+            except (ValueError, TypeError) as exc:
+                raise InvalidTaskError(f"message body is not [args, kwargs, embed] ({exc})") from exc
+
+        return checked
 
     def _do_flush(self) -> None:
         if self._inflight.is_set():
+            return
+        if self._buffer.empty() and self._held:
+            # Stock _do_flush would see nothing to do and stop the timer.
+            self.flush([])
             return
         super()._do_flush()
 
     def flush(self, requests: Collection[Any]) -> Any:
         self._inflight.set()
-        simple = ([SimpleRequest.from_request(r) for r in requests],)
+        for req in requests:
+            old = self._held.get(req.id)
+            if old is not None and old is not req:
+                # A second delivery of a held job (Redis put it back after the visibility
+                # timeout): the new one stands in; acking the old frees its prefetch slot.
+                old.acknowledge()
+            self._held[req.id] = req
+        held = list(self._held.values())
+        simple = ([SimpleRequest.from_request(r) for r in held],)
 
-        def on_return(unfinished: Any) -> None:
+        def on_return(outcome: Outcome | None) -> None:
             try:
-                for req in requests:
-                    if unfinished is None or req.id in unfinished:
+                for req in held:
+                    if self._held.get(req.id) is not req:
+                        continue  # replaced by a newer delivery, or gone with its connection
+                    if outcome is None or req.id in outcome.requeue:
+                        self._held.pop(req.id, None)
                         req.reject(requeue=True)
-                    else:
+                    elif req.id in outcome.finished:
+                        self._held.pop(req.id, None)
                         req.acknowledge()
             finally:
                 self._inflight.clear()

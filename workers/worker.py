@@ -8,10 +8,11 @@ import socket
 
 from storage import open_storage
 from tasks.app import make_app
-from tasks.settings import QUEUES, Settings, redact_url
+from tasks.settings import WORKER_QUEUES, Settings, redact_url
 
-from . import batch_task
+from . import batch_task, books
 from .engine import Engine
+from .metrics import Metrics, serve as serve_metrics
 
 log = logging.getLogger(__name__)
 
@@ -20,16 +21,24 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
     logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.info("broker %s, storage %s, model %s", redact_url(settings.broker_url), settings.storage_url, settings.model)
     storage = open_storage(settings.storage_url, s3_endpoint_url=settings.s3_endpoint_url)
+    # Up before the model loads, so /healthz says 'not ready' instead of nothing.
+    metrics = Metrics()
+    serve_metrics(metrics, settings)
     # The model loads and warms up before the worker takes its first message. The
     # threads pool never forks, so CUDA is initialized in this one process only.
-    engine = Engine(settings.model, settings.model_dir, settings.device, settings.dtype).load()
+    engine = Engine(settings.model, settings.model_dir, settings.device, settings.dtype, settings.compile).load()
+    metrics.engine_ready(engine)
     app = make_app(settings, worker_consumer="workers.consumer:Consumer")
-    runner = batch_task.BatchRunner(app, engine, storage, settings)
+    # kombu's Redis transport, except that a queue item that is not a message is skipped
+    # instead of stopping the worker (workers/transport.py).
+    app.conf.broker_transport = "workers.transport:Transport"
+    runner = batch_task.BatchRunner(app, engine, storage, settings, metrics)
     batch_task.register(app, runner, settings)
+    books.register(app, storage, runner.redis)
     worker = app.Worker(
         pool="threads",
         concurrency=1,
-        queues=list(QUEUES),
+        queues=list(WORKER_QUEUES),
         loglevel=loglevel,
         hostname=f"ttspool-{socket.gethostname()}-{os.getpid()}",
         without_gossip=True,
