@@ -23,13 +23,15 @@ from .lengths import STEPS_PER_SECOND, predicted_steps
 DEFAULT_MAX_SECONDS = 30.0
 DEFAULT_MAX_STEPS = round(DEFAULT_MAX_SECONDS * STEPS_PER_SECOND)
 
-_CLOSERS = "\"'”’」』》】）)\\]"
+# Closing quotes and brackets stay with the sentence they end. An ASCII quote right
+# before a letter or digit opens the next word instead ("，'Hello").
+_CLOSERS = "(?:[”’」』》】）)\\]]|[\"'](?![^\\W_]))*"
 _SENTENCE_END = re.compile(
-    rf"[。！？；…]+[{_CLOSERS}]*\s*"  # CJK ends need no space after them
-    rf"|[.!?;]+[{_CLOSERS}]*(?:\s+|$)"  # Latin ends only before a space: "3.14", "a.b" stay whole
+    rf"[。！？；…]+{_CLOSERS}\s*"  # CJK ends need no space after them
+    rf"|[.!?;]+{_CLOSERS}(?:\s+|$)"  # Latin ends only before a space: "3.14", "a.b" stay whole
     r"|\n[^\S\n]*\n\s*"  # a paragraph break
 )
-_CLAUSE_END = re.compile(rf"[，、：]+[{_CLOSERS}]*\s*|[,:]+[{_CLOSERS}]*\s+|\s[-–—]+\s+")
+_CLAUSE_END = re.compile(rf"[，、：]+{_CLOSERS}\s*|[,:]+{_CLOSERS}\s+|\s[-–—]+\s+")
 
 
 @dataclass(frozen=True)
