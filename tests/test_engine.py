@@ -84,7 +84,11 @@ def test_keeping_finished_rows_changes_only_the_cost(engine: Engine) -> None:
     reqs = [_req(engine, SHORT, voice=3, seed=11), _req(engine, LONG, voice=4, seed=12, top_k=2),
             _req(engine, LONG[:60], voice=5, seed=13, temperature=1.2)]
     dropped = engine.generate(reqs)
+    dropped_work = engine.last_row_steps
     kept = engine.generate(reqs, keep_finished=True)
+    longest = max(o.steps for o in dropped)
+    # Finished rows leave the batch: the work is each row's own length, not rows x longest.
+    assert dropped_work == sum(o.steps for o in dropped) < len(reqs) * longest == engine.last_row_steps
     for d, k in zip(dropped, kept):
         assert d.steps == k.steps
         assert np.array_equal(d.codes, k.codes)

@@ -43,6 +43,7 @@ class Job:
     arrived: float = field(default_factory=time.monotonic)  # when this worker took it
     key: str | None = None  # content key, once normalized
     request: SynthRequest | None = None
+    steps: int = 0  # predicted GPT steps, once normalized
     cache_checked: bool = False
     suspect: bool = False  # was in a GPU batch that never returned: runs alone
 
@@ -57,13 +58,12 @@ class Work:
 
     def plan_item(self, clock_offset: float) -> PlanItem["Work"]:
         """`clock_offset` turns Unix time into the monotonic clock `arrived` is on."""
-        r = self.request
         realtime = any(j.spec.priority == "realtime" for j in self.jobs)
         # The work expires only when every job sharing it has (a job without a
         # deadline still wants the audio, so the others get it at no extra cost).
         deadlines = [j.spec.deadline() for j in self.jobs]
         deadline = None if None in deadlines else max(d for d in deadlines if d is not None) + clock_offset
-        return PlanItem(self, predicted_steps(r.text, r.speed, r.max_tokens),
+        return PlanItem(self, self.jobs[0].steps,
                         "realtime" if realtime else "bulk", min(j.arrived for j in self.jobs), deadline)
 
 
@@ -218,6 +218,8 @@ class BatchRunner:
                 job.request = SynthRequest(text=text, voice=s.voice, seed=s.seed, speed=s.speed,
                                            temperature=float(s.temperature), top_p=float(s.top_p),
                                            top_k=s.top_k, max_tokens=s.max_tokens)
+                # Predicted once: the scheduler asks for it on every tick.
+                job.steps = predicted_steps(text, s.speed, s.max_tokens)
             works.setdefault(job.key, Work(job.key, job.request)).jobs.append(job)
         return list(works.values())
 

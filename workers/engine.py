@@ -94,6 +94,8 @@ class Engine:
         self.assets: ModelAssets | None = None
         self.load_seconds = 0.0
         self.warmup_seconds = 0.0
+        # GPT row-steps the last batch computed: what dropping finished rows saves.
+        self.last_row_steps = 0
 
     @property
     def model_id(self) -> str:
@@ -233,7 +235,9 @@ class Engine:
 
         cache, hidden = self._prefill(emb, mask, pos, [len(p) for p in prompts])
         pos = pos[:, -1:]
+        self.last_row_steps = 0
         for step in range(max_steps):
+            self.last_row_steps += int(alive.numel())
             hid_buf[alive, step] = hidden
             logits = torch.einsum("bh,qvh->bqv", hidden, self.head_w).float()
             # Never end on the first step (ChatTTS' ensure_non_empty), never end a
