@@ -14,7 +14,10 @@ Contract (checked by property tests):
   one (if any realtime item is left out, no un-aged bulk item is in);
 - among items of the same rank, the batch is built around the oldest one, with the
   items closest to it in predicted length (length buckets): rows of a batch finish
-  together and decode at similar lengths.
+  together and decode at similar lengths;
+- an item marked `alone` (it was in a batch the worker died in) runs in a batch of
+  its own, when it is the oldest of the best rank: if it kills the worker again it
+  takes no batch-mates with it.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class PlanItem(Generic[T]):
     priority: str = "bulk"
     arrived: float = 0.0  # when the worker received it (any monotonic clock, seconds)
     deadline: float | None = None  # on the same clock as `arrived`
+    alone: bool = False  # must not share a batch
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,12 @@ def next_batch(items: Sequence[PlanItem[T]], now: float, policy: Policy) -> Deci
             anchor = min(group, key=lambda i: (i.arrived, i.steps))
             batch, used = [anchor], anchor.steps
             group = [i for i in group if i is not anchor]
+            if anchor.alone:
+                left_out = True
+                break
+        if any(i.alone for i in group):
+            left_out = True  # they run later, alone: no reason to wait for them
+            group = [i for i in group if not i.alone]
         # Closest in predicted length first (log scale: 100 vs 200 steps is as far
         # apart as 1000 vs 2000), oldest first among equals.
         group.sort(key=lambda i: (abs(math.log(max(i.steps, 1) / max(batch[0].steps, 1))), i.arrived))

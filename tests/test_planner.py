@@ -21,6 +21,7 @@ class Arrival:
     steps: int
     priority: str
     ttl: float | None
+    alone: bool = False
 
 
 arrivals = st.lists(
@@ -30,6 +31,7 @@ arrivals = st.lists(
         steps=st.integers(1, 2048),
         priority=st.sampled_from(["realtime", "bulk"]),
         ttl=st.one_of(st.none(), st.floats(0.01, 20, allow_nan=False)),
+        alone=st.sampled_from([False] * 9 + [True]),
     ),
     max_size=120,
 )
@@ -45,7 +47,7 @@ policies = st.builds(
 def simulate(jobs: list[Arrival], policy: Policy, seconds_per_step: float) -> None:
     """A worker's life on a simulated clock: jobs arrive, the GPU asks for a batch when
     free, a batch takes time proportional to its longest row. Checks every decision."""
-    items = [PlanItem(i, a.steps, a.priority, a.at, None if a.ttl is None else a.at + a.ttl)
+    items = [PlanItem(i, a.steps, a.priority, a.at, None if a.ttl is None else a.at + a.ttl, a.alone)
              for i, a in enumerate(jobs)]
     upcoming = sorted(items, key=lambda it: it.arrived)
     held: list[PlanItem[int]] = []
@@ -66,6 +68,7 @@ def simulate(jobs: list[Arrival], policy: Policy, seconds_per_step: float) -> No
             assert len(d.batch) <= policy.max_batch
             assert len(d.batch) == 1 or sum(i.steps for i in d.batch) <= policy.token_budget
             assert len({id(i) for i in d.batch}) == len(d.batch)
+            assert len(d.batch) == 1 or not any(i.alone for i in d.batch), "an alone item shared a batch"
             left = [i for i in held if i not in d.batch and i not in d.expired]
             # No un-aged bulk item rides while a realtime item is left behind.
             if any(i.priority == "realtime" for i in left):
@@ -157,6 +160,17 @@ def test_oversized_item_runs_alone_and_expired_items_never_run() -> None:
     assert [i.payload for i in d.batch] == ["big"]
     assert [i.payload for i in d.expired] == ["late"]
     assert next_batch([], now=0.0, policy=policy).batch == []
+
+
+def test_alone_items_run_by_themselves_in_their_turn() -> None:
+    policy = Policy(max_batch=8, token_budget=10_000, max_wait_s=1.0)
+    items = [PlanItem("a", 100, "bulk", 1.0), PlanItem("suspect", 100, "bulk", 2.0, alone=True),
+             PlanItem("b", 100, "bulk", 3.0)]
+    # The suspect is not the oldest: the others go first, at once (no waiting for it).
+    assert [i.payload for i in next_batch(items, 3.0, policy).batch] == ["a", "b"]
+    assert [i.payload for i in next_batch(items[1:2], 3.0, policy).batch] == ["suspect"]
+    older = [PlanItem("suspect", 100, "bulk", 0.0, alone=True), *items[::2]]
+    assert [i.payload for i in next_batch(older, 3.0, policy).batch] == ["suspect"]
 
 
 @pytest.mark.parametrize("kwargs", [dict(max_batch=0, token_budget=100), dict(max_batch=4, token_budget=0),

@@ -45,7 +45,7 @@ class Job:
     request: SynthRequest | None = None
     steps: int = 0  # predicted GPT steps, once normalized
     cache_checked: bool = False
-    suspect: bool = False  # was in a GPU batch that never returned: runs alone
+    suspect: bool = False  # was in a GPU batch that never returned: runs alone (planner)
 
 
 @dataclass
@@ -63,8 +63,8 @@ class Work:
         # deadline still wants the audio, so the others get it at no extra cost).
         deadlines = [j.spec.deadline() for j in self.jobs]
         deadline = None if None in deadlines else max(d for d in deadlines if d is not None) + clock_offset
-        return PlanItem(self, self.jobs[0].steps,
-                        "realtime" if realtime else "bulk", min(j.arrived for j in self.jobs), deadline)
+        return PlanItem(self, self.jobs[0].steps, "realtime" if realtime else "bulk",
+                        min(j.arrived for j in self.jobs), deadline, alone=any(j.suspect for j in self.jobs))
 
 
 class BatchRunner:
@@ -128,7 +128,7 @@ class BatchRunner:
             for item in decision.expired:
                 self._expire(item.payload, now, out)
             if decision.batch:
-                self._run(_isolate_suspects([item.payload for item in decision.batch]), out)
+                self._run([item.payload for item in decision.batch], out)
         finally:
             for job_id in out.finished | out.requeue:
                 self._jobs.pop(job_id, None)
@@ -296,13 +296,6 @@ class BatchRunner:
             self._succeed(job, record, cached=True)
             out.finished.add(job.id)
         return True
-
-
-def _isolate_suspects(batch: list[Work]) -> list[Work]:
-    """A suspect runs alone; the rest of the batch waits for the next tick. A job that
-    kills the worker then takes no batch-mates with it again, and its strikes grow."""
-    suspects = [w for w in batch if any(j.suspect for j in w.jobs)]
-    return suspects[:1] or batch
 
 
 def register(app: Celery, runner: BatchRunner, settings: Settings) -> None:
