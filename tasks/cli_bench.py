@@ -29,6 +29,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--jobs", type=int, default=32, help="jobs in the set (default 32)")
     p.add_argument("--batch-sizes", type=_sizes, default=[1, 8, 32], help="comma-separated (default 1,8,32)")
     p.add_argument("--no-keep-rows", action="store_true", help="skip the run with finished rows kept")
+    p.add_argument("--no-refill", action="store_true", help="skip the run with ended rows replaced from the backlog")
     p.add_argument("--json-out", type=Path, help="write the results as JSON")
     p.add_argument("--plot", type=Path, help="write a PNG bar chart")
     p.set_defaults(handler=_bench)
@@ -52,7 +53,7 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
     def progress(run: Run) -> None:
         console.log(f"{run.name}: {run.audio_s_per_s:.2f} audio s/s in {run.wall_s:.1f} s")
 
-    result = bench(engine, args.jobs, args.batch_sizes, not args.no_keep_rows, on_run=progress)
+    result = bench(engine, args.jobs, args.batch_sizes, not args.no_keep_rows, not args.no_refill, on_run=progress)
     m, j = result["machine"], result["jobs"]
     table = Table(title=f"{m['model']} on {m.get('gpu', m['device'])} ({m['dtype']}, {m['threads']} threads): "
                         f"{j['count']} jobs, {j['min_steps']}-{j['max_steps']} steps, {j['voices']} voices")

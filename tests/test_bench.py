@@ -23,7 +23,7 @@ def test_bench_writes_table_json_and_plot(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     assert result["baseline"]["audio_s_per_s"] > 0 and result["baseline"]["ratio_to_baseline"] == 1.0
     runs = result["runs"]
-    assert [(r["batch_size"], r["keep_finished"]) for r in runs] == [(1, False), (4, False), (4, True)]
+    assert [(r["batch_size"], r["mode"]) for r in runs] == [(1, "drop"), (4, "drop"), (4, "refill"), (4, "keep")]
     jobs = result["jobs"]
     assert jobs["count"] == 6 and jobs["max_steps"] >= 4 * jobs["min_steps"]  # a 4x spread of lengths
     for r in [result["baseline"], *runs]:

@@ -8,6 +8,7 @@ import lzma
 import numpy as np
 import pybase16384 as b14
 import pytest
+import torch
 
 from scheduler.lengths import predicted_steps, steps_to_samples
 from workers.engine import Engine, SynthRequest
@@ -62,18 +63,19 @@ def test_speaker_string_voice_matches_its_seed(engine: Engine) -> None:
     # A speaker string is what ChatTTS' sample_random_speaker() returns: fp16, LZMA, base16384.
     vec = engine.speaker(4).float().cpu().numpy()
     spk = engine.chat.speaker
-    import torch
-
     raw = (torch.randn(spk.dim, generator=torch.Generator().manual_seed(4), dtype=spk.std.dtype) * spk.std + spk.mean)
     s = b14.encode_to_string(lzma.compress(raw.numpy().tobytes(), format=lzma.FORMAT_RAW,
                                            filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]))
     assert np.allclose(engine.speaker(s).float().cpu().numpy(), vec, atol=1e-6)
 
 
+def _wrong_dim_voice() -> str:
+    return b14.encode_to_string(lzma.compress(np.zeros(7, np.float16).tobytes(), format=lzma.FORMAT_RAW,
+                                              filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]))
+
+
 def test_a_failing_row_fails_alone(engine: Engine) -> None:
-    wrong_dim = b14.encode_to_string(lzma.compress(np.zeros(7, np.float16).tobytes(), format=lzma.FORMAT_RAW,
-                                                   filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]))
-    reqs = [_req(engine, SHORT, seed=1), _req(engine, SHORT, voice=wrong_dim), _req(engine, LONG, seed=2)]
+    reqs = [_req(engine, SHORT, seed=1), _req(engine, SHORT, voice=_wrong_dim_voice()), _req(engine, LONG, seed=2)]
     good1, bad, good2 = engine.generate(reqs)
     assert bad.audio is None and "dimensions" in (bad.error or "")
     assert good1.error is None and good2.error is None
@@ -100,3 +102,58 @@ def test_compile_flag_is_refused_without_cuda() -> None:
 
     with pytest.raises(EngineError, match="CUDA"):
         Engine("random-tiny", device="cpu", compile=True)
+
+
+def test_rows_that_end_are_replaced_from_the_backlog(engine: Engine) -> None:
+    # Iteration-level batching: two rows run at a time; whenever one ends, the next
+    # job joins the running batch at once, and every job comes out as it would alone.
+    jobs = [_req(engine, LONG, voice=1, seed=21), _req(engine, SHORT, voice=2, seed=22),
+            _req(engine, SHORT + " Again.", voice=3, seed=23, top_k=3),
+            _req(engine, LONG[:80], voice=4, seed=24, temperature=0.9), _req(engine, SHORT, voice=5, seed=25)]
+    backlog = list(jobs[2:])
+    asked: list[int] = []
+
+    def refill(free: int) -> list[SynthRequest]:
+        asked.append(free)
+        taken = backlog[:1]
+        del backlog[:1]
+        return taken
+
+    got = dict(engine.stream(jobs[:2], refill=refill, max_rows=2))
+    assert sorted(got) == list(range(len(jobs)))
+    # Each refill came while the long first job was still running (one row free).
+    assert asked[:3] == [1, 1, 1]
+    assert engine.last_row_steps == sum(r.steps for r in got.values())
+    alone = engine.generate(jobs)  # a batch of five, no refill
+    for i, job in enumerate(jobs):
+        assert got[i].steps == alone[i].steps == predicted_steps(job.text, job.speed, job.max_tokens)
+        assert np.array_equal(got[i].codes, alone[i].codes)
+        assert np.abs(got[i].audio - alone[i].audio).max() < 1e-3
+
+
+def test_a_failing_refilled_row_fails_alone(engine: Engine) -> None:
+    # The bad voice is found when its row joins the running batch: the rows running
+    # then are retried and end as they would have, the bad one fails alone, and the
+    # stream ends there (what refill did not hand out stays with the caller).
+    later = _req(engine, SHORT, seed=31)
+    backlog = [_req(engine, SHORT, voice=_wrong_dim_voice()), later]
+    first = [_req(engine, LONG, seed=30), _req(engine, SHORT + " Short.", seed=32)]
+
+    def refill(free: int) -> list[SynthRequest]:
+        taken = backlog[:free]
+        del backlog[:free]
+        return taken
+
+    got = dict(engine.stream(first, refill=refill, max_rows=2))
+    assert sorted(got) == [0, 1, 2] and backlog == [later]
+    assert got[2].audio is None and "dimensions" in (got[2].error or "")
+    for i, job in zip([0, 1], first):
+        assert got[i].error is None
+        assert np.array_equal(got[i].codes, engine.generate([job])[0].codes)
+
+
+def test_cpu_engine_turns_the_gpt_linears_around(engine: Engine) -> None:
+    from workers.cpu_linear import RowsLinear
+
+    linears = [m for m in engine.gpt.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(isinstance(m, RowsLinear) for m in linears)

@@ -235,6 +235,17 @@ def test_repetition_penalty_is_per_row() -> None:
     assert torch.allclose(out, _t([[[1, 1, 0.8, 1]], [[1, 1, 1, 0.8]]]))
 
 
+def test_repetition_penalty_counts_only_valid_history() -> None:
+    # A row early in its generation has fewer past codes than the window: the slots
+    # before its first step hold whatever was there and must not count.
+    logits = torch.randn(2, HEADS, VOCAB, generator=torch.Generator().manual_seed(8))
+    history = torch.randint(0, VOCAB, (2, 16, HEADS), generator=torch.Generator().manual_seed(9))
+    valid = torch.arange(16).unsqueeze(0).expand(2, -1) >= torch.tensor([[10], [0]])
+    out = repetition_penalty(logits, history, 1.3, valid)
+    assert torch.equal(out[0], repetition_penalty(logits[:1], history[:1, 10:], 1.3)[0])
+    assert torch.equal(out[1], repetition_penalty(logits[1:], history[1:], 1.3)[0])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_sample_identical_on_cpu_and_cuda() -> None:
     gen = torch.Generator().manual_seed(7)

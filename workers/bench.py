@@ -4,8 +4,10 @@ One process, one set of loaded modules, one set of jobs (mixed lengths and voice
 so every ratio compares runs made minutes apart on the same machine. The baseline is
 what a one-request-at-a-time ChatTTS server does: `Chat.infer` for each job in turn.
 ttspool's engine then runs the same jobs at each batch size, batches chosen by the
-real scheduler policy. At the largest batch size it also runs with finished rows kept
-until the longest row ends (static batching) to show what dropping them saves.
+real scheduler policy, finished rows leaving their batch. At the largest batch size it
+also runs with rows that end replaced at once from the backlog (iteration-level
+batching, "refill"), and with finished rows kept until the longest row ends (static
+batching, "keep") to show what dropping them saves.
 
 Random-weight models never end a row by themselves, so every job's length is fixed by
 its text (the engine does this for random models; the baseline gets it as
@@ -20,15 +22,16 @@ import platform
 import random
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from scheduler.lengths import predicted_steps
 from scheduler.planner import PlanItem, Policy, next_batch
 
+from .cpu_linear import stock_linears
 from .engine import Engine, SynthRequest
 
 _WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike "
@@ -39,7 +42,7 @@ _WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo l
 class Run:
     name: str
     batch_size: int
-    keep_finished: bool
+    mode: str  # "drop", "refill" or "keep": see run_engine
     wall_s: float
     audio_s: float
     steps: int
@@ -107,7 +110,7 @@ class PeakRss:
         self.peak = max(self.peak, self.rss())
 
 
-def _measure(engine: Engine, name: str, batch_size: int, keep: bool, work: Callable[[], tuple[float, int]]) -> Run:
+def _measure(engine: Engine, name: str, batch_size: int, mode: str, work: Callable[[], tuple[float, int]]) -> Run:
     cuda = engine.device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
@@ -119,23 +122,33 @@ def _measure(engine: Engine, name: str, batch_size: int, keep: bool, work: Calla
             torch.cuda.synchronize()
         wall = time.perf_counter() - t0
     gpu = int(torch.cuda.max_memory_allocated(engine.device)) if cuda else None
-    return Run(name, batch_size, keep, wall, audio_s, steps, mem.peak, gpu)
+    return Run(name, batch_size, mode, wall, audio_s, steps, mem.peak, gpu)
 
 
-def batches_for(jobs: Sequence[SynthRequest], batch_size: int) -> Iterator[list[SynthRequest]]:
-    """The real scheduler's choices for a backlog of these jobs (all waiting at once)."""
-    policy = Policy(max_batch=batch_size, token_budget=10**9, max_wait_s=0.0)
-    held = [PlanItem(j, predicted_steps(j.text, j.speed, j.max_tokens)) for j in jobs]
-    while held:
-        batch = next_batch(held, 0.0, policy).batch
-        yield [item.payload for item in batch]
-        held = [i for i in held if i not in batch]
+class Backlog:
+    """Every job waiting at once, handed out as the real scheduler policy chooses."""
+
+    def __init__(self, jobs: Sequence[SynthRequest], batch_size: int) -> None:
+        self.policy = Policy(max_batch=batch_size, token_budget=10**9, max_wait_s=0.0)
+        self.held = [PlanItem(j, predicted_steps(j.text, j.speed, j.max_tokens)) for j in jobs]
+
+    def take(self, rows: int) -> list[SynthRequest]:
+        if not self.held:
+            return []
+        chosen = {id(i) for i in next_batch(self.held, 0.0, replace(self.policy, max_batch=rows)).batch}
+        taken = [i.payload for i in self.held if id(i) in chosen]
+        self.held = [i for i in self.held if id(i) not in chosen]
+        return taken
 
 
-def run_engine(engine: Engine, jobs: Sequence[SynthRequest], batch_size: int, keep: bool) -> tuple[float, int]:
+def run_engine(engine: Engine, jobs: Sequence[SynthRequest], batch_size: int, mode: str) -> tuple[float, int]:
+    """mode: "refill" (rows that end are replaced from the backlog at once), "drop"
+    (one batch at a time; rows that end leave it) or "keep" (static batching)."""
+    backlog = Backlog(jobs, batch_size)
     audio_s, steps = 0.0, 0
-    for batch in batches_for(jobs, batch_size):
-        for res in engine.generate(batch, keep_finished=keep):
+    while batch := backlog.take(batch_size):
+        refill = backlog.take if mode == "refill" else None
+        for _, res in engine.stream(batch, refill=refill, max_rows=batch_size, keep_finished=mode == "keep"):
             if res.audio is None:
                 raise RuntimeError(f"benchmark job failed: {res.error}")
             audio_s += len(res.audio) / engine.sample_rate
@@ -177,10 +190,11 @@ def machine_info(engine: Engine) -> dict[str, Any]:
 
 
 def bench(engine: Engine, n_jobs: int, batch_sizes: Sequence[int], keep_rows: bool = True,
-          on_run: Callable[[Run], None] | None = None) -> dict[str, Any]:
+          refill: bool = True, on_run: Callable[[Run], None] | None = None) -> dict[str, Any]:
     jobs = [SynthRequest(**{**asdict(j), "text": engine.normalize(j.text)}) for j in make_jobs(n_jobs)]
     lengths = [engine.target_steps(j) or predicted_steps(j.text, j.speed) for j in jobs]
-    run_baseline(engine, jobs[:1])  # warm the baseline's own code path too
+    with stock_linears(engine.gpt):
+        run_baseline(engine, jobs[:1])  # warm the baseline's own code path too
     runs: list[Run] = []
 
     def record(run: Run) -> None:
@@ -188,13 +202,15 @@ def bench(engine: Engine, n_jobs: int, batch_sizes: Sequence[int], keep_rows: bo
         if on_run:
             on_run(run)
 
-    record(_measure(engine, "baseline: Chat.infer per job", 1, False, lambda: run_baseline(engine, jobs)))
+    with stock_linears(engine.gpt):
+        record(_measure(engine, "baseline: Chat.infer per job", 1, "baseline", lambda: run_baseline(engine, jobs)))
     for b in batch_sizes:
-        record(_measure(engine, f"ttspool B={b}", b, False, lambda b=b: run_engine(engine, jobs, b, False)))
-    if keep_rows:
-        b = max(batch_sizes)
-        record(_measure(engine, f"ttspool B={b} keep-rows", b, True,
-                        lambda: run_engine(engine, jobs, b, True)))
+        record(_measure(engine, f"ttspool B={b}", b, "drop", lambda b=b: run_engine(engine, jobs, b, "drop")))
+    top = max(batch_sizes)
+    for mode, wanted in (("refill", refill), ("keep", keep_rows)):
+        if wanted:
+            record(_measure(engine, f"ttspool B={top} {mode}-rows", top, mode,
+                            lambda mode=mode: run_engine(engine, jobs, top, mode)))
     base, ours = runs[0], runs[1:]
     out: dict[str, Any] = {
         "baseline": _row(base, base),
@@ -203,8 +219,8 @@ def bench(engine: Engine, n_jobs: int, batch_sizes: Sequence[int], keep_rows: bo
                  "total_steps": sum(lengths), "voices": len({j.voice for j in jobs})},
         "machine": machine_info(engine),
     }
-    dropped = [r for r in ours if r.batch_size == max(batch_sizes) and not r.keep_finished]
-    kept = [r for r in ours if r.keep_finished]
+    dropped = [r for r in ours if r.batch_size == top and r.mode == "drop"]
+    kept = [r for r in ours if r.mode == "keep"]
     if dropped and kept:
         out["drop_finished_vs_keep"] = round(dropped[0].audio_s_per_s / kept[0].audio_s_per_s, 3)
     return out
@@ -229,10 +245,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     runs = result["runs"]
-    labels = ["baseline"] + [f"B={r['batch_size']}" + (" keep" if r["keep_finished"] else "") for r in runs]
+    labels = ["baseline"] + [f"B={r['batch_size']}" + ("" if r["mode"] == "drop" else f" {r['mode']}") for r in runs]
     values = [result["baseline"]["audio_s_per_s"]] + [r["audio_s_per_s"] for r in runs]
+    colors = {"drop": "#4477aa", "refill": "#44aa77", "keep": "#aa7744"}
     fig, ax = plt.subplots(figsize=(7, 4))
-    bars = ax.bar(labels, values, color=["#999999"] + ["#4477aa" if not r["keep_finished"] else "#aa7744" for r in runs])
+    bars = ax.bar(labels, values, color=["#999999"] + [colors[r["mode"]] for r in runs])
     for bar, r in zip(bars[1:], runs):
         ax.annotate(f"{r['ratio_to_baseline']:.1f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                     ha="center", va="bottom")

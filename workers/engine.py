@@ -5,7 +5,8 @@ speaker codec. The loop is ours because `Chat.infer` batches statically (one voi
 one seed, one set of sampling params per batch; finished rows computed until the
 longest ends; every row decoded padded to the longest). Here each row carries its own
 voice, seed, sampling params and length cap; a finished row leaves the batch (its KV
-cache rows are dropped); and each row is decoded at its own length.
+cache rows are dropped) and new rows may join it (workers.running_batch); and each row
+is decoded at its own length, as soon as it ends.
 
 One engine per process, one batch at a time: the modules are not safe for concurrent
 calls.
@@ -17,7 +18,7 @@ import logging
 import time
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -25,14 +26,12 @@ import torch.nn.functional as F
 
 from scheduler.lengths import predicted_steps
 
-from . import faults, sampling
+from .cpu_linear import turn_linears
 from .model_assets import ModelAssets, resolve
 from .random_models import build_config
+from .running_batch import RunningBatch
 
 log = logging.getLogger(__name__)
-
-REPETITION_PENALTY = 1.05  # ChatTTS' default for code inference
-REPETITION_WINDOW = 16
 
 
 @dataclass(frozen=True)
@@ -53,6 +52,10 @@ class SynthResult:
     steps: int
     error: str | None = None
     codes: np.ndarray | None = None  # [steps, num_vq] audio codes the GPT sampled
+
+
+# Asked for at most N more requests when rows are free; returns those to start now.
+Refill = Callable[[int], Sequence[SynthRequest]]
 
 
 class EngineError(RuntimeError):
@@ -131,6 +134,8 @@ class Engine:
             self.code_emb = torch.stack([e.weight.detach() for e in chat.embed.emb_code]).to(self.dtype)
             self.text_emb = chat.embed.emb_text.weight.detach().to(self.dtype)
         self.tokenizer = chat.tokenizer
+        if self.device.type == "cpu":
+            turn_linears(self.gpt)
         if self.compile:
             # Shapes change every step (the cache grows, finished rows leave), so the
             # graph is compiled for dynamic shapes; the first batches pay for compiling.
@@ -178,137 +183,70 @@ class Engine:
 
     # -- generation ---------------------------------------------------------------
 
-    @torch.inference_mode()
     def generate(self, requests: Sequence[SynthRequest], keep_finished: bool = False) -> list[SynthResult]:
-        """Synthesize a batch. A failing row fails alone: on an error the batch is split
-        in halves and retried, down to single rows (this also sheds CUDA OOMs).
+        """Synthesize a batch; results in the order of `requests`.
 
         `keep_finished` computes finished rows until the longest ends, as static
         batching does (same output, more work): only for measuring what dropping
         them saves."""
+        out: list[SynthResult | None] = [None] * len(requests)
+        for i, res in self.stream(requests, keep_finished=keep_finished):
+            out[i] = res
+        return [r for r in out if r is not None]
+
+    @torch.inference_mode()
+    def stream(self, requests: Sequence[SynthRequest], refill: Refill | None = None, max_rows: int = 0,
+               keep_finished: bool = False) -> Iterator[tuple[int, SynthResult]]:
+        """Run a batch and yield (index, result) as each row ends, index counting
+        `requests` first and then every request `refill` returned, in order.
+
+        Iteration-level batching: when rows end and fewer than `max_rows` (default:
+        len(requests)) are running, `refill(free_rows)` is asked for more, and what it
+        returns joins the running batch at once, so a backlog keeps every row busy
+        instead of waiting for the batch's longest row.
+
+        A failing row fails alone: on an error every row still running is retried in
+        halves, down to single rows (this also sheds CUDA OOMs), and the stream ends
+        without asking `refill` again."""
+        pending: dict[int, SynthRequest] = {}
         try:
-            faults.inject([r.text for r in requests])
-            rows = self._generate_rows(requests, keep_finished)
-            return self._decode(rows)
+            yield from self._run_rows(requests, refill, max_rows or len(requests), keep_finished, pending)
         except Exception as err:  # noqa: BLE001 - any failure is isolated to its row below
             if isinstance(err, torch.cuda.OutOfMemoryError):
                 torch.cuda.empty_cache()
-            if len(requests) == 1:
+            left = list(pending.items())
+            if not left:
+                raise  # nothing of the batch's own failed (refill itself raised)
+            if len(left) == 1:
                 log.warning("synthesis failed: %s", err)
-                return [SynthResult(None, 0, f"{type(err).__name__}: {err}")]
-            mid = len(requests) // 2
-            log.warning("batch of %d failed (%s); retrying in halves", len(requests), type(err).__name__)
-            return self.generate(requests[:mid], keep_finished) + self.generate(requests[mid:], keep_finished)
+                yield left[0][0], SynthResult(None, 0, f"{type(err).__name__}: {err}")
+                return
+            log.warning("batch of %d failed (%s); retrying in halves", len(left), type(err).__name__)
+            mid = len(left) // 2
+            for half in (left[:mid], left[mid:]):
+                results = self.generate([r for _, r in half], keep_finished)
+                yield from zip([i for i, _ in half], results)
 
-    def _generate_rows(self, requests: Sequence[SynthRequest], keep_finished: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per row: the GPT hidden states [steps, hidden] that feed the decoder, and the codes."""
-        dev, n = self.device, len(requests)
-        prompts = [self._prompt_ids(r) for r in requests]
-        speakers = [self.speaker(r.voice) for r in requests]
-        targets = [self.target_steps(r) for r in requests]
-        caps = [t if t is not None else r.max_tokens for r, t in zip(requests, targets)]
-        max_len, max_steps = max(map(len, prompts)), max(caps)
-
-        # Left padding, so every row's next position is the last column.
-        ids = torch.zeros(n, max_len, dtype=torch.long)
-        mask = torch.zeros(n, max_len, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, max_len - len(p):] = torch.tensor(p)
-            mask[i, max_len - len(p):] = 1
-        ids, mask = ids.to(dev), mask.to(dev)
-        emb = self.text_emb[ids]
-        spk_pos = ids.eq(self.tokenizer.spk_emb_ids)
-        emb[spk_pos] = torch.stack(speakers).unsqueeze(1).expand(-1, max_len, -1)[spk_pos]
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-
-        seeds = torch.tensor([r.seed for r in requests], device=dev)
-        temp = torch.tensor([float(r.temperature) for r in requests], device=dev)
-        top_p = torch.tensor([float(r.top_p) for r in requests], device=dev)
-        top_k = torch.tensor([r.top_k for r in requests], device=dev)
-        cap = torch.tensor(caps, device=dev)
-        forced = torch.tensor([t is not None for t in targets], device=dev)
-        alive = torch.arange(n, device=dev)  # original row of each running row
-        lengths = torch.zeros(n, dtype=torch.long, device=dev)
-        finished = torch.zeros(n, dtype=torch.bool, device=dev)  # per running row
-        hid_buf = torch.zeros(n, max_steps, self.gpt.config.hidden_size, dtype=self.dtype, device=dev)
-        tok_buf = torch.zeros(n, max_steps, self.num_vq, dtype=torch.long, device=dev)
-
-        cache, hidden = self._prefill(emb, mask, pos, [len(p) for p in prompts])
-        pos = pos[:, -1:]
+    def _run_rows(self, requests: Sequence[SynthRequest], refill: Refill | None, max_rows: int,
+                  keep_finished: bool, pending: dict[int, SynthRequest]) -> Iterator[tuple[int, SynthResult]]:
+        if not requests:
+            return
+        batch = RunningBatch(self, max_rows)
+        batch.admit(requests, pending)
         self.last_row_steps = 0
-        for step in range(max_steps):
-            self.last_row_steps += int(alive.numel())
-            hid_buf[alive, step] = hidden
-            logits = torch.einsum("bh,qvh->bqv", hidden, self.head_w).float()
-            # Never end on the first step (ChatTTS' ensure_non_empty), never end a
-            # random model's row before its predicted length.
-            if step == 0:
-                logits[:, :, self.eos] = float("-inf")
-            logits[forced[alive], :, self.eos] = float("-inf")
-            window = tok_buf[alive, max(0, step - REPETITION_WINDOW):step]
-            steps_t = torch.full_like(alive, step)
-            tokens = sampling.sample(logits, seeds[alive], steps_t, temp[alive], top_p[alive],
-                                     top_k[alive], window, REPETITION_PENALTY)
-            tok_buf[alive, step] = tokens
-            ended_eos = tokens.eq(self.eos).any(dim=1)
-            ended_cap = (step + 1) >= cap[alive]
-            ended = torch.where(ended_eos, step, step + 1)
-            lengths[alive] = torch.where(finished, lengths[alive], ended)
-            finished = finished | ended_eos | ended_cap
-            if bool(finished.all()):
-                break
-            if bool(finished.any()) and not keep_finished:
-                keep = (~finished).nonzero().squeeze(1)
-                cache.batch_select_indices(keep)
-                alive, tokens, mask, pos = alive[keep], tokens[keep], mask[keep], pos[keep]
-                finished = finished[keep]
-            emb = self.code_emb[torch.arange(self.num_vq, device=dev), tokens].sum(dim=1, keepdim=True)
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            pos = pos + 1
-            out = self.gpt(inputs_embeds=emb, attention_mask=mask, position_ids=pos,
-                           past_key_values=cache, use_cache=True)
-            hidden = out.last_hidden_state[:, -1]
-        return [(hid_buf[i, : int(lengths[i])], tok_buf[i, : int(lengths[i])]) for i in range(n)]
-
-    def _prefill(self, emb: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
-                 lens: list[int]) -> tuple[Any, torch.Tensor]:
-        """The prompt pass, in groups of similar prompt length merged into one
-        left-padded cache: a padded position costs as much as a real token, and mixed
-        traffic pads short prompts to the longest (half the positions, measured)."""
-        from transformers import DynamicCache
-
-        n, width = mask.shape
-        order = sorted(range(n), key=lambda i: lens[i])
-        groups: list[list[int]] = [[]]
-        for i in order:
-            g = groups[-1]
-            if g and lens[i] > lens[g[0]] + max(4, lens[g[0]] // 4):
-                groups.append([])
-            groups[-1].append(i)
-        cache = DynamicCache()
-        if len(groups) == 1:
-            out = self.gpt(inputs_embeds=emb, attention_mask=mask, position_ids=pos,
-                           past_key_values=cache, use_cache=True)
-            return cache, out.last_hidden_state[:, -1]
-        hidden = emb.new_empty(n, emb.shape[-1])
-        merged: list[list[torch.Tensor]] = []
-        for g in groups:
-            rows, w = torch.tensor(g, device=emb.device), lens[g[-1]]
-            part = DynamicCache()
-            out = self.gpt(inputs_embeds=emb[rows, -w:], attention_mask=mask[rows, -w:],
-                           position_ids=pos[rows, -w:], past_key_values=part, use_cache=True)
-            hidden[rows] = out.last_hidden_state[:, -1]
-            for layer_idx, layer in enumerate(part.layers):
-                if len(merged) <= layer_idx:
-                    k, v = layer.keys, layer.values
-                    merged.append([k.new_zeros(n, k.shape[1], width, k.shape[3]),
-                                   v.new_zeros(n, v.shape[1], width, v.shape[3])])
-                # Masked positions: their zeros are never attended to.
-                merged[layer_idx][0][rows, :, width - w:] = layer.keys
-                merged[layer_idx][1][rows, :, width - w:] = layer.values
-        for layer_idx, (k, v) in enumerate(merged):
-            cache.update(k, v, layer_idx)
-        return cache, hidden
+        while batch.size:
+            self.last_row_steps += batch.size
+            done = batch.step(drop=not keep_finished)
+            if done:
+                for (i, _, _), res in zip(done, self._decode([(h, c) for _, h, c in done])):
+                    del pending[i]
+                    yield i, res
+            if batch.size:
+                batch.forward()
+            if refill is not None and not keep_finished and batch.size < max_rows:
+                more = refill(max_rows - batch.size)
+                if more:
+                    batch.admit(more, pending)
 
     def _decode(self, rows: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[SynthResult]:
         """Decoder + Vocos at each row's own length; rows of equal length go together

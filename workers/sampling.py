@@ -30,16 +30,20 @@ def gumbel_noise(seeds: torch.Tensor, steps: torch.Tensor, heads: int, vocab: in
     return (-torch.log(-torch.log(u))).float()
 
 
-def repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
+def repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float,
+                       valid: torch.Tensor | None = None) -> torch.Tensor:
     """ChatTTS' penalty: codes seen in the recent window are made less likely, per head.
 
-    logits [B, Q, V]; history [B, W, Q] of recent codes (W may be 0).
+    logits [B, Q, V]; history [B, W, Q] of recent codes, of which only those where
+    valid [B, W] is true count, all when it is None (each row is at its own step, so
+    its window may be shorter than W).
     """
     if history.shape[1] == 0 or penalty == 1.0:
         return logits
-    freq = torch.zeros_like(logits).scatter_add_(
-        2, history.permute(0, 2, 1), torch.ones(history.permute(0, 2, 1).shape, device=logits.device)
-    )
+    codes = history.permute(0, 2, 1)
+    ones = torch.ones(history.shape[:2], dtype=logits.dtype, device=logits.device)
+    counts = (ones if valid is None else valid.to(logits.dtype)).unsqueeze(1).expand(codes.shape)
+    freq = torch.zeros_like(logits).scatter_add_(2, codes, counts)
     alpha = torch.pow(torch.tensor(penalty, device=logits.device), freq)
     return torch.where(logits < 0, logits * alpha, logits / alpha)
 
@@ -72,10 +76,11 @@ def sample(
     top_k: torch.Tensor,
     history: torch.Tensor,
     penalty: float,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One code per row and head: [B, Q] from logits [B, Q, V] (float32)."""
     logits = logits / temperature.view(-1, 1, 1)
-    logits = repetition_penalty(logits, history, penalty)
+    logits = repetition_penalty(logits, history, penalty, valid)
     logits = filter_logits(logits, top_p, top_k)
     noise = gumbel_noise(seeds, steps, logits.shape[1], logits.shape[2])
     return (logits + noise).argmax(dim=-1)
