@@ -25,6 +25,22 @@ REPETITION_WINDOW = 16
 
 
 class RunningBatch:
+    # One entry per running row (dim 0), set by admit(), selected by _keep():
+    slot: torch.Tensor  # its rows of hid_buf / tok_buf
+    seed: torch.Tensor
+    temp: torch.Tensor
+    top_p: torch.Tensor
+    top_k: torch.Tensor
+    cap: torch.Tensor  # steps it may run
+    forced: torch.Tensor  # random model: EOS banned, runs exactly `cap` steps
+    t: torch.Tensor  # its own step counter
+    length: torch.Tensor  # steps it produced, once finished
+    finished: torch.Tensor
+    pos: torch.Tensor  # position id of its next input
+    hidden: torch.Tensor  # GPT output to sample its next codes from
+    tokens: torch.Tensor  # codes sampled at the last step
+    mask: torch.Tensor  # [rows, cache width]: 0 on left padding
+
     def __init__(self, engine: "Engine", max_rows: int) -> None:
         self.e = engine
         self.dev = engine.device
@@ -114,6 +130,7 @@ class RunningBatch:
     def _join(self, cache: RowCache, mask: torch.Tensor) -> None:
         """Append new rows' cache to the running one, left-padding the narrower side
         (masked positions: never attended to)."""
+        assert self.cache is not None
         width = max(self.mask.shape[1], mask.shape[1])
         self.cache.append_rows(cache)
         self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(mask, width)])
@@ -165,6 +182,7 @@ class RunningBatch:
         leave the batch at once; otherwise (static batching) all leave together when
         the last one ends."""
         e = self.e
+        assert self.hid_buf is not None and self.tok_buf is not None
         live = (~self.finished).nonzero().squeeze(1)
         slot, t = self.slot[live], self.t[live]
         self.hid_buf[slot, t] = self.hidden[live]
@@ -206,6 +224,7 @@ class RunningBatch:
             self.cache = None
             return
         keep = torch.tensor(rows, device=self.dev)
+        assert self.cache is not None
         self.cache.batch_select_indices(keep)
         for name in ("slot", "seed", "temp", "top_p", "top_k", "cap", "forced", "t", "length",
                      "finished", "pos", "hidden", "tokens", "mask"):
