@@ -5,7 +5,7 @@ matrix of the GPT. Computed as x @ W^T (what nn.Linear does), MKL's sgemm appear
 repack all of W on each call, and for one row it takes a slower gemv path; the same
 product as W @ x^T streams W once. Measured on the 2-core CPU, 3072x768 weights not in
 cache: 2 rows 1.73 ms -> 0.30 ms, 32 rows 2.02 ms -> 1.49 ms, 512 rows 15.3 ms -> 16.0
-ms; the whole GPT's linears at 32 rows 162 ms -> 103 ms (docs/PERF.md, run 6). So the
+ms; a whole GPT decode step at 32 rows 191 ms -> 158 ms (docs/PERF.md, run 6). So the
 product is turned around for up to MAX_ROWS rows, and one row is computed as two (W
 streamed once either way). Only on the CPU: cuBLAS has no such gap.
 """

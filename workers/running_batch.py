@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 
 REPETITION_PENALTY = 1.05  # ChatTTS' default for code inference
 REPETITION_WINDOW = 16
+# The per-row tensors admit() builds for joining rows (tokens and mask come from step
+# and forward); _keep() selects these and those when rows leave.
+_JOINED = ("slot", "seed", "temp", "top_p", "top_k", "cap", "forced", "t", "length", "finished", "pos", "hidden")
 
 
 class RunningBatch:
@@ -105,6 +108,7 @@ class RunningBatch:
             "pos": pos[:, -1:],
             "hidden": hidden,
         }
+        assert tuple(rows) == _JOINED
         if not self.size:
             self.cache, self.mask = cache, mask
             for name, value in rows.items():
@@ -226,8 +230,7 @@ class RunningBatch:
         keep = torch.tensor(rows, device=self.dev)
         assert self.cache is not None
         self.cache.batch_select_indices(keep)
-        for name in ("slot", "seed", "temp", "top_p", "top_k", "cap", "forced", "t", "length",
-                     "finished", "pos", "hidden", "tokens", "mask"):
+        for name in (*_JOINED, "tokens", "mask"):
             setattr(self, name, getattr(self, name)[keep])
         # Columns every remaining row has as padding (the rows that needed them left):
         # attention would still read them on every step.
