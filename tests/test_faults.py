@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 import redis
@@ -178,17 +178,49 @@ def test_redis_restart_loses_nothing(broker: LocalRedis, s3: S3Endpoint, aws_env
     assert "Connection to broker lost" in log.read_text()
 
 
+def test_connection_lost_between_pop_and_unacked_record_loses_nothing(broker: LocalRedis, s3: S3Endpoint,
+                                                                       aws_env, tmp_path: Path) -> None:
+    # kombu pops a message (BRPOP), then records it as unacked (MULTI; ZADD unacked_index
+    # ...). The proxy drops the worker's connections at that record, before Redis sees
+    # it: the popped message is then only in the worker, and must go back to the queue.
+    proxy = CuttableProxy(("127.0.0.1", broker.port)).start()
+    direct = Client(Settings(broker_url=broker.url))
+    try:
+        env = _env(broker, s3, aws_env, TTSPOOL_BROKER_URL=f"redis://127.0.0.1:{proxy.port}/0",
+                   TTSPOOL_VISIBILITY_TIMEOUT="3600")
+        log = tmp_path / "worker.log"
+        with running_worker(env, log) as (proc, _):
+            proxy.drop_at(lambda data: b"ZADD" in data and b"unacked_index" in data)
+            [job] = direct.submit_many(_jobs(1, "gap"))
+            _until("the connection to drop at the unacked record", proxy.dropped.is_set, 120, proc, log)
+            final = _wait_all(direct, [job], redis.Redis.from_url(broker.url), log, timeout=120)
+            assert proc.poll() is None
+        assert [st.status for st in final] == ["SUCCESS"], _tail(log)
+        assert "is back on" in log.read_text()
+    finally:
+        direct.close()
+        proxy.cut()
+
+
 class CuttableProxy:
-    """A TCP forwarder to the S3 endpoint whose cut() drops every connection and refuses
-    new ones, as a network partition or a dead load balancer does. Stopping moto itself
-    is no outage: its handler threads keep serving kept-alive connections. Written here
-    because it is a few lines of sockets and no test library offers it."""
+    """A TCP forwarder whose cut() drops every connection and refuses new ones, as a
+    network partition or a dead load balancer does (stopping moto itself is no outage:
+    its handler threads keep serving kept-alive connections). After drop_at(match), the
+    next client write that matches is not forwarded: every connection drops right there,
+    and new ones are accepted. Written here because it is a few lines of sockets and no
+    test library offers it."""
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
         self.port = free_port()
         self._socks: set[socket.socket] = set()
         self._listener: socket.socket | None = None
+        self._drop_once: Callable[[bytes], bool] | None = None
+        self.dropped = threading.Event()
+
+    def drop_at(self, match: Callable[[bytes], bool]) -> None:
+        self.dropped.clear()
+        self._drop_once = match
 
     def start(self) -> "CuttableProxy":
         self._listener = socket.create_server(("127.0.0.1", self.port))
@@ -203,13 +235,16 @@ class CuttableProxy:
             except OSError:
                 return
             self._socks |= {client, upstream}
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+            for src, dst, watch in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pump, args=(src, dst, watch), daemon=True).start()
 
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, watch: bool) -> None:
         try:
             while data := src.recv(65536):
+                if watch and self._drop_once and not self.dropped.is_set() and self._drop_once(data):
+                    self.dropped.set()
+                    self._drop_all()
+                    return
                 dst.sendall(data)
         except OSError:
             pass
@@ -221,6 +256,9 @@ class CuttableProxy:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
+        self._drop_all()
+
+    def _drop_all(self) -> None:
         for s in list(self._socks):
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
