@@ -22,6 +22,7 @@ import logging
 from queue import Empty
 from typing import Any
 
+import redis
 from kombu.transport import redis as kombu_redis
 from kombu.utils.json import dumps, loads
 
@@ -29,6 +30,9 @@ log = logging.getLogger(__name__)
 
 # (queue, message) popped whose unacked record failed: this process holds the only copy.
 _unrecorded: list[tuple[str, str]] = []
+# A lost connection, and only that: kombu's own connection_errors include KeyError, which
+# a malformed envelope raises here too (it must be skipped, not put back).
+_DROPPED = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 
 # What decoding or unpacking an envelope can raise: JSON/UTF-8/base64 errors
 # (ValueError), missing keys or unknown body encodings (LookupError), wrong types.
@@ -60,7 +64,7 @@ class Transport(kombu_redis.Transport):
         raw = dumps(message)  # before Celery's Message wraps (and mutates) it
         try:
             super()._deliver(message, queue)
-        except self.connection_errors:
+        except _DROPPED:
             _unrecorded.append((queue, raw))
             log.warning("broker connection dropped while recording a message from %s as unacked; "
                         "it goes back to the queue on reconnect", queue)
