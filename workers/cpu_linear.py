@@ -1,13 +1,21 @@
-"""Linear layers for the few-rows products of CPU decoding.
+"""Linear layers with weights packed once for oneDNN, for CPU decoding.
 
-A decode step multiplies a handful of rows (one per running job) by every weight
-matrix of the GPT. Computed as x @ W^T (what nn.Linear does), MKL's sgemm appears to
-repack all of W on each call, and for one row it takes a slower gemv path; the same
-product as W @ x^T streams W once. Measured on the 2-core CPU, 3072x768 weights not in
-cache: 2 rows 1.73 ms -> 0.30 ms, 32 rows 2.02 ms -> 1.49 ms, 512 rows 15.3 ms -> 16.0
-ms; a whole GPT decode step at 32 rows 191 ms -> 158 ms (docs/PERF.md, run 6). So the
-product is turned around for up to MAX_ROWS rows, and one row is computed as two (W
-streamed once either way). Only on the CPU: cuBLAS has no such gap.
+A decode step multiplies a few rows (one per running job) by every weight matrix of
+the GPT. nn.Linear hands that to MKL's sgemm, whose time moves in steps rather than
+with the work: it repacks W on every call, and 2, 6, 17 or 31 rows cost several times
+what 4, 16 or 32 do. oneDNN with the weights reordered once, at load, into its own
+blocked layout takes time close to the work for any row count. Measured on the 2-core
+CPU, all of random-full's GPT linears at once (ms per decode step; docs/PERF.md run 8):
+
+    rows            1    2    4    6    8   12   16   24   32
+    nn.Linear      54   92   78   65   72   96   86  102  141
+    packed oneDNN  30   32   35   38   43   52   83  102  106
+
+whole decode step at 32 rows 191 -> 142 ms. The packed weights replace the dense ones,
+so memory does not grow; `stock_linears` rebuilds the dense weights for a while
+(`ttspool bench`'s baseline is upstream ChatTTS as a user runs it). The internal ops
+used here are the ones torch's own inductor freezing pass emits for CPU linears.
+Only on the CPU: cuBLAS has no such steps.
 """
 
 from __future__ import annotations
@@ -19,65 +27,72 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MAX_ROWS = 256  # above this (prompt passes) sgemm's own order is as fast or faster
+# The row count oneDNN tunes its layout for; the layout serves any count.
+_PACKED_FOR_ROWS = 16
 
 
-class RowsLinear(nn.Linear):
-    turned = True  # per instance: False computes exactly as nn.Linear does
+def can_pack() -> bool:
+    return torch.backends.mkldnn.is_available()
 
-    @classmethod
-    def replacing(cls, linear: nn.Linear) -> "RowsLinear":
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.in_features, new.out_features = linear.in_features, linear.out_features
-        new.weight, new.bias = linear.weight, linear.bias  # shared, not copied
-        return new
+
+class PackedLinear(nn.Module):
+    """nn.Linear frozen for inference on the device and dtype it was packed on."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed: torch.Tensor | None = _pack(linear.weight.detach())
+        self.bias = None if linear.bias is None else linear.bias.detach()
+        self.dense: torch.Tensor | None = None  # set by stock_linears while it lasts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if not self.turned or rows > MAX_ROWS or rows == 0:
-            return F.linear(x, self.weight, self.bias)
-        flat = x.reshape(rows, x.shape[-1])
-        cols = _columns(rows)
-        if cols > rows:
-            flat = torch.cat([flat, flat.new_zeros(cols - rows, flat.shape[1])])
-        out = torch.mm(self.weight, flat.t()).t()[:rows].contiguous()
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*x.shape[:-1], self.out_features)
+        if self.dense is not None:
+            return F.linear(x, self.dense, self.bias)
+        if x.numel() == 0:
+            return x.new_empty(*x.shape[:-1], self.out_features)
+        assert self.packed is not None
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def _columns(rows: int) -> int:
-    """How many columns to compute for `rows` (the extra ones are zeros). sgemm is slow
-    for one column and for 9 to 15; measured over the whole GPT step (ms, 100
-    positions cached): 1 row 66 -> 36 turned around (2 columns), 12 rows 126 as 12
-    columns -> 109 as 16, 16 rows 102; 5-8 and 17-32 rows gain nothing from padding."""
-    if rows == 1:
-        return 2
-    if 8 < rows < 16:
-        return 16
-    return rows
+def _pack(weight: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.ops.mkldnn._reorder_linear_weight(weight, _PACKED_FOR_ROWS)
 
 
-def turn_linears(model: nn.Module) -> int:
-    """Replace every nn.Linear of `model` by a RowsLinear sharing its weights."""
+def pack_linears(model: nn.Module) -> int:
+    """Replace every nn.Linear of `model` by a PackedLinear; the dense weights are freed."""
     count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
-                setattr(parent, name, RowsLinear.replacing(child))
+                setattr(parent, name, PackedLinear(child))
                 count += 1
+    # transformers maps a safetensors checkpoint into memory and its tensors point into
+    # the mapping, which stays resident while any of them lives: copy out the few left
+    # (norms, rotary tables) so the freed weights' memory goes (720 MiB for random-full).
+    with torch.no_grad():
+        for param in model.parameters():
+            param.data = param.data.clone()
+        for module in model.modules():
+            for key, buf in module._buffers.items():
+                if buf is not None:
+                    module._buffers[key] = buf.clone()
     return count
 
 
 @contextmanager
 def stock_linears(model: nn.Module) -> Iterator[None]:
-    """Compute as upstream does for a while (`ttspool bench`'s baseline is stock ChatTTS)."""
-    layers = [m for m in model.modules() if isinstance(m, RowsLinear)]
+    """Compute with dense weights and nn.Linear's own kernel for a while. The packed
+    weights are dropped meanwhile and rebuilt after, so memory stays what upstream's is."""
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
     for m in layers:
-        m.turned = False
+        m.dense, m.packed = m.packed.to_dense(), None
     try:
         yield
     finally:
         for m in layers:
-            m.turned = True
+            assert m.dense is not None
+            m.packed, m.dense = _pack(m.dense), None

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from scheduler.lengths import predicted_steps
 
-from .cpu_linear import turn_linears
+from .cpu_linear import can_pack, pack_linears
 from .model_assets import ModelAssets, resolve
 from .random_models import build_config
 from .running_batch import RunningBatch
@@ -134,8 +134,8 @@ class Engine:
             self.code_emb = torch.stack([e.weight.detach() for e in chat.embed.emb_code]).to(self.dtype)
             self.text_emb = chat.embed.emb_text.weight.detach().to(self.dtype)
         self.tokenizer = chat.tokenizer
-        if self.device.type == "cpu":
-            turn_linears(self.gpt)
+        if self.device.type == "cpu" and can_pack():
+            pack_linears(self.gpt)
         if self.compile:
             # Shapes change every step (the cache grows, finished rows leave), so the
             # graph is compiled for dynamic shapes; the first batches pay for compiling.
