@@ -53,7 +53,9 @@ class SlackLayer(DynamicLayer):
         return self._len if self.is_initialized else 0
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._k, self._v = self._k[indices], self._v[indices]
+        # index_select, not indexing: 5x faster on these strided views (1.3 -> 0.26 ms
+        # for 30 of 32 rows, 98 positions), and mixed lengths make rows leave often.
+        self._k, self._v = self._k.index_select(0, indices), self._v.index_select(0, indices)
         self._views()
 
     def drop_leading(self, columns: int) -> None:
