@@ -24,6 +24,7 @@ from tasks.settings import QUEUE_BULK, QUEUE_REALTIME, Settings
 from .conftest import WorkerProc, raw_message
 
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+_SKIPPED = "skipped a queue item that is not a Celery message"  # workers/transport.py's log line
 
 
 def _body(*parts: Any) -> bytes:
@@ -45,8 +46,10 @@ def test_broken_broker_messages_fail_with_a_reason_and_the_worker_keeps_serving(
     }
     ids = {name: f"bad-{i}-{uuid.uuid4().hex}" for i, name in enumerate(cases)}
     # Not even envelopes: no id to report a failure against, but they must not stop the worker.
-    for garbage in (b"\x80\x04garbage that is not JSON", b"[1, 2, 3]", b'{"body": "x", "headers": {"id": "nope"}}',
-                    json.dumps({"body": "%%%", "properties": {"delivery_tag": "t", "body_encoding": "base64"}})):
+    not_envelopes = (b"\x80\x04garbage that is not JSON", b"[1, 2, 3]", b'{"body": "x", "headers": {"id": "nope"}}',
+                     json.dumps({"body": "%%%", "properties": {"delivery_tag": "t", "body_encoding": "base64"}}))
+    skipped_before = worker.log_text().count(_SKIPPED)
+    for garbage in not_envelopes:
         r.lpush(QUEUE_BULK, garbage)
     for name, (body, ctype, _) in cases.items():
         r.lpush(QUEUE_BULK, raw_message(ids[name], body, ctype))
@@ -61,6 +64,9 @@ def test_broken_broker_messages_fail_with_a_reason_and_the_worker_keeps_serving(
     assert "NotRegistered" in (client.wait([unknown], timeout=60)[0].error or "")
     after = client.wait([client.submit({"text": "Still serving after broken messages."})], timeout=120)[0]
     assert after.status == "SUCCESS" and worker.proc.poll() is None
+    # Each was skipped once: none went back on the queue to be popped again.
+    assert worker.log_text().count(_SKIPPED) - skipped_before == len(not_envelopes)
+    assert r.llen(QUEUE_BULK) == 0
     assert huge_text[:100_000] not in worker.log_text()  # a huge body is not copied into the log
 
 
