@@ -1,21 +1,23 @@
 """Linear layers with weights packed once for oneDNN, for CPU decoding.
 
 A decode step multiplies a few rows (one per running job) by every weight matrix of
-the GPT. nn.Linear hands that to MKL's sgemm, whose time moves in steps rather than
-with the work: it repacks W on every call, and 2, 6, 17 or 31 rows cost several times
-what 4, 16 or 32 do. oneDNN with the weights reordered once, at load, into its own
-blocked layout takes time close to the work for any row count. Measured on the 2-core
-CPU, all of random-full's GPT linears at once (ms per decode step; docs/PERF.md run 8):
+the GPT. nn.Linear hands that to MKL's sgemm, whose time moves in steps with the row
+count rather than with the work (2 rows cost more than 4, 31 more than 32), and a
+batch whose rows leave one by one meets every count. oneDNN, with the weights
+reordered once at load into its own blocked layout, tracks the work more closely.
+Whole GPT decode step on the 2-core CPU, ~100 positions cached, median ms
+(docs/PERF.md run 8):
 
-    rows            1    2    4    6    8   12   16   24   32
-    nn.Linear      54   92   78   65   72   96   86  102  141
-    packed oneDNN  30   32   35   38   43   52   83  102  106
+    rows            1    2    4    6    8   12   16   24   31   32
+    nn.Linear      69  119  100  136  110  118  120  145  175  174
+    packed oneDNN  39   47   55   58   69   81  120  141  160  162
 
-whole decode step at 32 rows 191 -> 142 ms. The packed weights replace the dense ones,
-so memory does not grow; `stock_linears` rebuilds the dense weights for a while
-(`ttspool bench`'s baseline is upstream ChatTTS as a user runs it). The internal ops
-used here are the ones torch's own inductor freezing pass emits for CPU linears.
-Only on the CPU: cuBLAS has no such steps.
+(MKL with the product turned around, W @ x^T, which this replaces: 36 at 1 row, 92
+at 8, 106 at 12, 158 at 32; faster only at one to four rows.) The packed weights
+replace the dense ones, so memory does not grow; `stock_linears` rebuilds the dense
+weights for a while (`ttspool bench`'s baseline is upstream ChatTTS as a user runs
+it). The ops are the ones torch's inductor emits for CPU linears when it freezes
+weights. Only on the CPU: cuBLAS has no such steps.
 """
 
 from __future__ import annotations
