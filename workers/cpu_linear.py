@@ -50,8 +50,6 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense is not None:
             return F.linear(x, self.dense, self.bias)
-        if x.numel() == 0:
-            return x.new_empty(*x.shape[:-1], self.out_features)
         assert self.packed is not None
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
