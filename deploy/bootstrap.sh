@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Set up a fresh Debian machine with Python 3.11 for ttspool: a virtual environment in
-# .venv with the project installed, and redis-server when it is needed and missing.
+# .venv holding exactly what uv.lock pins (the same lock the Docker image installs), and
+# redis-server when it is needed and missing. After installing, a smoke step imports what
+# the worker needs and names the broken package in one line when something does not load.
 # Usage: bash deploy/bootstrap.sh EXTRA NEED_REDIS   (EXTRA: worker|test; NEED_REDIS: yes|no)
 set -euo pipefail
 
@@ -8,6 +10,11 @@ extra="${1:-worker}"
 need_redis="${2:-yes}"
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
+
+# The uv release that reads uv.lock; the Dockerfile's uv image carries the same version.
+UV_VERSION=0.13.8
+
+die() { echo "bootstrap: $*" >&2; exit 1; }
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
@@ -25,18 +32,39 @@ if [ -z "$python" ]; then
         fi
     done
 fi
-[ -n "$python" ] || { echo "ttspool needs Python 3.11 (set PYTHON=/path/to/python3.11)" >&2; exit 1; }
+[ -n "$python" ] || die "ttspool needs Python 3.11 (set PYTHON=/path/to/python3.11)"
 
-if [ ! -x .venv/bin/python ]; then
-    "$python" -m venv .venv 2>/dev/null || { apt_install python3.11-venv && "$python" -m venv .venv; }
+# uv from PyPI into a folder of its own (not .venv: `uv sync` removes what the lock does
+# not list), unless the same version is already on PATH.
+uv=""
+if command -v uv >/dev/null && [ "$(uv --version | cut -d' ' -f2)" = "$UV_VERSION" ]; then
+    uv="$(command -v uv)"
+else
+    tools=".tools/uv-$UV_VERSION"
+    if [ ! -x "$tools/bin/uv" ]; then
+        "$python" -m pip install -q --disable-pip-version-check --root-user-action=ignore --target "$tools" "uv==$UV_VERSION" \
+            || die "could not install uv $UV_VERSION from PyPI with $python -m pip"
+    fi
+    uv="$root/$tools/bin/uv"
 fi
 
-# Reinstall only when the dependency list changed: torch alone is several GB.
-stamp=".venv/.ttspool-$extra-$(sha256sum pyproject.toml | cut -c1-16)"
-if [ ! -e "$stamp" ]; then
-    .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -e ".[$extra]"
-    rm -f .venv/.ttspool-"$extra"-* && touch "$stamp"
+# Sync only when the lock (or the project's own metadata) changed: a sync for `worker`
+# after `test` would remove the test tools, and a test venv holds everything a worker
+# needs, so its stamp serves both. The stamp is written only after the smoke step passed.
+digest="$(cat uv.lock pyproject.toml | sha256sum | cut -c1-16)"
+if [ ! -e ".venv/.ttspool-$extra-$digest" ] && [ ! -e ".venv/.ttspool-test-$digest" ]; then
+    rm -f .venv/.ttspool-*
+    # --locked: refuse to run when pyproject.toml changed and uv.lock was not regenerated
+    # (`uv lock`), instead of silently resolving new versions.
+    "$uv" sync --locked --extra "$extra" --python "$python" --quiet \
+        || die "uv sync from uv.lock failed (see above); after editing pyproject.toml, run: $uv lock"
+    # Smoke step: import what the worker needs in a child process; on failure, one line
+    # naming the package and version pair instead of a traceback at the first job.
+    if ! smoke="$(.venv/bin/ttspool doctor --only python,packages,imports)"; then
+        grep -v '^ok' <<<"$smoke" >&2
+        die "the installed packages do not work together (the line above says which)"
+    fi
+    touch ".venv/.ttspool-$extra-$digest"
 fi
 
 if [ "$need_redis" = yes ] && ! command -v redis-server >/dev/null; then
