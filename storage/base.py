@@ -65,6 +65,10 @@ class Storage(Protocol):
 
     def size(self, key: str) -> int | None: ...
 
+    def delete(self, key: str) -> None:
+        """Remove the object; removing one that is not there is not an error."""
+        ...
+
 
 def _redacted(parts: SplitResult) -> str:
     # Storage URLs come from config and may carry "user:password@"; keep that
@@ -73,7 +77,11 @@ def _redacted(parts: SplitResult) -> str:
 
 
 def open_storage(
-    url: str, *, s3_endpoint_url: str | None = None, s3_region: str | None = None
+    url: str,
+    *,
+    s3_endpoint_url: str | None = None,
+    s3_region: str | None = None,
+    s3_max_attempts: int = 10,
 ) -> Storage:
     """Open `file:///abs/dir` or `s3://bucket[/prefix]`.
 
@@ -112,6 +120,7 @@ def open_storage(
             endpoint_url=s3_endpoint_url,
             region=s3_region,
             sse=sse,
+            max_attempts=s3_max_attempts,
         )
     raise ValueError(
         f"unsupported storage URL {_redacted(parts)!r}: expected file:///abs/dir "

@@ -59,6 +59,13 @@ class LocalStorage:
         except OSError as exc:
             raise StorageError(f"cannot stat {path}: {exc.strerror or exc}") from exc
 
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot delete {path}: {exc.strerror or exc}") from exc
+
     def _path(self, key: str) -> Path:
         path = (self._root / safe_key(key)).resolve()
         # safe_key already forbids "..", but a symlink planted inside the root

@@ -200,13 +200,20 @@ def _last_used(path: Path) -> float:
     return 0.0
 
 
+def bad_files(target: Path) -> list[str]:
+    """Files of a fetched model that are missing or no longer match their sha256 (slow: hashes all)."""
+    stored = _stored(target)
+    if stored is None:
+        return [MANIFEST_NAME]
+    return [rel for rel, e in sorted(stored.files.items())
+            if not (target / rel).is_file() or sha256_file(target / rel) != e.sha256]
+
+
 def _state(target: Path, verify: bool) -> str:
     if not complete_model(target):
         return "incomplete"
-    stored = _stored(target)
-    if verify and stored is not None:
-        if any(sha256_file(target / rel) != e.sha256 for rel, e in stored.files.items()):
-            return "corrupt"
+    if verify and bad_files(target):
+        return "corrupt"
     return "verified"
 
 

@@ -141,6 +141,18 @@ class S3Source:
             raise FetchError(f"{self.display}/{rel}: {type(err).__name__}") from None
 
 
+class SourceUnreachable(FetchError):
+    """The model hub cannot be reached: say so in one line, and name the ways on without it."""
+
+    def __init__(self, endpoint: str, why: str) -> None:
+        super().__init__(
+            f"the model hub {redact_url(endpoint)} is unreachable ({why}). Without it: "
+            "--model random-tiny tries the whole pipeline offline with random weights; "
+            "TTSPOOL_MODEL_DIR=/path/to/ChatTTS loads a local copy of the official weights; "
+            "TTSPOOL_MODEL_SOURCE=s3://bucket/prefix, https://mirror/path or /dir fetches from a mirror "
+            "(docs/MODELS.md)")
+
+
 class HfSource:
     """The official weights from the Hugging Face hub.
 
@@ -153,20 +165,46 @@ class HfSource:
     def __init__(self, revision: str | None) -> None:
         self._revision = revision
         self.display = f"hf:{HF_REPO}@{revision or 'main'}"
+        self._reached = False
+
+    def _check_reachable(self, endpoint: str) -> None:
+        """Fail at once, in one line, when the hub cannot be reached at all.
+
+        huggingface_hub retries a failed connection five times with backoff (~25 s) and
+        then raises a multi-line LocalEntryNotFoundError; one unretried request tells a
+        machine without internet apart from a flaky network, which its retries are for.
+        """
+        from huggingface_hub import constants
+        from huggingface_hub.utils import get_session
+
+        if constants.HF_HUB_OFFLINE:
+            raise SourceUnreachable(endpoint, "HF_HUB_OFFLINE is set")
+        try:
+            get_session().head(endpoint, timeout=10)
+        # The transport's error classes depend on the huggingface_hub release (httpx, httpx2).
+        except Exception as err:
+            raise SourceUnreachable(endpoint, f"{type(err).__name__}: {err}") from None
+        self._reached = True
 
     def manifest(self) -> tuple[bytes, bytes | None] | None:
         return None
 
     def fetch(self, rel: str, partial: Path, size: int | None, on_bytes: OnBytes) -> None:
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import constants, hf_hub_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
 
         # Stage in the model's own folder (partial is <model folder>/<rel>.partial), so the
         # file is moved, not copied, and prune removes the staging area with the model.
         staging = partial.parents[len(PurePosixPath(rel).parts) - 1] / ".hf"
+        # HF_ENDPOINT: an internal Hub mirror; read here, not only at huggingface_hub import.
+        endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+        if not self._reached:
+            self._check_reachable(endpoint)
         try:
-            # HF_ENDPOINT: an internal Hub mirror; read here, not only at huggingface_hub import.
             got = Path(hf_hub_download(HF_REPO, rel, revision=self._revision, local_dir=staging,
-                                       endpoint=os.environ.get("HF_ENDPOINT") or None))
+                                       endpoint=endpoint))
+        except LocalEntryNotFoundError as err:  # the connection went away after the check
+            raise SourceUnreachable(endpoint, str(err.__cause__ or err).splitlines()[0]) from None
         except OSError as err:  # the hub's HTTP and not-found errors are OSErrors
             raise FetchError(f"{self.display}: {rel}: {type(err).__name__}: {err}") from None
         os.replace(got, partial)

@@ -118,6 +118,11 @@ class S3Storage:
                 raise
             return int(head["ContentLength"])
 
+    def delete(self, key: str) -> None:
+        name = self._name(key)
+        with self._errors("delete", name):
+            self._client.delete_object(Bucket=self._bucket, Key=name)
+
     def _name(self, key: str) -> str:
         return f"{self._prefix}/{safe_key(key)}" if self._prefix else safe_key(key)
 

@@ -17,7 +17,9 @@ Handler = Callable[[argparse.Namespace, Settings], int]
 # Each module adds its own subcommands (`add_commands(sub)`, with `handler=` set as a
 # parser default), so a command group lives next to the code it drives. They must
 # import without torch: heavy imports belong inside the handlers.
-_COMMAND_MODULES: tuple[str, ...] = ("tasks.cli_exporter", "tasks.cli_model", "tasks.cli_bulk", "tasks.cli_bench")
+_COMMAND_MODULES: tuple[str, ...] = (
+    "tasks.cli_exporter", "tasks.cli_model", "tasks.cli_bulk", "tasks.cli_bench", "tasks.cli_doctor",
+)
 
 
 def _voice(raw: str) -> int | str:

@@ -69,6 +69,11 @@ class Settings:
     # default so Prometheus and the kubelet can reach it inside a container.
     metrics_port: int = 9808
     metrics_addr: str = "0.0.0.0"
+    # The node's model cache and where a missing model is fetched from (docs/MODELS.md).
+    cache_dir: str = field(default_factory=lambda: str(Path.home() / ".cache" / "ttspool"))
+    model_source: str | None = None  # None: hf for chattts; random models built here
+    model_revision: str | None = None
+    model_pubkey: str | None = None
 
     @property
     def backend_url(self) -> str:
@@ -102,6 +107,10 @@ class Settings:
                 upload_retry_s=_int(env, "TTSPOOL_UPLOAD_RETRY_S", d.upload_retry_s, 0, 3600),
                 metrics_port=_int(env, "TTSPOOL_METRICS_PORT", d.metrics_port, 0, 65535),
                 metrics_addr=env.get("TTSPOOL_METRICS_ADDR") or d.metrics_addr,
+                cache_dir=env.get("TTSPOOL_CACHE_DIR") or d.cache_dir,
+                model_source=env.get("TTSPOOL_MODEL_SOURCE") or None,
+                model_revision=env.get("TTSPOOL_MODEL_REVISION") or None,
+                model_pubkey=env.get("TTSPOOL_MODEL_PUBKEY") or None,
             )
         )
 

@@ -91,6 +91,15 @@ def test_round_trip(store: Storage, tmp_path: Path) -> None:
     assert store.size(key) == 3
 
 
+def test_delete_removes_the_object_and_tolerates_a_missing_one(store: Storage) -> None:
+    store.put_bytes("gone/soon.txt", b"x")
+    store.delete("gone/soon.txt")
+    assert not store.exists("gone/soon.txt")
+    store.delete("gone/soon.txt")
+    with pytest.raises(ValueError):
+        store.delete("../escape")
+
+
 def test_missing_object_read_is_storage_error(store: Storage) -> None:
     with pytest.raises(StorageError):
         store.get_bytes("nope/missing.wav")

@@ -1,0 +1,165 @@
+"""`ttspool doctor` against real parts: each fault is injected for real and must come back
+as the right failing line (with its fix), and the exit status must follow."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tasks.local_redis import LocalRedis, free_port
+
+from .conftest import S3Endpoint, run_cli
+
+
+def doctor_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TTSPOOL_")}
+    env.update({"TTSPOOL_STORAGE_URL": (tmp_path / "out").as_uri(), "TTSPOOL_CACHE_DIR": str(tmp_path / "cache"),
+                "TTSPOOL_MODEL": "random-tiny", "TTSPOOL_DEVICE": "cpu"})
+    env.update(extra)
+    return env
+
+
+def doctor(env: dict[str, str], only: str) -> tuple[int, dict[str, dict[str, Any]]]:
+    proc = run_cli(env, "doctor", "--json", "--only", only)
+    report = json.loads(proc.stdout)
+    assert report["ok"] == (proc.returncode == 0), proc.stdout + proc.stderr
+    return proc.returncode, {c["name"]: c for c in report["checks"]}
+
+
+def test_a_healthy_machine_passes_every_check(tmp_path: Path, s3: S3Endpoint, aws_env: dict[str, str]) -> None:
+    (tmp_path / "redis").mkdir()
+    with LocalRedis(data_dir=tmp_path / "redis", persist=True) as redis:
+        env = doctor_env(tmp_path, TTSPOOL_BROKER_URL=redis.url, TTSPOOL_STORAGE_URL=f"s3://{s3.bucket}/doctor",
+                         TTSPOOL_S3_ENDPOINT_URL=s3.url, **aws_env)
+        rc, checks = doctor(env, "python,packages,imports,devices,broker,storage,model,settings")
+    assert rc == 0, checks
+    assert checks["imports"]["status"] == "ok" and "torchaudio 2.11.0" in checks["imports"]["detail"]
+    assert "engine runs on cpu in float32" in checks["devices"]["detail"]
+    assert checks["broker"]["status"] == "ok" and "persistence AOF" in checks["broker"]["detail"]
+    assert checks["storage"]["status"] == "ok"
+    # The probe object is gone again.
+    assert s3.client().list_objects_v2(Bucket=s3.bucket, Prefix="doctor/").get("KeyCount", 0) == 0
+    assert checks["model"]["status"] == "ok"
+
+
+def test_text_output_is_one_line_per_check_with_its_fix(tmp_path: Path) -> None:
+    env = doctor_env(tmp_path, TTSPOOL_BROKER_URL=f"redis://127.0.0.1:{free_port()}/0")
+    proc = run_cli(env, "doctor", "--only", "python,broker,storage")
+    assert proc.returncode == 1
+    lines = proc.stdout.splitlines()
+    assert [line.split()[:2] for line in lines] == [["ok", "python"], ["fail", "broker"], ["ok", "storage"]]
+    assert "-- fix: start Redis" in lines[1]
+
+
+def test_a_stopped_redis_fails_the_broker_line(tmp_path: Path) -> None:
+    redis = LocalRedis().start()
+    url = redis.url
+    redis.close()
+    rc, checks = doctor(doctor_env(tmp_path, TTSPOOL_BROKER_URL=url), "broker")
+    assert rc == 1
+    assert checks["broker"]["status"] == "fail" and "unreachable" in checks["broker"]["detail"]
+    assert url.removesuffix("/0") in checks["broker"]["detail"]
+
+
+def test_redis_without_persistence_warns(tmp_path: Path, redis_server: LocalRedis) -> None:
+    rc, checks = doctor(doctor_env(tmp_path, TTSPOOL_BROKER_URL=redis_server.url), "broker")
+    assert rc == 0
+    assert checks["broker"]["status"] == "warn" and "AOF and RDB both off" in checks["broker"]["detail"]
+
+
+def test_an_unwritable_bucket_fails_the_storage_line(tmp_path: Path, s3: S3Endpoint, aws_env: dict[str, str]) -> None:
+    bucket = "doctor-readonly"
+    s3.client().create_bucket(Bucket=bucket)
+    s3.client().put_bucket_policy(Bucket=bucket, Policy=json.dumps({"Version": "2012-10-17", "Statement": [
+        {"Effect": "Deny", "Principal": "*", "Action": "s3:PutObject", "Resource": f"arn:aws:s3:::{bucket}/*"}]}))
+    env = doctor_env(tmp_path, TTSPOOL_STORAGE_URL=f"s3://{bucket}/out", TTSPOOL_S3_ENDPOINT_URL=s3.url, **aws_env)
+    rc, checks = doctor(env, "storage")
+    assert rc == 1
+    assert checks["storage"]["status"] == "fail"
+    assert "s3://doctor-readonly/out/ttspool-doctor-probe-" in checks["storage"]["detail"]
+    assert "PutObject" in checks["storage"]["fix"]
+    missing = doctor_env(tmp_path, TTSPOOL_STORAGE_URL="s3://doctor-no-such-bucket", TTSPOOL_S3_ENDPOINT_URL=s3.url,
+                         **aws_env)
+    rc, checks = doctor(missing, "storage")
+    assert rc == 1 and "NoSuchBucket" in checks["storage"]["detail"]
+
+
+def test_a_corrupted_cache_file_fails_the_model_line(tmp_path: Path) -> None:
+    env = doctor_env(tmp_path)
+    mirror = tmp_path / "mirror"
+    assert run_cli(env, "model", "export-random", "--model", "random-tiny", str(mirror)).returncode == 0
+    env["TTSPOOL_MODEL_SOURCE"] = str(mirror)
+    fetched = run_cli(env, "model", "fetch", "--source", str(mirror), "--model", "random-tiny")
+    assert fetched.returncode == 0, fetched.stderr
+    rc, checks = doctor(env, "model")
+    assert rc == 0 and checks["model"]["status"] == "ok", checks
+    # Same size, one byte different: only a hash notices.
+    victim = Path(fetched.stdout.strip()) / "asset" / "Decoder.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    rc, checks = doctor(env, "model")
+    assert rc == 1
+    assert checks["model"]["status"] == "fail"
+    assert "failing sha256: asset/Decoder.safetensors" in checks["model"]["detail"]
+    assert checks["model"]["fix"].startswith(f"ttspool model fetch --source {mirror}")
+
+
+def test_settings_that_contradict_each_other_fail(tmp_path: Path) -> None:
+    env = doctor_env(tmp_path, TTSPOOL_VISIBILITY_TIMEOUT="300", TTSPOOL_UPLOAD_RETRY_S="60")
+    rc, checks = doctor(env, "settings")
+    assert rc == 1
+    assert "TTSPOOL_VISIBILITY_TIMEOUT=300 s is shorter" in checks["settings"]["detail"]
+
+
+@pytest.mark.parametrize("damage", ["not-elf", "truncated"])
+def test_a_broken_native_library_names_the_package_and_version_pair(tmp_path: Path, damage: str) -> None:
+    # The failure a registry release caused: torchaudio's compiled library does not load.
+    # A copy of the real package with its library damaged shadows the installed one: not
+    # a library at all (dlopen refuses it: OSError), or cut short (the loader crashes).
+    import torchaudio
+
+    shadow = tmp_path / "shadow"
+    shutil.copytree(Path(torchaudio.__file__).parent, shadow / "torchaudio")
+    for lib in (shadow / "torchaudio" / "lib").glob("libtorchaudio*.so"):
+        lib.write_bytes(b"not a shared object" if damage == "not-elf" else lib.read_bytes()[:4096])
+    env = doctor_env(tmp_path, PYTHONPATH=str(shadow))
+    proc = run_cli(env, "doctor", "--only", "imports")
+    assert proc.returncode == 1
+    [line] = proc.stdout.splitlines()
+    if damage == "not-elf":
+        assert line.startswith("fail  imports       torchaudio 2.11.0 next to torch 2.11.0 does not import: OSError")
+    else:
+        assert line.startswith("fail  imports       the interpreter died importing torchaudio (torch 2.11.0)")
+        assert "killed by SIG" in line
+    assert "-- fix: bash deploy/bootstrap.sh worker" in line
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("hub_env", ["closed-port", "offline"])
+def test_an_unreachable_hub_is_one_line_naming_the_ways_on(tmp_path: Path, hub_env: str) -> None:
+    env = doctor_env(tmp_path, TTSPOOL_MODEL="chattts")
+    env.pop("HF_HUB_OFFLINE", None)
+    if hub_env == "offline":
+        env["HF_HUB_OFFLINE"] = "1"
+    else:
+        env["HF_ENDPOINT"] = f"http://127.0.0.1:{closed_port()}"
+    proc = run_cli(env, "run", "--out", str(tmp_path / "out"), timeout=120)
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("ttspool: error:")]
+    assert "is unreachable" in errors[0]
+    for way in ("--model random-tiny", "TTSPOOL_MODEL_DIR=", "TTSPOOL_MODEL_SOURCE="):
+        assert way in errors[0]
+    assert "Traceback" not in proc.stderr
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))
