@@ -28,8 +28,6 @@ from typing import Generic, Sequence, TypeVar
 
 T = TypeVar("T")
 
-PRIORITIES = ("realtime", "bulk")
-
 
 @dataclass(frozen=True)
 class PlanItem(Generic[T]):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -26,12 +25,6 @@ class LocalStorage:
     ) -> str:
         # content_type is accepted for interface parity; a plain file has nowhere to keep it.
         return self._write(key, lambda out: out.write(data))
-
-    def put_file(
-        self, key: str, path: str | Path, content_type: str = "application/octet-stream"
-    ) -> str:
-        with open(path, "rb") as src:
-            return self._write(key, lambda out: shutil.copyfileobj(src, out))
 
     def get_bytes(self, key: str) -> bytes:
         path = self._path(key)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import boto3
@@ -30,7 +29,6 @@ class S3Storage:
         bucket: str,
         prefix: str = "",
         endpoint_url: str | None = None,
-        region: str | None = None,
         *,
         sse: str | None = None,
         max_attempts: int = 10,
@@ -50,7 +48,7 @@ class S3Storage:
         # A private Session: boto3's default session is not thread-safe to create
         # clients from, whereas the client itself can be shared by all threads.
         self._client: Any = boto3.session.Session().client(
-            "s3", endpoint_url=endpoint_url, region_name=region, config=config
+            "s3", endpoint_url=endpoint_url, config=config
         )
 
     @property
@@ -64,20 +62,6 @@ class S3Storage:
         with self._errors("upload", name):
             self._client.upload_fileobj(
                 io.BytesIO(data),
-                self._bucket,
-                name,
-                ExtraArgs=self._extra_args(content_type),
-                Config=_TRANSFER,
-            )
-        return self._url(name)
-
-    def put_file(
-        self, key: str, path: str | Path, content_type: str = "application/octet-stream"
-    ) -> str:
-        name = self._name(key)
-        with self._errors("upload", name):
-            self._client.upload_file(
-                str(path),
                 self._bucket,
                 name,
                 ExtraArgs=self._extra_args(content_type),

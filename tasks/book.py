@@ -1,7 +1,7 @@
 """Books: long text as one job per segment, assembled into one file when all are done.
 
 The "chord" is kept in Redis rather than in Celery's chord machinery: the worker records
-each segment's end here (`BookTracker.job_finished`), resubmits a failed segment a
+each segment's end (`workers.books.BookTracker.job_finished`), resubmits a failed segment a
 bounded number of times, and the call that sees the last segment end sends one
 `ttspool.assemble_book` task (guarded by SET NX, so several workers finishing segments
 at once send it once). A Celery chord cannot do this: the GPU task records results per
@@ -18,7 +18,6 @@ Keys (all expire after BOOK_TTL):
 from __future__ import annotations
 
 import json
-import logging
 import re
 import time
 import uuid
@@ -26,16 +25,14 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import redis
-from celery import Celery
 
-from scheduler.lengths import STEPS_PER_SECOND
-from scheduler.segments import DEFAULT_MAX_SECONDS, split_text
+from tasks.text.lengths import STEPS_PER_SECOND
+from tasks.text.segments import DEFAULT_MAX_SECONDS, split_text
 
+from . import polling
 from .producer import Client
-from .schema import JobValidationError, parse_job
-from .settings import ASSEMBLE_TASK, QUEUE_ASSEMBLE, QUEUE_BULK, TASK_NAME
-
-log = logging.getLogger(__name__)
+from .schema import JobSpec, JobValidationError, parse_job
+from .states import JobState
 
 BOOK_PREFIX = "ttspool:book:"
 BOOK_TTL = 7 * 86400
@@ -45,7 +42,7 @@ MAX_PAUSE_MS = 10_000
 _BOOK_ID = re.compile(r"book-[0-9a-f]{32}")
 # Segment job ids name their book, segment and attempt, so the worker needs no lookup
 # for the (usual) jobs that belong to no book.
-_SEGMENT_ID = re.compile(r"(book-[0-9a-f]{32})\.(\d+)\.(\d+)")
+SEGMENT_ID = re.compile(r"(book-[0-9a-f]{32})\.(\d+)\.(\d+)")
 _JOB_FIELDS = ("voice", "seed", "speed", "temperature", "top_p", "top_k", "max_tokens", "tenant")
 
 
@@ -57,14 +54,14 @@ def segment_job_id(book_id: str, index: int, attempt: int) -> str:
     return f"{book_id}.{index:05d}.{attempt}"
 
 
-def _key(book_id: str, part: str = "") -> str:
+def book_key(book_id: str, part: str = "") -> str:
     return BOOK_PREFIX + book_id + (":" + part if part else "")
 
 
 @dataclass(frozen=True)
 class BookStatus:
     id: str
-    status: str  # PENDING, STARTED, ASSEMBLING, SUCCESS, FAILURE
+    status: JobState  # PENDING, STARTED, ASSEMBLING, SUCCESS or FAILURE
     segments: int
     done: int = 0
     failed: int = 0
@@ -77,7 +74,7 @@ class BookStatus:
 
     @property
     def finished(self) -> bool:
-        return self.status in ("SUCCESS", "FAILURE")
+        return self.status in (JobState.SUCCESS, JobState.FAILURE)
 
     def to_dict(self) -> dict[str, Any]:
         """The final result, as `ttspool book --json` prints it."""
@@ -93,9 +90,9 @@ def submit_book(
     client: Client,
     text: str,
     *,
-    voice: int | str = 2,
-    seed: int = 0,
-    speed: int = 5,
+    voice: int | str = JobSpec.model_fields["voice"].default,
+    seed: int = JobSpec.model_fields["seed"].default,
+    speed: int = JobSpec.model_fields["speed"].default,
     pause_ms: int = 300,
     out_format: str = "wav",
     job: dict[str, Any] | None = None,
@@ -135,15 +132,15 @@ def submit_book(
     # The book exists before its first segment can finish, or that segment's end would
     # not be counted.
     pipe = client.redis.pipeline()
-    pipe.hset(_key(book_id), mapping={"spec": json.dumps(spec), "total": len(texts), "state": "PENDING"})
-    pipe.hset(_key(book_id, "jobs"), mapping={str(i): j["job_id"] for i, j in enumerate(jobs)})
+    pipe.hset(book_key(book_id), mapping={"spec": json.dumps(spec), "total": len(texts), "state": JobState.PENDING})
+    pipe.hset(book_key(book_id, "jobs"), mapping={str(i): j["job_id"] for i, j in enumerate(jobs)})
     for part in ("", "jobs"):
-        pipe.expire(_key(book_id, part), BOOK_TTL)
+        pipe.expire(book_key(book_id, part), BOOK_TTL)
     pipe.execute()
     try:
         client.submit_many(jobs)
     except BaseException:
-        client.redis.delete(_key(book_id), _key(book_id, "jobs"))
+        client.redis.delete(book_key(book_id), book_key(book_id, "jobs"))
         raise
     return book_id
 
@@ -151,16 +148,16 @@ def submit_book(
 def book_status(r: redis.Redis, book_id: str) -> BookStatus | None:
     """Progress or result of a book; None when no such book is recorded."""
     pipe = r.pipeline(transaction=True)
-    pipe.hmget(_key(book_id), ["total", "state", "error", "result"])
-    pipe.hvals(_key(book_id, "done"))
-    pipe.hlen(_key(book_id, "failed"))
+    pipe.hmget(book_key(book_id), ["total", "state", "error", "result"])
+    pipe.hvals(book_key(book_id, "done"))
+    pipe.hlen(book_key(book_id, "failed"))
     (total, state, error, result), done, failed = pipe.execute()
     if total is None:
         return None
-    state = state.decode()
+    state = JobState(state.decode())
     audio_s = sum(float(d) for d in done)
-    if state == "PENDING" and done:
-        state = "STARTED"
+    if state == JobState.PENDING and done:
+        state = JobState.STARTED
     res = json.loads(result) if result else {}
     return BookStatus(
         id=book_id, status=state, segments=int(total), done=len(done), failed=failed, audio_s=audio_s,
@@ -172,103 +169,25 @@ def book_status(r: redis.Redis, book_id: str) -> BookStatus | None:
 def wait_book(r: redis.Redis, book_id: str, timeout: float = 3600.0, poll: float = 0.5,
               on_progress: Callable[[BookStatus], None] | None = None) -> BookStatus:
     """Poll until the book is SUCCESS or FAILURE, or raise TimeoutError."""
-    deadline = time.monotonic() + timeout
-    while True:
+    last: list[BookStatus] = []
+
+    def step() -> BookStatus | None:
         st = book_status(r, book_id)
         if st is None:
             raise ValueError(f"no book {book_id!r} (unknown, or expired after {BOOK_TTL // 86400} days)")
         if on_progress is not None:
             on_progress(st)
-        if st.finished:
-            return st
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"book {book_id}: {st.done}/{st.segments} segments after {timeout:.0f} s")
-        time.sleep(poll)
+        last[:] = [st]
+        return st if st.finished else None
+
+    return polling.poll(step, timeout=timeout, every=poll, timed_out=lambda: (
+        f"book {book_id}: {last[0].done}/{last[0].segments} segments after {timeout:.0f} s"))
 
 
 def load_spec(r: redis.Redis, book_id: str) -> tuple[dict[str, Any], dict[int, str]]:
     """The book's spec and the current job id of each segment."""
-    raw = r.hget(_key(book_id), "spec")
+    raw = r.hget(book_key(book_id), "spec")
     if raw is None:
         raise KeyError(f"no book {book_id!r}")
-    jobs = {int(k): v.decode() for k, v in r.hgetall(_key(book_id, "jobs")).items()}
+    jobs = {int(k): v.decode() for k, v in r.hgetall(book_key(book_id, "jobs")).items()}
     return json.loads(raw), jobs
-
-
-def finish_book(r: redis.Redis, book_id: str, state: str, *, error: str | None = None,
-                result: dict[str, Any] | None = None) -> None:
-    mapping: dict[str, str] = {"state": state}
-    if error is not None:
-        mapping["error"] = error
-    if result is not None:
-        mapping["result"] = json.dumps(result)
-    r.hset(_key(book_id), mapping=mapping)
-
-
-class BookTracker:
-    """Worker side: counts segment ends, retries failed segments, starts assembly."""
-
-    def __init__(self, app: Celery, r: redis.Redis, max_attempts: int = MAX_ATTEMPTS) -> None:
-        self.app = app
-        self.redis = r
-        self.max_attempts = max_attempts
-
-    def job_finished(self, job_id: str, duration_s: float | None = None, error: str | None = None) -> None:
-        """Called once a job's result is recorded; ignores jobs that belong to no book."""
-        m = _SEGMENT_ID.fullmatch(job_id)
-        if m is None:
-            return
-        book_id, index, attempt = m[1], int(m[2]), int(m[3])
-        try:
-            self._segment_finished(book_id, index, attempt, job_id, duration_s, error)
-        except redis.RedisError as err:
-            # The job's own result is recorded; only the book's bookkeeping is behind.
-            log.warning("book %s: could not record segment %d: %s", book_id, index, err)
-
-    def _segment_finished(self, book_id: str, index: int, attempt: int, job_id: str,
-                          duration_s: float | None, error: str | None) -> None:
-        current = self.redis.hget(_key(book_id, "jobs"), str(index))
-        if current is None or current.decode() != job_id:
-            return  # not a book any more, or an attempt that was already replaced
-        if error is None:
-            pipe = self.redis.pipeline()
-            pipe.hset(_key(book_id, "done"), str(index), repr(float(duration_s or 0.0)))
-            pipe.hdel(_key(book_id, "failed"), str(index))
-            pipe.expire(_key(book_id, "done"), BOOK_TTL)
-            pipe.execute()
-        elif attempt < self.max_attempts:
-            self._retry(book_id, index, attempt + 1, error)
-            return
-        else:
-            self.redis.hset(_key(book_id, "failed"), str(index), error)
-            self.redis.expire(_key(book_id, "failed"), BOOK_TTL)
-        self._maybe_end(book_id)
-
-    def _retry(self, book_id: str, index: int, attempt: int, error: str) -> None:
-        spec, _ = load_spec(self.redis, book_id)
-        new_id = segment_job_id(book_id, index, attempt)
-        log.info("book %s: segment %d failed (%s); attempt %d as %s", book_id, index, error, attempt, new_id)
-        kwargs = {**spec["job"], "text": spec["segments"][index], "job_id": new_id, "enqueued_at": time.time()}
-        self.redis.hset(_key(book_id, "jobs"), str(index), new_id)
-        self.app.send_task(TASK_NAME, kwargs=kwargs, task_id=new_id, queue=QUEUE_BULK)
-
-    def _maybe_end(self, book_id: str) -> None:
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hget(_key(book_id), "total")
-        pipe.hlen(_key(book_id, "done"))
-        pipe.hgetall(_key(book_id, "failed"))
-        total, done, failed = pipe.execute()
-        if total is None or done + len(failed) < int(total):
-            return
-        if not self.redis.set(_key(book_id, "final"), "1", nx=True, ex=BOOK_TTL):
-            return
-        if failed:
-            indexes = sorted(int(k) for k in failed)
-            first = failed[str(indexes[0]).encode()].decode()
-            finish_book(self.redis, book_id, "FAILURE", error=(
-                f"segment(s) {', '.join(map(str, indexes))} failed after {self.max_attempts} attempts "
-                f"(segment {indexes[0]}: {first}); the book was not assembled"))
-            return
-        finish_book(self.redis, book_id, "ASSEMBLING")
-        self.app.send_task(ASSEMBLE_TASK, kwargs={"book_id": book_id}, task_id=f"{book_id}.assemble",
-                           queue=QUEUE_ASSEMBLE)

@@ -1,7 +1,30 @@
-"""Failure reasons recorded in the result backend; the class name is part of the status."""
+"""ttspool's own errors: one family, each with the CLI's exit status for it.
+
+The job failure reasons are recorded in the result backend, where the class name is part
+of the status, so those names are part of the contract.
+"""
+
+from __future__ import annotations
 
 
-class JobFailed(Exception):
+class TtspoolError(Exception):
+    """Base of every error ttspool raises on purpose. The CLI prints `ttspool: error:
+    <message>` on one line and exits with `exit_code`."""
+
+    exit_code = 1
+
+
+class UsageError(TtspoolError, ValueError):
+    """Bad input or configuration: the caller must change something (exit status 2)."""
+
+    exit_code = 2
+
+
+class SettingsError(UsageError):
+    """A TTSPOOL_* setting or flag is malformed or contradicts another."""
+
+
+class JobFailed(TtspoolError):
     """Synthesis ran and failed for this job (the reason says why)."""
 
     def __init__(self, message: str, reason: str = "synthesis") -> None:
@@ -10,19 +33,19 @@ class JobFailed(Exception):
         self.reason = reason
 
 
-class MessageRejected(Exception):
+class MessageRejected(TtspoolError):
     """The broker message could not be decoded or is not a ttspool job."""
 
 
-class RedeliveryLimit(Exception):
-    """The job was delivered too many times (it crashed or stalled the worker each time)."""
+class RedeliveryLimit(TtspoolError):
+    """The job was in too many GPU batches that never returned (TTSPOOL_MAX_STRIKES)."""
 
 
-class JobExpired(Exception):
+class JobExpired(TtspoolError):
     """The job's deadline (expires_at, or enqueued_at + ttl_s) passed before it ran."""
 
 
-class RateLimited(RuntimeError):
+class RateLimited(TtspoolError, RuntimeError):
     """A tenant asked for more jobs than its token bucket holds; nothing was enqueued."""
 
     def __init__(self, message: str, tenant: str, retry_after_s: float) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -13,14 +12,15 @@ from celery import Celery
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from . import polling
 from .app import make_app
 from .ratelimit import Limit, RateLimiter, parse_limits
 from .schema import JobSpec, parse_job
 from .settings import QUEUE_BULK, QUEUE_REALTIME, TASK_NAME, Settings
+from .states import TERMINAL, JobState
 
 # EXPIRED is recorded in Celery as a FAILURE (so plain Celery clients see it end) whose
 # reason is JobExpired; this API reports it under its own name.
-TERMINAL = ("SUCCESS", "FAILURE", "EXPIRED")
 # A client-chosen job_id is claimed here (SET NX) before its message is sent; kept as
 # long as results are (result_expires), so a retried submit finds the first job.
 CLAIM_PREFIX = "ttspool:jobid:"
@@ -30,7 +30,7 @@ _CLAIM_TTL = 7 * 86400
 @dataclass(frozen=True)
 class JobStatus:
     id: str
-    status: str
+    status: JobState
     url: str | None = None
     duration_s: float | None = None
     sample_rate: int | None = None
@@ -56,7 +56,7 @@ class Client:
         self.redis = redis.Redis.from_url(self.settings.broker_url, socket_timeout=10, socket_connect_timeout=5,
                                           retry=Retry(ExponentialBackoff(cap=3, base=0.5), 10))
         if rate_limits is None:
-            rate_limits = parse_limits(os.environ.get("TTSPOOL_RATE_LIMITS", ""))
+            rate_limits = parse_limits(self.settings.rate_limits)
         self.limiter = RateLimiter(rate_limits, self.redis)
 
     def submit(self, job: Mapping[str, Any] | JobSpec) -> str:
@@ -71,6 +71,9 @@ class Client:
         bucket is short.
         """
         specs = [parse_job(dict(j) if not isinstance(j, JobSpec) else j) for j in jobs]
+        # The broker first, through our own client: when it is down, a redis.ConnectionError
+        # that names it, not Celery's result-backend message from inside send_task.
+        self.redis.ping()
         self.limiter.take(spec.tenant for spec in specs)
         claimed = self._claim([spec.job_id for spec in specs if spec.job_id is not None])
         ids = []
@@ -118,41 +121,38 @@ class Client:
 
     def status(self, job_id: str) -> JobStatus:
         meta = self.app.backend.get_task_meta(job_id)
-        state = meta.get("status", "PENDING")
+        state = meta.get("status", JobState.PENDING)
         result = meta.get("result")
-        if state == "SUCCESS" and isinstance(result, dict):
+        if state == JobState.SUCCESS and isinstance(result, dict):
             return JobStatus(
                 id=job_id,
-                status=state,
+                status=JobState.SUCCESS,
                 url=result.get("url"),
                 duration_s=result.get("duration_s"),
                 sample_rate=result.get("sample_rate"),
             )
-        if state == "FAILURE":
+        if state == JobState.FAILURE:
             kind = result.get("exc_type") if isinstance(result, dict) else type(result).__name__
             expired = kind == "JobExpired"
-            return JobStatus(id=job_id, status="EXPIRED" if expired else state, error=_error_text(result))
-        if state in ("STARTED", "RECEIVED"):
-            return JobStatus(id=job_id, status="STARTED")
-        return JobStatus(id=job_id, status="PENDING")
+            return JobStatus(id=job_id, status=JobState.EXPIRED if expired else JobState.FAILURE,
+                             error=_error_text(result))
+        # RECEIVED is Celery's; ttspool's worker records STARTED.
+        if state in (JobState.STARTED, "RECEIVED"):
+            return JobStatus(id=job_id, status=JobState.STARTED)
+        return JobStatus(id=job_id, status=JobState.PENDING)
 
     def wait(self, job_ids: list[str], timeout: float = 600.0, poll: float = 0.2) -> list[JobStatus]:
         """Poll until every job is SUCCESS, FAILURE or EXPIRED, or raise TimeoutError."""
-        deadline = time.monotonic() + timeout
-        pending = list(job_ids)
         done: dict[str, JobStatus] = {}
-        while pending:
-            for jid in list(pending):
-                st = self.status(jid)
-                if st.done:
+
+        def step() -> list[JobStatus] | None:
+            for jid in job_ids:
+                if jid not in done and (st := self.status(jid)).done:
                     done[jid] = st
-                    pending.remove(jid)
-            if not pending:
-                break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{len(pending)} job(s) not finished after {timeout:.0f} s")
-            time.sleep(poll)
-        return [done[j] for j in job_ids]
+            return [done[j] for j in job_ids] if len(done) == len(set(job_ids)) else None
+
+        return polling.poll(step, timeout=timeout, every=poll, timed_out=lambda: (
+            f"{len(set(job_ids)) - len(done)} job(s) not finished after {timeout:.0f} s"))
 
     def close(self) -> None:
         self.redis.close()

@@ -16,6 +16,8 @@ import pybase16384 as b14
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 from pydantic import ValidationError, ValidationInfo, field_validator
 
+from .errors import UsageError
+
 MAX_TEXT_CHARS = 2000
 MAX_VOICE_CHARS = 4096
 MAX_STEPS = 2048
@@ -30,7 +32,7 @@ MAX_TTL_S = 7 * 86400
 Seed = Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]
 
 
-class JobValidationError(ValueError):
+class JobValidationError(UsageError):
     """A job that must not run; the message names each offending field."""
 
 

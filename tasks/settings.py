@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
+
+from .errors import SettingsError
+
+log = logging.getLogger(__name__)
 
 QUEUE_REALTIME = "tts.realtime"
 QUEUE_BULK = "tts.bulk"
@@ -21,6 +26,7 @@ ASSEMBLE_TASK = "ttspool.assemble_book"
 WORKER_QUEUES = (QUEUE_REALTIME, QUEUE_ASSEMBLE, QUEUE_BULK)
 
 _MODELS = ("chattts", "random-tiny", "random-full")
+SSE_VALUES = frozenset({"AES256", "aws:kms", "aws:kms:dsse"})
 
 
 def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
@@ -30,16 +36,16 @@ def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> i
     try:
         value = int(raw)
     except ValueError:
-        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+        raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
     if not lo <= value <= hi:
-        raise ValueError(f"{name} must be between {lo} and {hi}, got {value}")
+        raise SettingsError(f"{name} must be between {lo} and {hi}, got {value}")
     return value
 
 
 def _bool(env: Mapping[str, str], name: str) -> bool:
     raw = (env.get(name) or "0").strip().lower()
     if raw not in ("0", "1", "true", "false", "yes", "no"):
-        raise ValueError(f"{name} must be 0 or 1, got {raw!r}")
+        raise SettingsError(f"{name} must be 0 or 1, got {raw!r}")
     return raw in ("1", "true", "yes")
 
 
@@ -61,7 +67,10 @@ class Settings:
     # Must exceed buffering + one batch + upload, or Redis hands a running job to a
     # second worker. Kept in seconds, as Redis' transport option is.
     visibility_timeout: int = 3600
-    max_deliveries: int = 3
+    # GPU batches a job may be in that never returned (the worker died or hung) before it
+    # is failed and dead-lettered. Not deliveries: a storage outage or a Redis restart
+    # re-delivers jobs without their being to blame.
+    max_strikes: int = 3
     # How long a failed upload is retried in place (growing pauses, on top of boto3's
     # own retries) before the job goes back to the queue; a graceful stop may wait this.
     upload_retry_s: int = 60
@@ -74,18 +83,54 @@ class Settings:
     model_source: str | None = None  # None: hf for chattts; random models built here
     model_revision: str | None = None
     model_pubkey: str | None = None
+    s3_sse: str | None = None  # server-side encryption: AES256, aws:kms, aws:kms:dsse
+    # Producer-side per-tenant limits, e.g. "acme=10/s:burst=20,*=5/s" (tasks/ratelimit.py).
+    rate_limits: str = ""
+    # Test hooks (workers/faults.py): TTSPOOL_FAULT_<NAME> variables, as (NAME, value).
+    faults: tuple[tuple[str, str], ...] = ()
+    # Fields set explicitly (environment or flag), as opposed to defaults: `ttspool run`
+    # starts a throwaway Redis and a local output folder only for what nobody configured.
+    explicit: frozenset[str] = field(default=frozenset(), compare=False)
 
     @property
     def backend_url(self) -> str:
         return self.result_backend or self.broker_url
 
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir).expanduser()
+
+    @property
+    def model_pubkey_path(self) -> Path | None:
+        return Path(self.model_pubkey).expanduser() if self.model_pubkey else None
+
     def override(self, **changes: Any) -> "Settings":
-        return validate(replace(self, **{k: v for k, v in changes.items() if v is not None}))
+        given = {k: v for k, v in changes.items() if v is not None}
+        return validate(replace(self, **given, explicit=self.explicit | frozenset(given)))
+
+    def to_env(self) -> dict[str, str]:
+        """The TTSPOOL_* variables that make Settings.from_env() give these settings back
+        (for a child process, e.g. the worker `ttspool run` starts)."""
+        env: dict[str, str] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "faults":
+                env.update({f"{_FAULT_PREFIX}{k}": v for k, v in value})
+            elif f.name in ENV_NAMES and value is not None:
+                env[ENV_NAMES[f.name]] = ("1" if value else "0") if isinstance(value, bool) else str(value)
+        return env
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
         env = os.environ if env is None else env
         d = cls()
+        strikes_var = "TTSPOOL_MAX_STRIKES"
+        if not env.get(strikes_var) and env.get("TTSPOOL_MAX_DELIVERIES"):
+            log.warning("TTSPOOL_MAX_DELIVERIES is deprecated: it counts strikes; set TTSPOOL_MAX_STRIKES")
+            strikes_var = "TTSPOOL_MAX_DELIVERIES"
+        explicit = frozenset(name for name, var in ENV_NAMES.items() if env.get(var))
+        if strikes_var != "TTSPOOL_MAX_STRIKES":
+            explicit |= {"max_strikes"}
         return validate(
             cls(
                 broker_url=env.get("TTSPOOL_BROKER_URL") or d.broker_url,
@@ -103,7 +148,7 @@ class Settings:
                 visibility_timeout=_int(
                     env, "TTSPOOL_VISIBILITY_TIMEOUT", d.visibility_timeout, 10, 7 * 86400
                 ),
-                max_deliveries=_int(env, "TTSPOOL_MAX_DELIVERIES", d.max_deliveries, 1, 100),
+                max_strikes=_int(env, strikes_var, d.max_strikes, 1, 100),
                 upload_retry_s=_int(env, "TTSPOOL_UPLOAD_RETRY_S", d.upload_retry_s, 0, 3600),
                 metrics_port=_int(env, "TTSPOOL_METRICS_PORT", d.metrics_port, 0, 65535),
                 metrics_addr=env.get("TTSPOOL_METRICS_ADDR") or d.metrics_addr,
@@ -111,28 +156,51 @@ class Settings:
                 model_source=env.get("TTSPOOL_MODEL_SOURCE") or None,
                 model_revision=env.get("TTSPOOL_MODEL_REVISION") or None,
                 model_pubkey=env.get("TTSPOOL_MODEL_PUBKEY") or None,
+                s3_sse=env.get("TTSPOOL_S3_SSE") or None,
+                rate_limits=env.get("TTSPOOL_RATE_LIMITS") or "",
+                faults=tuple(sorted((k.removeprefix(_FAULT_PREFIX), v) for k, v in env.items()
+                                    if k.startswith(_FAULT_PREFIX) and v)),
+                explicit=explicit,
             )
         )
 
 
+_FAULT_PREFIX = "TTSPOOL_FAULT_"
+# Every setting's variable. `faults` (a family of variables) and `explicit` have none.
+ENV_NAMES = {
+    "broker_url": "TTSPOOL_BROKER_URL", "result_backend": "TTSPOOL_RESULT_BACKEND",
+    "storage_url": "TTSPOOL_STORAGE_URL", "s3_endpoint_url": "TTSPOOL_S3_ENDPOINT_URL",
+    "model": "TTSPOOL_MODEL", "model_dir": "TTSPOOL_MODEL_DIR", "device": "TTSPOOL_DEVICE",
+    "dtype": "TTSPOOL_DTYPE", "compile": "TTSPOOL_COMPILE", "max_batch": "TTSPOOL_MAX_BATCH",
+    "max_wait_ms": "TTSPOOL_MAX_WAIT_MS", "aging_ms": "TTSPOOL_AGING_MS",
+    "visibility_timeout": "TTSPOOL_VISIBILITY_TIMEOUT", "max_strikes": "TTSPOOL_MAX_STRIKES",
+    "upload_retry_s": "TTSPOOL_UPLOAD_RETRY_S", "metrics_port": "TTSPOOL_METRICS_PORT",
+    "metrics_addr": "TTSPOOL_METRICS_ADDR", "cache_dir": "TTSPOOL_CACHE_DIR",
+    "model_source": "TTSPOOL_MODEL_SOURCE", "model_revision": "TTSPOOL_MODEL_REVISION",
+    "model_pubkey": "TTSPOOL_MODEL_PUBKEY", "s3_sse": "TTSPOOL_S3_SSE", "rate_limits": "TTSPOOL_RATE_LIMITS",
+}
+
+
 def validate(s: Settings) -> Settings:
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", s.device):
-        raise ValueError(f"TTSPOOL_DEVICE must be auto, cpu, cuda or cuda:N, got {s.device!r}")
+        raise SettingsError(f"TTSPOOL_DEVICE must be auto, cpu, cuda or cuda:N, got {s.device!r}")
     if s.dtype not in ("auto", "float16", "bfloat16", "float32"):
-        raise ValueError(
+        raise SettingsError(
             f"TTSPOOL_DTYPE must be auto, float16, bfloat16 or float32, got {s.dtype!r}"
         )
     if s.model not in _MODELS and not os.path.isabs(os.path.expanduser(s.model)):
-        raise ValueError(
+        raise SettingsError(
             f"TTSPOOL_MODEL must be one of {', '.join(_MODELS)} or an absolute path to a "
             f"ChatTTS asset folder, got {s.model!r}"
         )
+    if s.s3_sse is not None and s.s3_sse not in SSE_VALUES:
+        raise SettingsError(f"TTSPOOL_S3_SSE must be one of {sorted(SSE_VALUES)}, got {s.s3_sse!r}")
     for name, url in (("TTSPOOL_BROKER_URL", s.broker_url), ("TTSPOOL_RESULT_BACKEND", s.backend_url)):
         if not re.match(r"rediss?://", url):
-            raise ValueError(f"{name} must be a redis:// or rediss:// URL, got {redact_url(url)!r}")
+            raise SettingsError(f"{name} must be a redis:// or rediss:// URL, got {redact_url(url)!r}")
         # Without it kombu would connect with TLS but without checking the certificate.
         if url.startswith("rediss://") and "ssl_cert_reqs=" not in url:
-            raise ValueError(
+            raise SettingsError(
                 f"{name} is a rediss:// URL without ?ssl_cert_reqs=required (with "
                 f"&ssl_ca_certs=/path/ca.pem for a private CA): {redact_url(url)!r}"
             )
@@ -140,5 +208,10 @@ def validate(s: Settings) -> Settings:
 
 
 def redact_url(url: str) -> str:
-    """Hide the password in scheme://user:password@host URLs before logging or erroring."""
-    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
+    """Hide credentials before logging or erroring: the password of scheme://user:password@host,
+    and a bare scheme://token@host (a user name alone may be a secret, e.g. an API token)."""
+    def hide(m: re.Match[str]) -> str:
+        user, colon, _ = m[2].partition(":")
+        return f"{m[1]}{user}:***@" if colon else f"{m[1]}***@"
+
+    return re.sub(r"(://)([^/@]*)@", hide, url)

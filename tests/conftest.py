@@ -23,7 +23,7 @@ import boto3
 import pytest
 from hypothesis import settings as hypothesis_settings
 
-from tasks.local_redis import LocalRedis, free_port
+from tasks.cli.local_redis import LocalRedis, free_port
 from tasks.producer import Client
 from tasks.settings import QUEUE_BULK, TASK_NAME, Settings
 

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from storage.model_cache import COMPLETE, cache_root
-from storage.model_manifest import MANIFEST_NAME, parse_manifest, sha256_file, write_manifest
-from storage.range_server import RangeServer
-from workers.random_models import export_random
+from storage.models.cache import COMPLETE
+from storage.models.manifest import MANIFEST_NAME, parse_manifest, sha256_file, write_manifest
+from workers.bench.range_server import RangeServer
+from tasks.settings import Settings
+from workers.engine.random_models import export_random
 
 MiB = 1024 * 1024
 BIG = "asset/0large.dat"  # sorts first, so a fetch starts with it
@@ -24,7 +25,7 @@ BIG_SIZE = 96 * MiB  # above the 64 MiB parallel threshold
 def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """random-tiny as `ttspool model export-random` writes it (built in the shared cache)."""
     out = tmp_path_factory.mktemp("export") / "random-tiny"
-    export_random("random-tiny", cache_root() / "models", out)
+    export_random("random-tiny", Path(Settings.from_env().cache_dir) / "models", out)
     return out
 
 

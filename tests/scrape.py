@@ -13,7 +13,7 @@ from typing import Callable
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tasks.local_redis import free_port
+from tasks.cli.local_redis import free_port
 
 from .conftest import ROOT, stop_process
 

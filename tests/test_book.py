@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from scheduler.segments import split_text
-from tasks.book import book_status, segment_job_id, submit_book, wait_book
+from tasks.book import BOOK_TTL, book_key, book_status, segment_job_id, submit_book, wait_book
 from tasks.producer import Client
 from tasks.schema import JobValidationError
+from tasks.settings import ASSEMBLE_TASK, QUEUE_ASSEMBLE
+from tasks.text.segments import split_text
 
 from .conftest import BUCKET, S3Endpoint, WorkerProc, run_cli
 
@@ -154,3 +155,18 @@ def test_bad_book_input_enqueues_nothing(client: Client) -> None:
     with pytest.raises(JobValidationError, match="empty"):
         submit_book(client, "  \n ")
     assert client.redis.keys("ttspool:book:*") == before
+
+
+def test_assembling_a_book_whose_keys_are_gone_leaves_nothing_behind_forever(client: Client) -> None:
+    # A book that expired (or was deleted) before its assembly ran: the failure is
+    # recorded, but its hash must expire like every other book key.
+    book_id = "book-" + "0" * 31 + "1"
+    r = client.redis
+    r.delete(book_key(book_id))
+    client.app.send_task(ASSEMBLE_TASK, kwargs={"book_id": book_id}, task_id=f"{book_id}.assemble",
+                         queue=QUEUE_ASSEMBLE)
+    deadline = time.monotonic() + 60
+    while not r.exists(book_key(book_id)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert r.hget(book_key(book_id), "state") == b"FAILURE"
+    assert 0 < r.ttl(book_key(book_id)) <= BOOK_TTL

@@ -18,7 +18,7 @@ import soundfile as sf
 from storage.local import LocalStorage
 from storage.s3 import S3Storage
 from tasks.errors import RateLimited
-from tasks.local_redis import LocalRedis
+from tasks.cli.local_redis import LocalRedis
 from tasks.producer import Client
 from tasks.ratelimit import Limit, parse_limits
 from tasks.settings import QUEUE_BULK, Settings
@@ -94,7 +94,7 @@ def test_jsonl_strict_enqueues_nothing_and_lenient_enqueues_the_valid(worker: Wo
 
 
 def test_presigned_urls(s3: S3Endpoint, tmp_path: Path) -> None:
-    store = S3Storage(BUCKET, "presign", endpoint_url=s3.url, region="us-east-1")
+    store = S3Storage(BUCKET, "presign", endpoint_url=s3.url)
     store.put_bytes("a/b.txt", b"hello presign")
     url = store.presigned_url("a/b.txt", 120)
     assert url.startswith(f"{s3.url}/{BUCKET}/presign/a/b.txt?") and "X-Amz-Expires=120" in url

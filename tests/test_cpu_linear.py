@@ -1,4 +1,4 @@
-"""workers/cpu_linear.py: linears on oneDNN-packed weights are the same linear map."""
+"""workers/engine/cpu_linear.py: linears on oneDNN-packed weights are the same linear map."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.cpu_linear import PackedLinear, can_pack, pack_linears, stock_linears
+from workers.engine.cpu_linear import PackedLinear, can_pack, pack_linears, stock_linears
 
 pytestmark = pytest.mark.skipif(not can_pack(), reason="this torch build has no oneDNN")
 

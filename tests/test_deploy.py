@@ -411,7 +411,7 @@ def test_grafana_provisioning_finds_the_dashboards_and_prometheus() -> None:
 
 
 def locked() -> dict[str, set[str]]:
-    from tasks.cli_doctor import locked_versions
+    from tasks.cli.doctor import locked_versions
 
     return locked_versions(ROOT / "uv.lock")
 

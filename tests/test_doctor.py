@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tasks.local_redis import LocalRedis, free_port
+from tasks.cli.local_redis import LocalRedis, free_port
 
 from .conftest import S3Endpoint, run_cli
 
@@ -39,6 +39,7 @@ def test_a_healthy_machine_passes_every_check(tmp_path: Path, s3: S3Endpoint, aw
                          TTSPOOL_S3_ENDPOINT_URL=s3.url, **aws_env)
         rc, checks = doctor(env, "python,packages,imports,devices,broker,storage,model,settings")
     assert rc == 0, checks
+    assert checks["packages"]["status"] == "ok" and "match uv.lock" in checks["packages"]["detail"]
     assert checks["imports"]["status"] == "ok" and "torchaudio 2.11.0" in checks["imports"]["detail"]
     assert "engine runs on cpu in float32" in checks["devices"]["detail"]
     assert checks["broker"]["status"] == "ok" and "persistence AOF" in checks["broker"]["detail"]
@@ -163,3 +164,20 @@ def test_an_unreachable_hub_is_one_line_naming_the_ways_on(tmp_path: Path, hub_e
         assert way in errors[0]
     assert "Traceback" not in proc.stderr
     assert not list((tmp_path / "cache").rglob("*.safetensors"))
+
+
+def test_packages_that_drifted_from_the_lock_fail_naming_each(tmp_path: Path) -> None:
+    # A lock that pins another torchaudio than the one installed: what a venv built
+    # before a lock change (or by hand) looks like to the check.
+    from tasks.cli.doctor import LOCK, check_packages
+
+    text = LOCK.read_text()
+    marker = 'name = "torchaudio"\nversion = "'
+    start = text.index(marker) + len(marker)
+    installed = text[start:text.index('"', start)]
+    lock = tmp_path / "uv.lock"
+    lock.write_text(text[:start] + "9.9.9" + text[start + len(installed):])
+    check = check_packages(lock)
+    assert check.status == "fail"
+    assert check.detail == f"not the locked versions: torchaudio {installed} (lock: 9.9.9)"
+    assert check_packages(LOCK).status == "ok"

@@ -10,7 +10,7 @@ import pybase16384 as b14
 import pytest
 import torch
 
-from scheduler.lengths import predicted_steps, steps_to_samples
+from tasks.text.lengths import predicted_steps, steps_to_samples
 from workers.engine import Engine, SynthRequest
 
 SHORT = "A short line."
@@ -153,7 +153,7 @@ def test_a_failing_refilled_row_fails_alone(engine: Engine) -> None:
 
 
 def test_cpu_engine_packs_the_gpt_linears(engine: Engine) -> None:
-    from workers.cpu_linear import PackedLinear, can_pack
+    from workers.engine.cpu_linear import PackedLinear, can_pack
 
     if not can_pack():
         pytest.skip("this torch build has no oneDNN")

@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 import pytest
 import redis
 
-from tasks.local_redis import LocalRedis, free_port
+from tasks.cli.local_redis import LocalRedis, free_port
 from tasks.producer import Client, JobStatus
 from tasks.settings import QUEUE_BULK, Settings
 
@@ -274,7 +274,7 @@ def test_s3_down_for_30_s_uploads_retry_in_place(broker: LocalRedis, s3: S3Endpo
         s3.client().create_bucket(Bucket=s3.bucket)
         # One delivery allowed: a job put back on the queue would show up as a second one.
         env = _env(broker, s3, aws_env, TTSPOOL_STORAGE_URL=f"s3://{s3.bucket}/jobs", TTSPOOL_MAX_BATCH="4",
-                   TTSPOOL_UPLOAD_RETRY_S="120", TTSPOOL_MAX_DELIVERIES="1", TTSPOOL_VISIBILITY_TIMEOUT="3600")
+                   TTSPOOL_UPLOAD_RETRY_S="120", TTSPOOL_MAX_STRIKES="1", TTSPOOL_VISIBILITY_TIMEOUT="3600")
         log = tmp_path / "worker.log"
         r = redis.Redis.from_url(broker.url)
         with running_worker(env, log) as (proc, client):
@@ -301,7 +301,7 @@ def test_s3_down_for_30_s_uploads_retry_in_place(broker: LocalRedis, s3: S3Endpo
 
 
 def test_job_that_kills_the_worker_is_dead_lettered(broker: LocalRedis, s3: S3Endpoint, aws_env, tmp_path: Path) -> None:
-    env = _env(broker, s3, aws_env, TTSPOOL_MAX_BATCH="8", TTSPOOL_MAX_DELIVERIES="2",
+    env = _env(broker, s3, aws_env, TTSPOOL_MAX_BATCH="8", TTSPOOL_MAX_STRIKES="2",
                TTSPOOL_FAULT_CRASH_ON_TEXT="kaboom")
     r = redis.Redis.from_url(broker.url)
     logs = [tmp_path / f"worker{n}.log" for n in range(4)]

@@ -7,12 +7,12 @@ import re
 from pathlib import Path
 
 import pytest
-from prometheus_client import REGISTRY
 
-from storage.fetch_http import FetchError, HttpPolicy
-from storage.model_cache import fetch_model
-from storage.range_server import RangeServer
+from storage.models.fetch_http import FetchError, HttpPolicy
+from storage.models.cache import fetch_model
+from workers.bench.range_server import RangeServer
 from tests.model_mirror import assert_verified, mirror, tiny_export  # noqa: F401 (fixtures)
+from workers.metrics import Metrics
 
 # Short timeouts and backoff: the faults are real, the waits need not be long.
 POLICY = HttpPolicy(backoff_s=0.01, backoff_max_s=0.05, read_timeout_s=1.0, attempts=4)
@@ -91,7 +91,8 @@ def test_missing_file_is_not_retried(tiny_export: Path, tmp_path: Path) -> None:
 
 
 def test_bytes_are_counted_by_source(mirror: RangeServer, tiny_export: Path, tmp_path: Path) -> None:
-    before = REGISTRY.get_sample_value("ttspool_model_fetch_bytes_total", {"source": "http"}) or 0.0
+    registry = Metrics().registry  # the worker's: what its /metrics serves
+    before = registry.get_sample_value("ttspool_model_fetch_bytes_total", {"source": "http"}) or 0.0
     _fetch(mirror, tmp_path)
     total = sum(p.stat().st_size for p in tiny_export.rglob("*") if p.is_file() and p.name != "manifest.json")
-    assert REGISTRY.get_sample_value("ttspool_model_fetch_bytes_total", {"source": "http"}) - before == total
+    assert registry.get_sample_value("ttspool_model_fetch_bytes_total", {"source": "http"}) - before == total

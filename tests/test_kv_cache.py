@@ -1,11 +1,11 @@
-"""workers/kv_cache.py: the in-place cache holds exactly what DynamicCache would."""
+"""workers/engine/kv_cache.py: the in-place cache holds exactly what DynamicCache would."""
 
 from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
 
-from workers.kv_cache import SLACK, RowCache
+from workers.engine.kv_cache import SLACK, RowCache
 
 
 def _kv(rows: int, cols: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

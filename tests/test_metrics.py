@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tasks.local_redis import LocalRedis, free_port
+from tasks.cli.local_redis import LocalRedis, free_port
 from tasks.producer import Client
 from tasks.settings import QUEUE_BULK, Settings
 from workers.audio import wav_duration

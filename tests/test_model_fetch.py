@@ -17,11 +17,14 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from storage.model_cache import fetch_model, list_models, model_dir, prune
-from storage.model_manifest import ManifestError, parse_manifest, sha256_file
-from storage.range_server import RangeServer
+from storage.models.cache import fetch_model, list_models, model_dir, prune
+from storage.models.manifest import ManifestError, parse_manifest, sha256_file
+from workers.bench.range_server import RangeServer
 from tasks.cli import main
-from tests.conftest import ROOT, S3Endpoint
+from workers.engine.assets import ModelFetch, resolve
+from tasks.cli.local_redis import LocalRedis, free_port
+from tests.conftest import ROOT, S3Endpoint, start_worker, stop_process
+from tests.scrape import fetch, parse, value, wait_for
 from tests.model_mirror import (BIG, BIG_SIZE, MiB, assert_verified, big_export, mirror,  # noqa: F401 (fixtures)
                                 mirror_copy, tiny_export)
 
@@ -91,18 +94,19 @@ def test_two_fetches_at_once_download_each_file_once(tiny_export: Path, tmp_path
     assert_verified(Path(outs[0].strip().splitlines()[-1]), tiny_export)
 
 
-def test_s3_source(s3: S3Endpoint, tiny_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_s3_source(s3: S3Endpoint, tiny_export: Path, tmp_path: Path) -> None:
     client = s3.client()
     for path in tiny_export.rglob("*"):
         if path.is_file():
             client.upload_file(str(path), s3.bucket, f"mirror/random-tiny/{path.relative_to(tiny_export).as_posix()}")
-    monkeypatch.setenv("TTSPOOL_S3_ENDPOINT_URL", s3.url)
-    target = fetch_model(f"s3://{s3.bucket}/mirror/random-tiny", tmp_path / "cache", tty=False)
+    target = fetch_model(f"s3://{s3.bucket}/mirror/random-tiny", tmp_path / "cache", tty=False,
+                         s3_endpoint_url=s3.url)
     assert_verified(target, tiny_export)
     # A poisoned object is refetched, then refused with the file's name.
     client.put_object(Bucket=s3.bucket, Key="mirror/random-tiny/ttspool.json", Body=b"{}")
     with pytest.raises(RuntimeError, match=r"ttspool\.json from s3://.*sha256 mismatch on all 2 attempts"):
-        fetch_model(f"s3://{s3.bucket}/mirror/random-tiny", tmp_path / "other", attempts=2, tty=False)
+        fetch_model(f"s3://{s3.bucket}/mirror/random-tiny", tmp_path / "other", attempts=2, tty=False,
+                    s3_endpoint_url=s3.url)
 
 
 def test_local_folder_source_hard_links_and_reuses_the_cache(tiny_export: Path, tmp_path: Path) -> None:
@@ -141,6 +145,37 @@ def test_signed_manifest_is_checked(tiny_export: Path, tmp_path: Path) -> None:
     (served / "manifest.json.sig").unlink()
     with pytest.raises(ManifestError, match="no manifest.json.sig"):
         fetch_model(str(served), tmp_path / "unsigned", pubkey=pub, tty=False)
+
+
+def test_a_signed_only_worker_refuses_an_unsigned_cache_entry(tiny_export: Path, tmp_path: Path) -> None:
+    served, pub = _signed_mirror(tiny_export, tmp_path)
+    cache = tmp_path / "cache"
+    # Filled by hand without the key (the bypass): a worker with the key must not load it.
+    fetch_model(str(tiny_export), cache, tty=False)
+    with pytest.raises(ManifestError, match="no manifest.json.sig"):
+        resolve("random-tiny", fetch=ModelFetch(cache, str(tiny_export), None, pub))
+    # Signed by another key: refused as well.
+    _, other = _signed_mirror(tiny_export, tmp_path / "other")
+    signed_cache = tmp_path / "signed"
+    fetch_model(str(served), signed_cache, pubkey=pub, tty=False)
+    with pytest.raises(ManifestError, match="does not verify"):
+        resolve("random-tiny", fetch=ModelFetch(signed_cache, str(served), None, other))
+    assert resolve("random-tiny", fetch=ModelFetch(signed_cache, str(served), None, pub)).random
+
+
+def test_cli_fetch_takes_source_revision_and_key_from_the_settings(tiny_export: Path, tmp_path: Path) -> None:
+    served, pub = _signed_mirror(tiny_export, tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TTSPOOL_")}
+    env.update({"TTSPOOL_CACHE_DIR": str(tmp_path / "cache"), "TTSPOOL_MODEL_SOURCE": str(served),
+                "TTSPOOL_MODEL_PUBKEY": str(pub)})
+    out = _finish(_cli("fetch", env=env))
+    assert out.strip().splitlines()[-1] == str(model_dir(tmp_path / "cache", "random-tiny", None))
+    (served / "manifest.json.sig").unlink()
+    env["TTSPOOL_CACHE_DIR"] = str(tmp_path / "cache2")
+    refused = subprocess.run([sys.executable, "-m", "tasks.cli", "model", "fetch"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "no manifest.json.sig" in refused.stderr
+    assert not list((tmp_path / "cache2").rglob("*.safetensors"))
 
 
 @pytest.mark.parametrize("path, error", [
@@ -199,7 +234,6 @@ def test_cli_export_random_writes_a_mirror(tiny_export: Path, tmp_path: Path) ->
 def test_engine_loads_a_model_fetched_on_first_use(mirror: RangeServer, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     from workers.engine import Engine, SynthRequest
-    from workers.model_assets import resolve
 
     monkeypatch.setenv("TTSPOOL_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("TTSPOOL_MODEL_SOURCE", mirror.url)
@@ -228,3 +262,23 @@ def test_hf_source_goes_through_huggingface_hub_and_checks_the_official_digests(
             fetch_model("hf", tmp_path / "cache", attempts=2, tty=False)
         assert server.hits("2Noise/ChatTTS/resolve/main/asset/DVAE.safetensors") >= 2
     assert not (tmp_path / "cache/models/chattts/main/asset/DVAE.safetensors").exists()
+
+
+def test_a_worker_serves_the_bytes_it_fetched_on_its_metrics(
+        tiny_export: Path, tmp_path: Path, redis_server: LocalRedis) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TTSPOOL_")}
+    env.update({"TTSPOOL_BROKER_URL": redis_server.url, "TTSPOOL_STORAGE_URL": (tmp_path / "out").as_uri(),
+                "TTSPOOL_MODEL": "random-tiny", "TTSPOOL_MODEL_SOURCE": str(tiny_export), "TTSPOOL_DEVICE": "cpu",
+                "TTSPOOL_CACHE_DIR": str(tmp_path / "cache"), "TTSPOOL_METRICS_PORT": str(port),
+                "TTSPOOL_METRICS_ADDR": "127.0.0.1"})
+    proc = start_worker(env, tmp_path / "worker.log")
+    try:
+        wait_for(lambda: fetch(f"http://127.0.0.1:{port}/healthz")[0] == 200, "the worker to load its model",
+                 timeout=300)
+        fetched = value(parse(fetch(f"http://127.0.0.1:{port}/metrics")[1]), "ttspool_model_fetch_bytes_total",
+                        source="local")
+    finally:
+        stop_process(proc)
+    total = sum(p.stat().st_size for p in tiny_export.rglob("*") if p.is_file() and p.name != "manifest.json")
+    assert fetched == total

@@ -11,13 +11,14 @@ import uuid
 import redis
 import soundfile as sf
 
-from scheduler.lengths import predicted_steps, steps_to_samples
 from tasks.app import make_app
 from tasks.producer import Client
 from tasks.schema import JobValidationError
-from tasks.settings import QUEUE_BULK, QUEUE_REALTIME, TASK_NAME
+from tasks.settings import QUEUE_BULK, QUEUE_REALTIME, TASK_NAME, Settings
+from tasks.text.lengths import predicted_steps, steps_to_samples
 
 from .conftest import BUCKET, PREFIX, ROOT, S3Endpoint, WorkerProc, raw_message
+from .scrape import fetch, parse, value
 
 STATUS_FIELDS = {"id", "status", "url", "duration_s", "sample_rate", "error"}
 
@@ -101,11 +102,19 @@ def test_alone_and_batched_give_same_duration_and_audio(client: Client, s3: S3En
     assert abs(a.astype(int) - b.astype(int)).max() <= 33  # within 1e-3 of full scale
 
 
-def test_duplicates_share_one_output(client: Client) -> None:
-    job = {"text": "Same request twice.", "voice": 3, "seed": 3}
+def test_duplicates_share_one_output(worker: WorkerProc, client: Client) -> None:
+    metrics = f"http://127.0.0.1:{worker.env['TTSPOOL_METRICS_PORT']}/metrics"
+
+    def syntheses() -> float:
+        return value(parse(fetch(metrics)[1]), "ttspool_batch_size_sum") or 0.0
+
+    before = syntheses()
+    job = {"text": f"Same request twice, {uuid.uuid4().hex[:8]}.", "voice": 3, "seed": 3}
     first, second = client.wait(client.submit_many([job, job]), timeout=120)
     assert first.status == second.status == "SUCCESS"
     assert first.url == second.url and first.id != second.id
+    # Both map to one key and URL even without deduplication: what it saves is the GPU work.
+    assert syntheses() - before == 1
 
 
 def test_producer_refuses_invalid_jobs_and_enqueues_nothing(worker: WorkerProc, redis_server) -> None:
@@ -181,8 +190,8 @@ def test_non_python_client_raw_json_message_is_served(worker: WorkerProc, client
     assert st.status == "SUCCESS" and st.url.endswith(".wav")
 
 
-def test_no_pickle_accepted_anywhere(worker: WorkerProc) -> None:
-    app = make_app(worker.settings)
+def test_no_pickle_accepted_anywhere() -> None:
+    app = make_app(Settings())
     assert app.conf.accept_content == ["json"] and app.conf.result_accept_content == ["json"]
     assert app.conf.task_serializer == "json" and app.conf.result_serializer == "json"
     app.close()

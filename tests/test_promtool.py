@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from tasks.exporter import make_registry
-from tasks.local_redis import LocalRedis
+from tasks.cli.local_redis import LocalRedis
 from tasks.settings import Settings
 from workers.metrics import Metrics
 

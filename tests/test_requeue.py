@@ -16,7 +16,7 @@ def test_upload_failure_requeues_until_storage_is_back(redis_server, s3: S3Endpo
     bucket = "created-later"
     # Its own Redis database, so the session worker never sees these messages.
     broker = redis_server.url.rsplit("/", 1)[0] + "/3"
-    env = worker_env(broker, s3, aws_env, TTSPOOL_STORAGE_URL=f"s3://{bucket}/x", TTSPOOL_MAX_DELIVERIES="100",
+    env = worker_env(broker, s3, aws_env, TTSPOOL_STORAGE_URL=f"s3://{bucket}/x", TTSPOOL_MAX_STRIKES="100",
                      TTSPOOL_UPLOAD_RETRY_S="2")
     log = tmp_path / "worker.log"
     proc = start_worker(env, log)

@@ -1,4 +1,4 @@
-"""Tests for workers.sampling: batch-invariant hashed Gumbel sampling and ChatTTS' logit filters."""
+"""Tests for workers.engine.sampling: batch-invariant hashed Gumbel sampling and ChatTTS' logit filters."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from workers.sampling import filter_logits, gumbel_noise, repetition_penalty, sample
+from workers.engine.sampling import filter_logits, gumbel_noise, repetition_penalty, sample
 
 HEADS, VOCAB = 4, 626  # ChatTTS: 4 codebooks of 626 codes (625 + EOS)
 

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tasks.local_redis import free_port
+from tasks.cli.local_redis import free_port
 from tasks.producer import Client
 from tasks.settings import QUEUE_BULK, Settings
 

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler.lengths import predicted_steps
-from scheduler.segments import DEFAULT_MAX_STEPS, Segment, split_text
+from tasks.text.lengths import predicted_steps
+from tasks.text.segments import DEFAULT_MAX_STEPS, Segment, split_text
 from tasks.schema import MAX_TEXT_CHARS, parse_job
 
 LATIN_WORDS = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCXYZ0123456789'", min_size=1, max_size=12)

@@ -18,7 +18,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tasks.local_redis import LocalRedis, free_port
+from tasks.cli.local_redis import LocalRedis, free_port
 
 from .conftest import S3Endpoint, running_worker, worker_env
 

@@ -13,16 +13,17 @@ from celery import Celery
 from kombu.utils.functional import retry_over_time
 
 from scheduler.keys import content_key, object_key
-from scheduler.lengths import MAX_STEPS, predicted_steps
 from scheduler.planner import PlanItem, Policy, next_batch
 from storage import Storage, StorageError
-from tasks.book import BookTracker
 from tasks.errors import JobExpired, JobFailed, RedeliveryLimit
-from tasks.schema import JobSpec, JobValidationError, parse_job
+from tasks.schema import MAX_STEPS, JobSpec, JobValidationError, parse_job
 from tasks.settings import DEAD_LETTER_KEY, TASK_NAME, Settings
+from tasks.states import JobState
+from tasks.text.lengths import predicted_steps
 
 from .audio import wav_bytes, wav_duration
 from .batching import GpuBatches, Outcome
+from .books import BookTracker
 from .engine import Engine, SynthRequest
 from .metrics import Metrics
 
@@ -103,7 +104,7 @@ class BatchRunner:
 
     def _succeed(self, job: Job, record: dict[str, Any], cached: bool) -> None:
         self.app.backend.mark_as_done(
-            job.id, {"id": job.id, "status": "SUCCESS", **record, "cached": cached}
+            job.id, {"id": job.id, "status": JobState.SUCCESS, **record, "cached": cached}
         )
         self.books.job_finished(job.id, duration_s=record["duration_s"])
         self.metrics.job_succeeded(job.spec, cached)
@@ -164,24 +165,24 @@ class BatchRunner:
                 # Redelivered after its result was recorded (the worker died or Redis
                 # restarted before the ack): report it once, do not run it again.
                 out.finished.add(job.id)
-            elif strikes >= self.settings.max_deliveries:
+            elif strikes >= self.settings.max_strikes:
                 # Counted in GPU batches that never returned, not in deliveries: jobs that
                 # only shared a batch (or a buffer) with a crashing job are not blamed.
                 reason = RedeliveryLimit(
                     f"job was in {strikes} GPU batches that never finished (the worker died "
-                    f"or hung each time; limit {self.settings.max_deliveries}); moved to {DEAD_LETTER_KEY}"
+                    f"or hung each time; limit {self.settings.max_strikes}); moved to {DEAD_LETTER_KEY}"
                 )
                 self.redis.lpush(DEAD_LETTER_KEY, json.dumps({"id": job.id, "kwargs": job.kwargs, "reason": str(reason), "at": time.time()}))
                 self._fail(job.id, reason)
                 out.finished.add(job.id)
             else:
                 job.suspect = strikes > 0
-                self.app.backend.store_result(job.id, {"id": job.id}, "STARTED")
+                self.app.backend.store_result(job.id, {"id": job.id}, JobState.STARTED)
                 admitted.append(job)
         return admitted
 
     def _has_result(self, job_id: str) -> bool:
-        return self.app.backend.get_task_meta(job_id).get("status") in ("SUCCESS", "FAILURE")
+        return self.app.backend.get_task_meta(job_id).get("status") in (JobState.SUCCESS, JobState.FAILURE)
 
     def _strike(self, batch: list[Work], n: int) -> None:
         pipe = self.redis.pipeline()

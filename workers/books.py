@@ -1,5 +1,6 @@
-"""`ttspool.assemble_book`: a book's segment audio, in order and with pauses, as one file,
-plus a manifest (JSON) and subtitles (SRT) next to it in storage.
+"""Books on the worker: counting segment ends (`BookTracker`, called as each job's result
+is recorded) and `ttspool.assemble_book`: a book's segment audio, in order and with
+pauses, as one file, plus a manifest (JSON) and subtitles (SRT) next to it in storage.
 
 A plain Celery task on its own queue. It shares the worker's single pool thread with
 the GPU batches, so it is kept short: segment downloads run in parallel, and the work
@@ -21,8 +22,9 @@ import soundfile as sf
 from celery import Celery, Task
 
 from storage import Storage, StorageError
-from tasks.book import finish_book, load_spec
-from tasks.settings import ASSEMBLE_TASK
+from tasks.book import BOOK_TTL, MAX_ATTEMPTS, SEGMENT_ID, book_key, load_spec, segment_job_id
+from tasks.settings import ASSEMBLE_TASK, QUEUE_ASSEMBLE, QUEUE_BULK, TASK_NAME
+from tasks.states import JobState
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,92 @@ _SOUNDFILE = {"wav": ("WAV", "PCM_16", "audio/wav"), "flac": ("FLAC", "PCM_16", 
               "ogg": ("OGG", "VORBIS", "audio/ogg")}
 _MAX_TRIES = 4
 _BLOCK = 1 << 18
+
+
+def finish_book(r: redis.Redis, book_id: str, state: JobState, *, error: str | None = None,
+                result: dict[str, Any] | None = None) -> None:
+    mapping: dict[str, str] = {"state": state}
+    if error is not None:
+        mapping["error"] = error
+    if result is not None:
+        mapping["result"] = json.dumps(result)
+    pipe = r.pipeline()
+    pipe.hset(book_key(book_id), mapping=mapping)
+    pipe.ttl(book_key(book_id))
+    _, ttl = pipe.execute()
+    # A book whose keys expired (or were deleted) gets its hash back here: bounded by the
+    # same expiry as every other book key, not kept forever.
+    if ttl < 0:
+        r.expire(book_key(book_id), BOOK_TTL)
+
+
+class BookTracker:
+    """Worker side: counts segment ends, retries failed segments, starts assembly."""
+
+    def __init__(self, app: Celery, r: redis.Redis, max_attempts: int = MAX_ATTEMPTS) -> None:
+        self.app = app
+        self.redis = r
+        self.max_attempts = max_attempts
+
+    def job_finished(self, job_id: str, duration_s: float | None = None, error: str | None = None) -> None:
+        """Called once a job's result is recorded; ignores jobs that belong to no book."""
+        m = SEGMENT_ID.fullmatch(job_id)
+        if m is None:
+            return
+        book_id, index, attempt = m[1], int(m[2]), int(m[3])
+        try:
+            self._segment_finished(book_id, index, attempt, job_id, duration_s, error)
+        except redis.RedisError as err:
+            # The job's own result is recorded; only the book's bookkeeping is behind.
+            log.warning("book %s: could not record segment %d: %s", book_id, index, err)
+
+    def _segment_finished(self, book_id: str, index: int, attempt: int, job_id: str,
+                          duration_s: float | None, error: str | None) -> None:
+        current = self.redis.hget(book_key(book_id, "jobs"), str(index))
+        if current is None or current.decode() != job_id:
+            return  # not a book any more, or an attempt that was already replaced
+        if error is None:
+            pipe = self.redis.pipeline()
+            pipe.hset(book_key(book_id, "done"), str(index), repr(float(duration_s or 0.0)))
+            pipe.hdel(book_key(book_id, "failed"), str(index))
+            pipe.expire(book_key(book_id, "done"), BOOK_TTL)
+            pipe.execute()
+        elif attempt < self.max_attempts:
+            self._retry(book_id, index, attempt + 1, error)
+            return
+        else:
+            self.redis.hset(book_key(book_id, "failed"), str(index), error)
+            self.redis.expire(book_key(book_id, "failed"), BOOK_TTL)
+        self._maybe_end(book_id)
+
+    def _retry(self, book_id: str, index: int, attempt: int, error: str) -> None:
+        spec, _ = load_spec(self.redis, book_id)
+        new_id = segment_job_id(book_id, index, attempt)
+        log.info("book %s: segment %d failed (%s); attempt %d as %s", book_id, index, error, attempt, new_id)
+        kwargs = {**spec["job"], "text": spec["segments"][index], "job_id": new_id, "enqueued_at": time.time()}
+        self.redis.hset(book_key(book_id, "jobs"), str(index), new_id)
+        self.app.send_task(TASK_NAME, kwargs=kwargs, task_id=new_id, queue=QUEUE_BULK)
+
+    def _maybe_end(self, book_id: str) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hget(book_key(book_id), "total")
+        pipe.hlen(book_key(book_id, "done"))
+        pipe.hgetall(book_key(book_id, "failed"))
+        total, done, failed = pipe.execute()
+        if total is None or done + len(failed) < int(total):
+            return
+        if not self.redis.set(book_key(book_id, "final"), "1", nx=True, ex=BOOK_TTL):
+            return
+        if failed:
+            indexes = sorted(int(k) for k in failed)
+            first = failed[str(indexes[0]).encode()].decode()
+            finish_book(self.redis, book_id, JobState.FAILURE, error=(
+                f"segment(s) {', '.join(map(str, indexes))} failed after {self.max_attempts} attempts "
+                f"(segment {indexes[0]}: {first}); the book was not assembled"))
+            return
+        finish_book(self.redis, book_id, JobState.ASSEMBLING)
+        self.app.send_task(ASSEMBLE_TASK, kwargs={"book_id": book_id}, task_id=f"{book_id}.assemble",
+                           queue=QUEUE_ASSEMBLE)
 
 
 def srt_time(seconds: float) -> str:
@@ -55,7 +143,7 @@ def assemble(app: Celery, r: redis.Redis, storage: Storage, book_id: str) -> dic
     records = []
     for i in range(len(texts)):
         meta = app.backend.get_task_meta(jobs[i])
-        if meta.get("status") != "SUCCESS" or not isinstance(meta.get("result"), dict):
+        if meta.get("status") != JobState.SUCCESS or not isinstance(meta.get("result"), dict):
             raise RuntimeError(f"segment {i} ({jobs[i]}) has no stored audio")
         records.append(meta["result"])
     with ThreadPoolExecutor(max_workers=8) as pool:
@@ -103,12 +191,12 @@ def register(app: Celery, storage: Storage, r: redis.Redis) -> None:
         except StorageError as err:
             if self.request.retries + 1 < _MAX_TRIES:
                 raise self.retry(countdown=5 * (self.request.retries + 1)) from err
-            finish_book(r, book_id, "FAILURE", error=f"assembly failed after {_MAX_TRIES} tries: {err}")
+            finish_book(r, book_id, JobState.FAILURE, error=f"assembly failed after {_MAX_TRIES} tries: {err}")
             raise
         except (RuntimeError, KeyError, ValueError, sf.LibsndfileError) as err:
-            finish_book(r, book_id, "FAILURE", error=f"assembly failed: {err}")
+            finish_book(r, book_id, JobState.FAILURE, error=f"assembly failed: {err}")
             raise
-        finish_book(r, book_id, "SUCCESS", result=result)
+        finish_book(r, book_id, JobState.SUCCESS, result=result)
         log.info("book %s assembled: %d segments, %.1f s of audio, in %.2f s", book_id, result["segments"],
                  result["duration_s"], time.perf_counter() - t0)
         return result

@@ -1,7 +1,8 @@
 """Fault injection for the fault tests; inert unless a TTSPOOL_FAULT_* variable is set.
 
 These are test hooks, not features: they let tests/test_faults.py put real faults into
-a real worker process at a chosen point of a GPU batch.
+a real worker process at a chosen point of a GPU batch. The worker installs them from
+outside the engine (`Engine.on_admit`), only when one is set.
 - TTSPOOL_FAULT_CRASH_ON_TEXT=<substring>: the worker process dies (os._exit, like a
   segfault or the kernel's OOM killer) inside any GPU batch holding a job whose
   normalized text contains the substring.
@@ -15,26 +16,36 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 log = logging.getLogger(__name__)
 
 CRASH_EXIT_CODE = 86
+KNOWN = frozenset({"CRASH_ON_TEXT", "OOM_ABOVE", "OOM_ON_TEXT"})
 
 
-def inject(texts: Sequence[str]) -> None:
-    """Called by the engine at the start of every GPU batch."""
-    env = os.environ
-    crash = env.get("TTSPOOL_FAULT_CRASH_ON_TEXT")
-    if crash and any(crash in t for t in texts):
-        log.error("fault injection: crashing the worker process inside a batch of %d", len(texts))
-        logging.shutdown()
-        os._exit(CRASH_EXIT_CODE)
-    above = env.get("TTSPOOL_FAULT_OOM_ABOVE")
-    if above and len(texts) > int(above):
-        raise torch.cuda.OutOfMemoryError(f"injected: batch of {len(texts)} rows is above {above}")
-    oom = env.get("TTSPOOL_FAULT_OOM_ON_TEXT")
-    if oom and any(oom in t for t in texts):
-        raise torch.cuda.OutOfMemoryError("injected: this job does not fit in GPU memory")
+def hook(faults: Sequence[tuple[str, str]]) -> Callable[[Sequence[str]], None] | None:
+    """A check to run with the texts of every batch as rows are admitted, or None when no
+    fault is set (Settings.faults: TTSPOOL_FAULT_<NAME> as (NAME, value))."""
+    if not faults:
+        return None
+    conf = dict(faults)
+    unknown = set(conf) - KNOWN
+    if unknown:
+        raise ValueError(f"unknown fault(s) {sorted(unknown)}: TTSPOOL_FAULT_ takes {sorted(KNOWN)}")
+    crash, oom = conf.get("CRASH_ON_TEXT"), conf.get("OOM_ON_TEXT")
+    above = int(conf["OOM_ABOVE"]) if "OOM_ABOVE" in conf else None
+
+    def inject(texts: Sequence[str]) -> None:
+        if crash and any(crash in t for t in texts):
+            log.error("fault injection: crashing the worker process inside a batch of %d", len(texts))
+            logging.shutdown()
+            os._exit(CRASH_EXIT_CODE)
+        if above is not None and len(texts) > above:
+            raise torch.cuda.OutOfMemoryError(f"injected: batch of {len(texts)} rows is above {above}")
+        if oom and any(oom in t for t in texts):
+            raise torch.cuda.OutOfMemoryError("injected: this job does not fit in GPU memory")
+
+    return inject

@@ -22,6 +22,7 @@ from prometheus_client.registry import Collector
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from storage.models.fetch_progress import FETCH_BYTES
 from tasks.errors import JobExpired, JobFailed, RedeliveryLimit
 from tasks.metrics_http import start_server
 from tasks.schema import JobSpec, JobValidationError
@@ -64,6 +65,8 @@ class Metrics:
         self.registry = r = registry if registry is not None else CollectorRegistry()
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
+        # The model is fetched (on first use) in this process, before it takes jobs.
+        r.register(FETCH_BYTES)
         self.jobs = Counter("ttspool_jobs", "Jobs finished, by status (success, failure, expired) and reason",
                             ["status", "reason"], registry=r)
         # Series that exist from the start, so rate() and ratios see their first event.

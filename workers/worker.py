@@ -6,12 +6,13 @@ import logging
 import os
 import socket
 
-from storage import open_storage
+from storage import storage_for
 from tasks.app import make_app
 from tasks.settings import WORKER_QUEUES, Settings, redact_url
 
-from . import batch_task, books
+from . import batch_task, books, faults
 from .engine import Engine
+from .engine.assets import ModelFetch
 from .metrics import Metrics, serve as serve_metrics
 
 log = logging.getLogger(__name__)
@@ -20,13 +21,16 @@ log = logging.getLogger(__name__)
 def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
     logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.info("broker %s, storage %s, model %s", redact_url(settings.broker_url), settings.storage_url, settings.model)
-    storage = open_storage(settings.storage_url, s3_endpoint_url=settings.s3_endpoint_url)
+    storage = storage_for(settings)
     # Up before the model loads, so /healthz says 'not ready' instead of nothing.
     metrics = Metrics()
     serve_metrics(metrics, settings)
     # The model loads and warms up before the worker takes its first message. The
     # threads pool never forks, so CUDA is initialized in this one process only.
-    engine = Engine(settings.model, settings.model_dir, settings.device, settings.dtype, settings.compile).load()
+    engine = Engine(settings.model, settings.model_dir, settings.device, settings.dtype, settings.compile,
+                    ModelFetch.from_settings(settings))
+    engine.on_admit = faults.hook(settings.faults)
+    engine.load()
     metrics.engine_ready(engine)
     app = make_app(settings, worker_consumer="workers.consumer:Consumer")
     # kombu's Redis transport, except that a queue item that is not a message is skipped

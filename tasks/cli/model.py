@@ -7,7 +7,7 @@ import logging
 import time
 from pathlib import Path
 
-from .settings import Settings
+from ..settings import Settings
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -15,12 +15,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     msub = p.add_subparsers(dest="model_command", required=True)
 
     f = msub.add_parser("fetch", help="fetch and verify a model into the cache")
-    f.add_argument("--source", default="hf",
-                   help="hf | s3://bucket/prefix | http(s)://mirror/path | /local/dir (TTSPOOL_MODEL_SOURCE)")
+    f.add_argument("--source",
+                   help="hf | s3://bucket/prefix | http(s)://mirror/path | /local/dir (TTSPOOL_MODEL_SOURCE, else hf)")
     f.add_argument("--model", help="expected model name (default: the source's manifest; chattts without one)")
-    f.add_argument("--revision", help="Hub revision for hf; a sub-folder of the source otherwise")
+    f.add_argument("--revision", help="Hub revision for hf; a sub-folder of the source otherwise (TTSPOOL_MODEL_REVISION)")
     f.add_argument("--cache-dir", type=Path, help="cache root (TTSPOOL_CACHE_DIR)")
-    f.add_argument("--pubkey", type=Path, help="Ed25519 public key (PEM or 32 raw bytes): require a signed manifest")
+    f.add_argument("--pubkey", type=Path,
+                   help="Ed25519 public key (PEM or 32 raw bytes): require a signed manifest (TTSPOOL_MODEL_PUBKEY)")
     f.add_argument("--attempts", type=int, default=3, help="fetches per file before a sha256 mismatch is fatal")
     f.set_defaults(handler=_fetch)
 
@@ -42,10 +43,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     ex.set_defaults(handler=_export_random)
 
 
-def _root(args: argparse.Namespace) -> Path:
-    from storage.model_cache import cache_root
-
-    return args.cache_dir or cache_root()
+def _root(args: argparse.Namespace, settings: Settings) -> Path:
+    return args.cache_dir or settings.cache_path
 
 
 def _log_setup() -> None:
@@ -53,22 +52,26 @@ def _log_setup() -> None:
 
 
 def _fetch(args: argparse.Namespace, settings: Settings) -> int:
-    from storage.model_cache import fetch_model
+    from storage.models.cache import fetch_model
 
     _log_setup()
     if args.attempts < 1:
         raise ValueError("--attempts must be at least 1")
     # A bad manifest or signature is a ValueError (exit 2); a failed download, a RuntimeError (exit 1).
-    print(fetch_model(args.source, _root(args), model=args.model, revision=args.revision,
-                      pubkey=args.pubkey, attempts=args.attempts))
+    # Flags first, then the settings every worker fetches with: a hand-run fetch must not
+    # fill the cache from another source, or unsigned where workers demand a signature.
+    pubkey = args.pubkey or settings.model_pubkey_path
+    print(fetch_model(args.source or settings.model_source or "hf", _root(args, settings), model=args.model,
+                      revision=args.revision or settings.model_revision, pubkey=pubkey, attempts=args.attempts,
+                      s3_endpoint_url=settings.s3_endpoint_url))
     return 0
 
 
 def _list(args: argparse.Namespace, settings: Settings) -> int:
-    from storage.model_cache import list_models
+    from storage.models.cache import list_models
 
     now = time.time()
-    for m in list_models(_root(args), verify=args.verify):
+    for m in list_models(_root(args, settings), verify=args.verify):
         age_h = (now - m.last_used) / 3600
         print(f"{m.model:<16} {m.revision:<10} {m.size / 2**20:>10.1f} MiB  {m.state:<10} "
               f"used {age_h:.1f}h ago  {m.path}")
@@ -76,16 +79,16 @@ def _list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _prune(args: argparse.Namespace, settings: Settings) -> int:
-    from storage.model_cache import parse_age, prune
+    from storage.models.cache import parse_age, prune
 
-    for m in prune(_root(args), parse_age(args.older_than), dry_run=args.dry_run):
+    for m in prune(_root(args, settings), parse_age(args.older_than), dry_run=args.dry_run):
         print(f"{'would remove' if args.dry_run else 'removed'} {m.model} {m.revision} {m.path}")
     return 0
 
 
 def _export_random(args: argparse.Namespace, settings: Settings) -> int:
-    from workers.random_models import export_random
+    from workers.engine.random_models import export_random
 
-    manifest = export_random(args.model, _root(args) / "models", args.out)
+    manifest = export_random(args.model, _root(args, settings) / "models", args.out)
     print(f"{args.out}: {len(manifest.files)} files, {manifest.total_size() / 2**20:.1f} MiB")
     return 0

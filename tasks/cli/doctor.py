@@ -23,18 +23,18 @@ from typing import Any, Callable
 
 from packaging.utils import canonicalize_name
 
-from .settings import Settings, redact_url
+from ..schema import MAX_STEPS
+from ..settings import Settings, redact_url
 
 # The lock sits next to the source tree (a checkout, or /src in the image, both installed
 # in place); a wheel installed elsewhere has none, and versions then go unchecked.
-LOCK = Path(__file__).resolve().parents[1] / "uv.lock"
+LOCK = Path(__file__).resolve().parents[2] / "uv.lock"
 REINSTALL = "bash deploy/bootstrap.sh worker (or: uv sync --locked --extra worker)"
 
 # Upper bounds for one GPT step of a full batch, for the visibility-timeout check. CPU:
 # a 32-row step of random-full measured 0.16-0.17 s here (docs/PERF.md); a GPU step is
 # several times shorter. Deliberately generous: the check is for gross contradictions.
 _STEP_S = {"cpu": 0.25, "cuda": 0.05}
-_MAX_STEPS = 2048
 
 
 @dataclass(frozen=True)
@@ -182,14 +182,14 @@ def check_broker(settings: Settings) -> list[Check]:
 
 
 def check_storage(settings: Settings) -> Check:
-    from storage.base import StorageError, open_storage
+    from storage import StorageError, storage_for
 
     key = f"ttspool-doctor-probe-{uuid.uuid4().hex}.txt"
     payload = f"ttspool doctor {time.time()}".encode()
     fix = ("create the bucket, and allow these credentials PutObject, GetObject and DeleteObject "
            "(TTSPOOL_STORAGE_URL, TTSPOOL_S3_ENDPOINT_URL)")
     try:
-        store = open_storage(settings.storage_url, s3_endpoint_url=settings.s3_endpoint_url, s3_max_attempts=2)
+        store = storage_for(settings, s3_max_attempts=2)
         store.put_bytes(key, payload, "text/plain")
         if store.get_bytes(key) != payload:
             return Check("storage", "fail", f"{store.base_url}: the probe object read back differently", fix)
@@ -200,14 +200,14 @@ def check_storage(settings: Settings) -> Check:
 
 
 def check_model(settings: Settings) -> Check:
-    from storage.model_cache import DEFAULT_REVISION, bad_files, list_models, model_dir
-    from storage.model_manifest import ManifestError, official_manifest, sha256_file
+    from storage.models.cache import DEFAULT_REVISION, bad_files, check_cached_signature, list_models, model_dir
+    from storage.models.manifest import ManifestError, official_manifest, sha256_file
 
-    cache = Path(settings.cache_dir).expanduser()
+    cache = settings.cache_path
     present = list_models(cache)
     listing = ", ".join(f"{m.model}@{m.revision} {m.state}" for m in present) or "empty"
     where = f"cache {cache}: {listing}"
-    # As workers.model_assets.resolve: a model name with a source set comes through the cache.
+    # As workers.engine.assets.resolve: a model name with a source set comes through the cache.
     fetched = settings.model_source is not None and "/" not in settings.model
     if settings.model.startswith("random-") and not fetched:
         return Check("model", "ok", f"{settings.model} is built on this node on first use; {where}")
@@ -243,13 +243,19 @@ def check_model(settings: Settings) -> Check:
     if bad:
         return Check("model", "fail", f"{name} in {target}: failing sha256: {', '.join(bad)}",
                      f"{fetch} (refetches only the bad files)")
+    if settings.model_pubkey_path is not None:
+        try:
+            check_cached_signature(target, settings.model_pubkey_path)
+        except ManifestError as err:
+            return Check("model", "fail", f"{name} in {target}: {err}; workers requiring TTSPOOL_MODEL_PUBKEY "
+                         "will not load it", f"{fetch} from a source with a signed manifest")
     return Check("model", "ok", f"{name} verified (every file hashed); {where}")
 
 
 def check_settings(settings: Settings, devices: Probe | None) -> list[Check]:
     checks: list[Check] = []
     kind = "cuda" if devices and str(devices.get("device", "")).startswith("cuda") else "cpu"
-    batch_s = _MAX_STEPS * _STEP_S[kind]
+    batch_s = MAX_STEPS * _STEP_S[kind]
     uploads_s = settings.max_batch * settings.upload_retry_s
     need = settings.max_wait_ms / 1000 + batch_s + uploads_s
     if settings.visibility_timeout <= need:

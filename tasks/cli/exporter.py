@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .settings import Settings
+from ..settings import Settings
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -15,7 +15,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _exporter(args: argparse.Namespace, settings: Settings) -> int:
-    from .exporter import run_exporter
+    from ..exporter import run_exporter
 
     if not 1 <= args.port <= 65535:
         raise ValueError(f"--port must be between 1 and 65535, got {args.port}")

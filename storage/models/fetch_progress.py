@@ -12,7 +12,9 @@ from prometheus_client import Counter
 
 log = logging.getLogger("ttspool.fetch")
 
-FETCH_BYTES = Counter("ttspool_model_fetch_bytes", "Model file bytes fetched, by source kind", ["source"])
+# On no registry of its own: the worker registers it on the one its /metrics serves.
+FETCH_BYTES = Counter("ttspool_model_fetch_bytes", "Model file bytes fetched, by source kind", ["source"],
+                      registry=None)
 _LOG_EVERY_S = 5.0
 MiB = 1024 * 1024
 

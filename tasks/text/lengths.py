@@ -11,10 +11,13 @@ from __future__ import annotations
 import math
 import unicodedata
 
+from tasks.schema import MAX_STEPS
+
+from .chars import is_han
+
 SAMPLE_RATE = 24_000
 SAMPLES_PER_STEP = 512
 STEPS_PER_SECOND = SAMPLE_RATE / SAMPLES_PER_STEP  # 46.875
-MAX_STEPS = 2048  # ChatTTS' max_new_token: about 43.7 s of audio
 
 # Rough speaking rates at speed 5: ~4.5 CJK characters per second, ~14 Latin
 # characters per second (150 words per minute), plus a short pause at punctuation.
@@ -24,15 +27,11 @@ _PAUSE_SECONDS = 0.25
 _PAUSES = set(",.;:!?，。；：！？、…")
 
 
-def _is_cjk(ch: str) -> bool:
-    return "\u4e00" <= ch <= "\u9fff" or "\u3400" <= ch <= "\u4dbf"
-
-
 def predicted_seconds(text: str, speed: int = 5) -> float:
     """Seconds of speech the text would take when spoken at `speed` (0 slowest .. 9)."""
     seconds = 0.0
     for ch in text:
-        if _is_cjk(ch):
+        if is_han(ch):
             seconds += _CJK_SECONDS
         elif ch in _PAUSES:
             seconds += _PAUSE_SECONDS

@@ -19,8 +19,8 @@ from typing import Any
 import pybase16384 as b14
 import torch
 
-from storage.model_cache import touch_used
-from storage.model_manifest import Manifest, write_manifest
+from storage.models.cache import touch_used
+from storage.models.manifest import Manifest, write_manifest
 
 RANDOM_MODELS = ("random-tiny", "random-full")
 FORMAT_VERSION = 1

@@ -5,7 +5,7 @@ speaker codec. The loop is ours because `Chat.infer` batches statically (one voi
 one seed, one set of sampling params per batch; finished rows computed until the
 longest ends; every row decoded padded to the longest). Here each row carries its own
 voice, seed, sampling params and length cap; a finished row leaves the batch (its KV
-cache rows are dropped) and new rows may join it (workers.running_batch); and each row
+cache rows are dropped) and new rows may join it (workers.engine.running_batch); and each row
 is decoded at its own length, as soon as it ends.
 
 One engine per process, one batch at a time: the modules are not safe for concurrent
@@ -16,49 +16,26 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Iterator, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from scheduler.lengths import predicted_steps
+from tasks.errors import TtspoolError
+from tasks.text.lengths import predicted_steps
 
 from .cpu_linear import can_pack, pack_linears
-from .model_assets import ModelAssets, resolve
+from .assets import ModelAssets, ModelFetch, resolve
 from .random_models import build_config
+from .parts import ModelParts
+from .requests import Refill, SynthRequest, SynthResult
 from .running_batch import RunningBatch
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class SynthRequest:
-    text: str  # already normalized (Engine.normalize)
-    voice: int | str = 2
-    seed: int = 0
-    speed: int = 5
-    temperature: float = 0.3
-    top_p: float = 0.7
-    top_k: int = 20
-    max_tokens: int = 2048
-
-
-@dataclass
-class SynthResult:
-    audio: np.ndarray | None  # float32 mono at Engine.sample_rate
-    steps: int
-    error: str | None = None
-    codes: np.ndarray | None = None  # [steps, num_vq] audio codes the GPT sampled
-
-
-# Asked for at most N more requests when rows are free; returns those to start now.
-Refill = Callable[[int], Sequence[SynthRequest]]
-
-
-class EngineError(RuntimeError):
+class EngineError(TtspoolError, RuntimeError):
     pass
 
 
@@ -84,7 +61,7 @@ class Engine:
     sample_rate = 24_000
 
     def __init__(self, model: str, model_dir: str | None = None, device: str = "auto", dtype: str = "auto",
-                 compile: bool = False) -> None:
+                 compile: bool = False, fetch: ModelFetch | None = None) -> None:
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         if compile and self.device.type != "cuda":
@@ -94,6 +71,10 @@ class Engine:
         self.compile = compile
         self._model_name = model
         self._model_dir = model_dir
+        self._fetch = fetch
+        # Called with every text of the batch as rows are admitted, inside the batch's
+        # error handling: the seam the fault tests inject through (workers/faults.py).
+        self.on_admit: Callable[[Sequence[str]], None] | None = None
         self.assets: ModelAssets | None = None
         self.load_seconds = 0.0
         self.warmup_seconds = 0.0
@@ -109,7 +90,7 @@ class Engine:
         import ChatTTS
 
         t0 = time.perf_counter()
-        self.assets = resolve(self._model_name, self._model_dir)
+        self.assets = resolve(self._model_name, self._model_dir, self._fetch)
         if self.assets.random:
             log.warning(
                 "model %s has RANDOM weights: it produces noise, and each job's length is "
@@ -140,6 +121,11 @@ class Engine:
             # Shapes change every step (the cache grows, finished rows leave), so the
             # graph is compiled for dynamic shapes; the first batches pay for compiling.
             self.gpt = torch.compile(self.gpt, dynamic=True)
+        self.parts = ModelParts(
+            device=self.device, dtype=self.dtype, gpt=self.gpt, head_w=self.head_w, code_emb=self.code_emb,
+            text_emb=self.text_emb, num_vq=self.num_vq, eos=self.eos, spk_emb_id=self.tokenizer.spk_emb_ids,
+            prompt_ids=self._prompt_ids, speaker=self.speaker, target_steps=self.target_steps,
+        )
         self.load_seconds = time.perf_counter() - t0
         t1 = time.perf_counter()
         warm = self.generate([SynthRequest(text=self.normalize("warm up"), max_tokens=8)])[0]
@@ -231,8 +217,8 @@ class Engine:
                   keep_finished: bool, pending: dict[int, SynthRequest]) -> Iterator[tuple[int, SynthResult]]:
         if not requests:
             return
-        batch = RunningBatch(self, max_rows)
-        batch.admit(requests, pending)
+        batch = RunningBatch(self.parts, max_rows)
+        batch.admit(requests, pending, self.on_admit)
         self.last_row_steps = 0
         while batch.size:
             self.last_row_steps += batch.size
@@ -246,7 +232,7 @@ class Engine:
             if refill is not None and not keep_finished and batch.size < max_rows:
                 more = refill(max_rows - batch.size)
                 if more:
-                    batch.admit(more, pending)
+                    batch.admit(more, pending, self.on_admit)
 
     def _decode(self, rows: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[SynthResult]:
         """Decoder + Vocos at each row's own length; rows of equal length go together

@@ -1,8 +1,8 @@
 """Benchmark: parallel ranged fetch vs one stream from a mirror that caps each connection.
 
-    python -m workers.fetch_bench [--size-mib 256] [--rate-mib 10] [--streams 8]
+    python -m workers.bench.fetch_bench [--size-mib 256] [--rate-mib 10] [--streams 8]
 
-A local Range server (storage.range_server) limits every connection to --rate-mib MiB/s,
+A local Range server (workers.bench.range_server) limits every connection to --rate-mib MiB/s,
 as a CDN edge or a long fat pipe does; a generated file is fetched through the model
 cache twice (verified, into fresh caches): once in one stream, once in parallel ranges.
 """
@@ -15,10 +15,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from storage.fetch_http import MiB, HttpPolicy
-from storage.model_cache import fetch_model
-from storage.model_manifest import write_manifest
-from storage.range_server import RangeServer
+from storage.models.fetch_http import MiB, HttpPolicy
+from storage.models.cache import fetch_model
+from storage.models.manifest import write_manifest
+from workers.bench.range_server import RangeServer
 
 
 def _timed_fetch(url: str, cache: Path, policy: HttpPolicy) -> float:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from tasks.errors import UsageError
+
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.json.sig"
 OFFICIAL_MODEL = "chattts"
@@ -36,7 +38,7 @@ _HEX = re.compile(r"[0-9a-f]{64}")
 _RESERVED_SUFFIXES = (".partial", ".partial.json", ".lock")
 
 
-class ManifestError(ValueError):
+class ManifestError(UsageError):
     """A manifest that is malformed, unsigned where a signature is required, or forged."""
 
 

@@ -29,11 +29,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from scheduler.lengths import predicted_steps
+from tasks.text.lengths import predicted_steps
 from scheduler.planner import PlanItem, Policy, next_batch
 
-from .cpu_linear import stock_linears
-from .engine import Engine, SynthRequest
+from workers.engine.cpu_linear import stock_linears
+from workers.engine import Engine, SynthRequest
 
 _WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike "
           "november oscar papa quebec romeo sierra tango uniform victor whiskey yankee zulu").split()

@@ -1,4 +1,4 @@
-"""`ttspool bench`: capacity planning numbers for this machine (see workers/bench.py)."""
+"""`ttspool bench`: capacity planning numbers for this machine (see workers/bench/engine_bench.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .settings import Settings
+from ..settings import Settings
 
 
 def _sizes(raw: str) -> list[int]:
@@ -39,8 +39,9 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from workers.bench import Run, bench, plot, write_json
+    from workers.bench.engine_bench import Run, bench, plot, write_json
     from workers.engine import Engine
+    from workers.engine.assets import ModelFetch
 
     if not 1 <= args.jobs <= 4096:
         raise ValueError("--jobs must be between 1 and 4096")
@@ -48,7 +49,8 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
     # Random weights never emit EOS, so the baseline would log "hit max_new_token" per job.
     logging.getLogger("ChatTTS").setLevel(logging.ERROR)
     with console.status("loading the model"):
-        engine = Engine(settings.model, settings.model_dir, settings.device, settings.dtype, settings.compile).load()
+        engine = Engine(settings.model, settings.model_dir, settings.device, settings.dtype, settings.compile,
+                        ModelFetch.from_settings(settings)).load()
 
     def progress(run: Run) -> None:
         console.log(f"{run.name}: {run.audio_s_per_s:.2f} audio s/s in {run.wall_s:.1f} s")

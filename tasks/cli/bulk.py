@@ -8,22 +8,25 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .cli import _voice
-from .settings import Settings
+from ..schema import JobSpec
+from ..settings import Settings
+from ..states import JobState
+from .common import voice_arg
 
 if TYPE_CHECKING:
     from storage import Storage
 
-    from .book import BookStatus
-    from .producer import Client
+    from ..book import BookStatus
+    from ..producer import Client
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("book", help="synthesize a long text file as one audio file (+ manifest, SRT)")
     b.add_argument("file", type=Path, help="UTF-8 text file")
-    b.add_argument("--voice", type=_voice, default=2, help="speaker seed or ChatTTS speaker string")
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--speed", type=int, default=5)
+    b.add_argument("--voice", type=voice_arg, default=JobSpec.model_fields["voice"].default,
+                   help="speaker seed or ChatTTS speaker string")
+    b.add_argument("--seed", type=int, default=JobSpec.model_fields["seed"].default)
+    b.add_argument("--speed", type=int, default=JobSpec.model_fields["speed"].default)
     b.add_argument("--pause-ms", type=int, default=300, help="silence between segments")
     b.add_argument("--out-format", choices=("wav", "flac", "ogg"), default="wav")
     b.add_argument("--max-segment-s", type=float, default=30.0, help="longest predicted segment (1-30 s)")
@@ -55,9 +58,9 @@ class _Presigner:
         self.seconds = seconds
         self.storage: Storage | None = None
         if seconds is not None:
-            from storage import open_storage
+            from storage import storage_for
 
-            self.storage = open_storage(settings.storage_url, s3_endpoint_url=settings.s3_endpoint_url)
+            self.storage = storage_for(settings)
 
     def __call__(self, url: str | None) -> str | None:
         if url is None or self.storage is None or self.seconds is None:
@@ -75,8 +78,8 @@ class _Presigner:
 
 
 def _book(args: argparse.Namespace, settings: Settings) -> int:
-    from .book import submit_book
-    from .producer import Client
+    from ..book import submit_book
+    from ..producer import Client
 
     text = args.file.read_text(encoding="utf-8")
     presign = _Presigner(settings, args.presign)
@@ -91,7 +94,7 @@ def _book(args: argparse.Namespace, settings: Settings) -> int:
             return 0
         st = _wait_with_bar(client, book_id, args.timeout)
         _print_book(st, args.json, presign, final=True)
-        return 0 if st.status == "SUCCESS" else 1
+        return 0 if st.status == JobState.SUCCESS else 1
     finally:
         client.close()
 
@@ -100,12 +103,12 @@ def _wait_with_bar(client: Client, book_id: str, timeout: float) -> BookStatus:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from .book import wait_book
+    from ..book import wait_book
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("segments"),
                TextColumn("{task.fields[minutes]:.1f} min audio"), TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True)) as bar:
-        task = bar.add_task("PENDING", total=None, minutes=0.0)
+        task = bar.add_task(JobState.PENDING, total=None, minutes=0.0)
 
         def show(st: BookStatus) -> None:
             bar.update(task, description=st.status, total=st.segments, completed=st.done + st.failed,
@@ -129,7 +132,7 @@ def _print_book(st: BookStatus, as_json: bool, presign: _Presigner, final: bool)
 
 def print_book_status(client: Client, book_id: str, as_json: bool) -> bool:
     """For `ttspool status`: print a book's progress; False when `book_id` is no book."""
-    from .book import book_status, is_book_id
+    from ..book import book_status, is_book_id
 
     st = book_status(client.redis, book_id) if is_book_id(book_id) else None
     if st is None:
@@ -143,7 +146,7 @@ def print_book_status(client: Client, book_id: str, as_json: bool) -> bool:
 
 def read_jobs(path: Path) -> tuple[list[tuple[int, Any]], list[str]]:
     """Valid jobs as (line number, spec) and one error line per invalid line."""
-    from .schema import JobValidationError, parse_job
+    from ..schema import JobValidationError, parse_job
 
     jobs: list[tuple[int, Any]] = []
     errors: list[str] = []
@@ -161,7 +164,7 @@ def read_jobs(path: Path) -> tuple[list[tuple[int, Any]], list[str]]:
 
 
 def _submit_file(args: argparse.Namespace, settings: Settings) -> int:
-    from .producer import Client
+    from ..producer import Client
 
     jobs, errors = read_jobs(args.file)
     for err in errors:
@@ -178,7 +181,7 @@ def _submit_file(args: argparse.Namespace, settings: Settings) -> int:
             rows = [{"line": n, **st.to_dict(), "url": presign(st.url)}
                     for (n, _), st in zip(jobs, client.wait(ids, timeout=args.timeout))]
         else:
-            rows = [{"line": n, "id": job_id, "status": "PENDING"} for (n, _), job_id in zip(jobs, ids)]
+            rows = [{"line": n, "id": job_id, "status": JobState.PENDING} for (n, _), job_id in zip(jobs, ids)]
     finally:
         client.close()
     if args.results:
@@ -186,7 +189,7 @@ def _submit_file(args: argparse.Namespace, settings: Settings) -> int:
             out.writelines(json.dumps(row) + "\n" for row in rows)
     for row in rows:
         print(json.dumps(row) if args.json else " ".join(str(row.get(k) or "") for k in ("id", "status", "url")).rstrip())
-    failed = sum(row["status"] != "SUCCESS" for row in rows) if args.wait else 0
+    failed = sum(row["status"] != JobState.SUCCESS for row in rows) if args.wait else 0
     if args.wait:
         print(f"ttspool: {len(rows) - failed} succeeded, {failed} did not", file=sys.stderr)
     return 1 if errors or failed else 0

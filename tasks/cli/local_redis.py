@@ -6,10 +6,11 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import redis
+
+from ..polling import poll
 
 
 def free_port() -> int:
@@ -39,17 +40,25 @@ class LocalRedis:
         args += ["--appendonly", "yes", "--appendfsync", "always"] if self.persist else ["--appendonly", "no"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        proc = self.proc
+
+        def answered() -> bool | None:
             try:
-                if client.ping():
-                    return self
+                return client.ping() or None
             except redis.ConnectionError:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"redis-server exited with {self.proc.returncode}") from None
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"redis-server did not answer on port {self.port} within {timeout} s")
+                if proc.poll() is not None:
+                    raise RuntimeError(f"redis-server exited with {proc.returncode}") from None
+                return None
+
+        try:
+            poll(answered, timeout=timeout, every=0.05,
+                 timed_out=lambda: f"redis-server did not answer on port {self.port} within {timeout} s")
+        except TimeoutError as err:
+            self.stop()
+            raise RuntimeError(str(err)) from None
+        finally:
+            client.close()
+        return self
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

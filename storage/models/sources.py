@@ -1,7 +1,7 @@
 """Where model files come from: the Hugging Face hub, an S3 bucket, an HTTP mirror, a folder.
 
 Each source gets one file into a `.partial` path it is given and reports bytes as they
-arrive; the cache (storage.model_cache) verifies and renames. A source never runs or
+arrive; the cache (storage.models.cache) verifies and renames. A source never runs or
 unpickles anything it fetched.
 """
 
@@ -16,7 +16,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 from tasks.settings import redact_url
 
 from .fetch_http import FetchError, HttpDownload, HttpPolicy, http_get_small, make_pool
-from .model_manifest import MANIFEST_NAME, SIGNATURE_NAME
+from .manifest import MANIFEST_NAME, SIGNATURE_NAME
 
 HF_REPO = "2Noise/ChatTTS"
 OnBytes = Callable[[int], None]
@@ -92,7 +92,7 @@ class LocalSource:
 class S3Source:
     kind = "s3"
 
-    def __init__(self, url: str, policy: HttpPolicy) -> None:
+    def __init__(self, url: str, policy: HttpPolicy, endpoint_url: str | None = None) -> None:
         import boto3
         from boto3.s3.transfer import TransferConfig
         from botocore.config import Config
@@ -105,7 +105,7 @@ class S3Source:
         config = Config(retries={"mode": "standard", "max_attempts": policy.attempts},
                         connect_timeout=policy.connect_timeout_s, read_timeout=policy.read_timeout_s)
         self._client = boto3.session.Session().client(
-            "s3", endpoint_url=os.environ.get("TTSPOOL_S3_ENDPOINT_URL") or None, config=config)
+            "s3", endpoint_url=endpoint_url, config=config)
         # boto3's managed transfer splits big objects into ranged GETs run in parallel.
         self._transfer = TransferConfig(multipart_threshold=policy.parallel_min, multipart_chunksize=16 * 1024 * 1024,
                                         max_concurrency=policy.max_streams)
@@ -211,7 +211,7 @@ class HfSource:
         on_bytes(partial.stat().st_size)
 
 
-def open_source(spec: str, revision: str | None, policy: HttpPolicy) -> Source:
+def open_source(spec: str, revision: str | None, policy: HttpPolicy, s3_endpoint_url: str | None = None) -> Source:
     """`hf`, `s3://bucket/prefix`, `http(s)://host/path`, or a directory.
 
     The revision is the Hub revision for `hf`; for the others, a sub-folder of the source.
@@ -221,7 +221,7 @@ def open_source(spec: str, revision: str | None, policy: HttpPolicy) -> Source:
     sub = f"/{revision}" if revision else ""
     scheme = urlsplit(spec).scheme
     if scheme == "s3":
-        return S3Source(spec.rstrip("/") + sub, policy)
+        return S3Source(spec.rstrip("/") + sub, policy, s3_endpoint_url)
     if scheme in ("http", "https"):
         return HttpSource(spec.rstrip("/") + sub, policy)
     if scheme in ("", "file"):

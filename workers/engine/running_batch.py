@@ -10,15 +10,16 @@ and sampling is a pure function of (seed, step).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
-from . import faults, sampling
+from . import sampling
 from .kv_cache import RowCache
 
 if TYPE_CHECKING:
-    from .engine import Engine, SynthRequest
+    from .parts import ModelParts
+    from .requests import SynthRequest
 
 REPETITION_PENALTY = 1.05  # ChatTTS' default for code inference
 REPETITION_WINDOW = 16
@@ -44,9 +45,9 @@ class RunningBatch:
     tokens: torch.Tensor  # codes sampled at the last step
     mask: torch.Tensor  # [rows, cache width]: 0 on left padding
 
-    def __init__(self, engine: "Engine", max_rows: int) -> None:
-        self.e = engine
-        self.dev = engine.device
+    def __init__(self, parts: "ModelParts", max_rows: int) -> None:
+        self.e = parts
+        self.dev = parts.device
         self.max_rows = max_rows
         self.next_index = 0
         self.index: list[int] = []  # per row: its position in the stream's order
@@ -64,7 +65,10 @@ class RunningBatch:
 
     # -- rows joining ----------------------------------------------------------------
 
-    def admit(self, requests: Sequence["SynthRequest"], pending: dict[int, "SynthRequest"]) -> None:
+    def admit(self, requests: Sequence["SynthRequest"], pending: dict[int, "SynthRequest"],
+              check: Callable[[Sequence[str]], None] | None = None) -> None:
+        """Prefill `requests` and join them to the running rows. `check` sees every text of
+        the batch once the new rows are pending (so what it raises retries them too)."""
         e, dev, n = self.e, self.dev, len(requests)
         if self.size + n > self.max_rows:
             raise ValueError(f"{self.size} running + {n} new rows exceed the batch's {self.max_rows}")
@@ -72,8 +76,9 @@ class RunningBatch:
         self.next_index += n
         for i, r in zip(new_index, requests):
             pending[i] = r
-        faults.inject(self.texts + [r.text for r in requests])
-        prompts = [e._prompt_ids(r) for r in requests]
+        if check is not None:
+            check(self.texts + [r.text for r in requests])
+        prompts = [e.prompt_ids(r) for r in requests]
         speakers = [e.speaker(r.voice) for r in requests]
         targets = [e.target_steps(r) for r in requests]
         caps = [t if t is not None else r.max_tokens for r, t in zip(requests, targets)]
@@ -87,7 +92,7 @@ class RunningBatch:
             mask[i, width - len(p):] = 1
         ids, mask = ids.to(dev), mask.to(dev)
         emb = e.text_emb[ids]
-        spk_pos = ids.eq(e.tokenizer.spk_emb_ids)
+        spk_pos = ids.eq(e.spk_emb_id)
         emb[spk_pos] = torch.stack(speakers).unsqueeze(1).expand(-1, width, -1)[spk_pos]
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         cache, hidden = self._prefill(emb, mask, pos, [len(p) for p in prompts])

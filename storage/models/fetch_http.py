@@ -28,6 +28,8 @@ from typing import Callable
 import urllib3
 from urllib3.exceptions import HTTPError as Urllib3Error
 
+from tasks.errors import TtspoolError
+
 log = logging.getLogger("ttspool.fetch")
 
 MiB = 1024 * 1024
@@ -35,7 +37,7 @@ _RETRY_STATUS = {429, 500, 502, 503, 504}
 _STATE_VERSION = 1
 
 
-class FetchError(RuntimeError):
+class FetchError(TtspoolError, RuntimeError):
     """A download that failed for good (after its retry budget, or on a non-retryable answer)."""
 
 

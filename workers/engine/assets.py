@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from storage.model_cache import cache_root, complete_model, fetch_model, model_dir, touch_used
-from storage.model_manifest import OFFICIAL_MODEL, official_manifest, sha256_file
+from storage.models.cache import check_cached_signature, complete_model, fetch_model, model_dir, touch_used
+from storage.models.manifest import OFFICIAL_MODEL, official_manifest, sha256_file
+from tasks.settings import Settings
 
 from .random_models import MANIFEST, RANDOM_MODELS, ensure_random_model
 
@@ -40,19 +40,37 @@ def _verify_official(root: Path) -> None:
             )
 
 
-def _cached(model: str) -> Path:
-    """The model from the node's cache, fetched on first use (TTSPOOL_MODEL_SOURCE, default hf).
+@dataclass(frozen=True)
+class ModelFetch:
+    """The node's model cache, where a missing model comes from, and the key it must be signed with."""
 
+    cache_dir: Path
+    source: str | None = None  # None: hf for the official weights; random models are built here
+    revision: str | None = None
+    pubkey: Path | None = None
+    s3_endpoint_url: str | None = None  # for an s3:// source
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> "ModelFetch":
+        return cls(s.cache_path, s.model_source, s.model_revision, s.model_pubkey_path, s.s3_endpoint_url)
+
+
+def _cached(model: str, fetch: ModelFetch) -> Path:
+    """The model from the node's cache, fetched on first use.
+
+    With a public key configured, a cache entry loads only if the manifest it was verified
+    against carries a valid signature: an unsigned fetch (by hand, or by a node without the
+    key) must not fill the cache that signed-only workers load from.
     Never ChatTTS' own source="local": it downloads and runs a binary.
     """
-    revision = os.environ.get("TTSPOOL_MODEL_REVISION") or None
-    target = model_dir(cache_root(), model, revision)
+    target = model_dir(fetch.cache_dir, model, fetch.revision)
     if complete_model(target):
+        if fetch.pubkey is not None:
+            check_cached_signature(target, fetch.pubkey)
         touch_used(target)
         return target
-    pubkey = os.environ.get("TTSPOOL_MODEL_PUBKEY")
-    return fetch_model(os.environ.get("TTSPOOL_MODEL_SOURCE") or "hf", cache_root(), model=model,
-                       revision=revision, pubkey=Path(pubkey) if pubkey else None)
+    return fetch_model(fetch.source or "hf", fetch.cache_dir, model=model, revision=fetch.revision,
+                       pubkey=fetch.pubkey, s3_endpoint_url=fetch.s3_endpoint_url)
 
 
 def _from_folder(root: Path, name: str) -> ModelAssets:
@@ -61,18 +79,19 @@ def _from_folder(root: Path, name: str) -> ModelAssets:
     return ModelAssets(meta.get("model", name), root, meta.get("overrides", {}), bool(meta.get("random")))
 
 
-def resolve(model: str, model_dir: str | None = None) -> ModelAssets:
-    """Where `model`'s files are. With TTSPOOL_MODEL_SOURCE set, a model name (random ones
+def resolve(model: str, model_dir: str | None = None, fetch: ModelFetch | None = None) -> ModelAssets:
+    """Where `model`'s files are. With a model source set, a model name (random ones
     included) comes from that source through the cache instead of being built here."""
-    fetched = bool(os.environ.get("TTSPOOL_MODEL_SOURCE")) and "/" not in model
+    fetch = fetch or ModelFetch.from_settings(Settings.from_env())
+    fetched = fetch.source is not None and "/" not in model
     if model in RANDOM_MODELS and not fetched:
-        root = ensure_random_model(model, cache_root() / "models")
+        root = ensure_random_model(model, fetch.cache_dir / "models")
         return ModelAssets(model, root, json.loads((root / MANIFEST).read_text())["overrides"], True)
     if model == OFFICIAL_MODEL and model_dir:
         _verify_official(Path(model_dir))
         return ModelAssets(model, Path(model_dir), {}, False)
     if model == OFFICIAL_MODEL or fetched:
-        return _from_folder(_cached(model), model)
+        return _from_folder(_cached(model, fetch), model)
     root = Path(model).expanduser()
     if not (root / "asset").is_dir():
         raise FileNotFoundError(f"{root} is not a ChatTTS asset folder (no asset/ inside)")

@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 
 from tasks.schema import MAX_TEXT_CHARS
 
+from .chars import is_cjk
 from .lengths import STEPS_PER_SECOND, predicted_steps
 
 # Well under ChatTTS' 2048-step cap (~43.7 s): the prediction is an estimate, and a
@@ -41,12 +42,6 @@ class Segment:
     text: str  # the span with whitespace collapsed, as the job schema stores it
 
 
-def _is_cjk(ch: str) -> bool:
-    # Han, kana, CJK punctuation (「」，。) and full-width forms: each stands alone.
-    return ("\u4e00" <= ch <= "\u9fff" or "\u3400" <= ch <= "\u4dbf" or "\u3000" <= ch <= "\u30ff"
-            or "\uff00" <= ch <= "\uffef")
-
-
 def _collapse(span: str) -> str:
     return " ".join(span.split())
 
@@ -65,7 +60,7 @@ def _word_cuts(text: str, start: int, end: int) -> list[int]:
         prev, ch = text[i - 1], text[i]
         if ch.isspace():
             continue
-        if prev.isspace() or _is_cjk(prev) or _is_cjk(ch):
+        if prev.isspace() or is_cjk(prev) or is_cjk(ch):
             out.append(i)
     return out
 

@@ -1,6 +1,6 @@
 """The node's model cache: verified fetches, listing and pruning.
 
-Layout under the cache root (`$TTSPOOL_CACHE_DIR`, default `~/.cache/ttspool`):
+Layout under the cache root (`Settings.cache_dir`: TTSPOOL_CACHE_DIR, default `~/.cache/ttspool`):
 
     models/<model>/<revision>/          a fetched model, in the source's file layout
         manifest.json[.sig]             what was verified (as the source served it)
@@ -8,7 +8,7 @@ Layout under the cache root (`$TTSPOOL_CACHE_DIR`, default `~/.cache/ttspool`):
         .last_used                      touched on each load (for prune)
         <file>.partial[.json]           a download in progress and its resume state
     models/<model>/.<revision>.lock     held while fetching or pruning that revision
-    models/<random-model>-v<N>/         random models built locally (workers.random_models)
+    models/<random-model>-v<N>/         random models built locally (workers.engine.random_models)
 
 A file appears under its own name only after its sha256 matched, so a name in place
 means a verified file.
@@ -29,16 +29,16 @@ from pathlib import Path
 
 from .fetch_http import FetchError, HttpPolicy, state_path
 from .fetch_progress import FetchProgress
-from .model_manifest import (MANIFEST_NAME, OFFICIAL_MODEL, SIGNATURE_NAME, FileEntry, Manifest, ManifestError,
-                             check_model_name, check_official, official_manifest, parse_manifest, sha256_file,
-                             verify_signature)
-from .model_sources import Source, open_source
+from .manifest import (MANIFEST_NAME, OFFICIAL_MODEL, SIGNATURE_NAME, FileEntry, Manifest, ManifestError,
+                       check_model_name, check_official, official_manifest, parse_manifest, sha256_file,
+                       verify_signature)
+from .sources import Source, open_source
 
 log = logging.getLogger("ttspool.fetch")
 
 COMPLETE = ".complete.json"
 LAST_USED = ".last_used"
-RANDOM_INFO = "ttspool.json"  # workers.random_models.MANIFEST, kept here without importing torch
+RANDOM_INFO = "ttspool.json"  # workers.engine.random_models.MANIFEST, kept here without importing torch
 DEFAULT_REVISION = "main"
 
 
@@ -110,9 +110,9 @@ def _resolve_manifest(src: Source, pubkey: Path | None) -> tuple[Manifest, bytes
 
 def fetch_model(source: str, cache_root: Path, *, model: str | None = None, revision: str | None = None,
                 pubkey: Path | None = None, attempts: int = 3, policy: HttpPolicy | None = None,
-                tty: bool | None = None) -> Path:
+                tty: bool | None = None, s3_endpoint_url: str | None = None) -> Path:
     """Fetch a model into the cache (once per node, verified) and return its folder."""
-    src = open_source(source, revision, policy or HttpPolicy())
+    src = open_source(source, revision, policy or HttpPolicy(), s3_endpoint_url)
     manifest, raw, sig = _resolve_manifest(src, pubkey)
     if model is not None and manifest.model != model:
         raise ManifestError(f"{src.display} serves model {manifest.model!r}, not {model!r}")
@@ -200,6 +200,12 @@ def _last_used(path: Path) -> float:
     return 0.0
 
 
+def check_cached_signature(target: Path, pubkey: Path) -> None:
+    """The manifest a cache entry was verified against must be signed by `pubkey` (ManifestError if not)."""
+    sig = target / SIGNATURE_NAME
+    verify_signature((target / MANIFEST_NAME).read_bytes(), sig.read_bytes() if sig.is_file() else None, pubkey)
+
+
 def bad_files(target: Path) -> list[str]:
     """Files of a fetched model that are missing or no longer match their sha256 (slow: hashes all)."""
     stored = _stored(target)
@@ -234,7 +240,7 @@ def list_models(cache_root: Path, verify: bool = False) -> list[CachedModel]:
 
 def _prune_lock(entry: CachedModel) -> Path:
     if entry.revision == "built":
-        # workers.random_models' build lock.
+        # workers.engine.random_models' build lock.
         return entry.path.parent / f".{entry.model}.lock"
     return _lock_path(entry.path)
 
@@ -264,6 +270,3 @@ def parse_age(text: str) -> float:
         raise ValueError(f"bad age {text!r}: expected a number and one of s, m, h, d, w (e.g. 7d)")
     return int(number) * units[unit]
 
-
-def cache_root() -> Path:
-    return Path(os.environ.get("TTSPOOL_CACHE_DIR") or Path.home() / ".cache" / "ttspool")

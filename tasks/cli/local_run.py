@@ -12,15 +12,16 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from .local_redis import LocalRedis
-from .producer import Client, JobStatus
-from .settings import Settings
+from ..producer import Client, JobStatus
+from ..polling import poll
+from ..settings import Settings
+from ..states import JobState
 
-EXAMPLES = Path(__file__).parent / "examples" / "jobs.jsonl"
+EXAMPLES = Path(__file__).parents[1] / "examples" / "jobs.jsonl"
 
 
 def load_jobs(path: Path) -> list[dict[str, Any]]:
@@ -37,52 +38,39 @@ def load_jobs(path: Path) -> list[dict[str, Any]]:
 def _wait(client: Client, ids: list[str], worker: subprocess.Popen[bytes], timeout: float) -> list[JobStatus]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    deadline = time.monotonic() + timeout
     done: dict[str, JobStatus] = {}
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), transient=False) as progress:
         bar = progress.add_task("synthesizing", total=len(ids))
-        while len(done) < len(ids):
+
+        def step() -> list[JobStatus] | None:
             if worker.poll() is not None:
                 raise RuntimeError(f"the worker exited with code {worker.returncode} (its log is above)")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{len(ids) - len(done)} job(s) unfinished after {timeout:.0f} s")
             for jid in ids:
-                if jid not in done:
-                    st = client.status(jid)
-                    if st.done:
-                        done[jid] = st
+                if jid not in done and (st := client.status(jid)).done:
+                    done[jid] = st
             progress.update(bar, completed=len(done))
-            time.sleep(0.25)
-    return [done[j] for j in ids]
+            return [done[j] for j in ids] if len(done) == len(set(ids)) else None
+
+        return poll(step, timeout=timeout, every=0.25,
+                    timed_out=lambda: f"{len(set(ids)) - len(done)} job(s) unfinished after {timeout:.0f} s")
 
 
 def run_local(settings: Settings, jobs_file: Path | None, out_dir: Path, timeout: float) -> int:
     jobs = load_jobs(jobs_file or EXAMPLES)
     redis_server = None
-    env = dict(os.environ)
-    if not os.environ.get("TTSPOOL_BROKER_URL"):
+    if "broker_url" not in settings.explicit:
         redis_server = LocalRedis().start()
         settings = settings.override(broker_url=redis_server.url)
         print(f"started a local Redis on {redis_server.url}", file=sys.stderr)
-    if not os.environ.get("TTSPOOL_STORAGE_URL"):
+    if "storage_url" not in settings.explicit:
         out_dir.mkdir(parents=True, exist_ok=True)
         settings = settings.override(storage_url=out_dir.resolve().as_uri())
-    env.update({
-        "TTSPOOL_BROKER_URL": settings.broker_url,
-        "TTSPOOL_STORAGE_URL": settings.storage_url,
-        "TTSPOOL_MODEL": settings.model,
-        "TTSPOOL_DEVICE": settings.device,
-        "TTSPOOL_DTYPE": settings.dtype,
-        "TTSPOOL_MAX_BATCH": str(settings.max_batch),
-        "TTSPOOL_MAX_WAIT_MS": str(settings.max_wait_ms),
-    })
-    if settings.result_backend:
-        env["TTSPOOL_RESULT_BACKEND"] = settings.result_backend
-    if settings.model_dir:
-        env["TTSPOOL_MODEL_DIR"] = settings.model_dir
     # A one-off local run serves no metrics unless asked: port 9808 may be a real worker's.
-    env.setdefault("TTSPOOL_METRICS_PORT", "0")
+    if "metrics_port" not in settings.explicit:
+        settings = settings.override(metrics_port=0)
+    # The worker gets every setting, flags included, not a hand-picked subset.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TTSPOOL_")} | settings.to_env()
     worker = subprocess.Popen([sys.executable, "-m", "tasks.cli", "worker", "--loglevel", "WARNING"], env=env)
     client = Client(settings)
     try:
@@ -101,7 +89,7 @@ def run_local(settings: Settings, jobs_file: Path | None, out_dir: Path, timeout
             redis_server.close()
     failed = 0
     for st in results:
-        if st.status == "SUCCESS":
+        if st.status == JobState.SUCCESS:
             print(f"{st.id}: {st.duration_s:.2f} s  {st.url}")
         else:
             failed += 1

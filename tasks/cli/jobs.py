@@ -1,0 +1,69 @@
+"""`ttspool submit` and `ttspool status`: one job at a time."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..settings import Settings
+from ..states import JobState
+from .common import print_status, voice_arg
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("submit", help="enqueue one job and print its id")
+    s.add_argument("text")
+    s.add_argument("--voice", type=voice_arg, help="integer speaker seed, or a ChatTTS speaker string")
+    s.add_argument("--seed", type=int)
+    s.add_argument("--speed", type=int)
+    s.add_argument("--temperature", type=float)
+    s.add_argument("--top-p", type=float)
+    s.add_argument("--top-k", type=int)
+    s.add_argument("--max-tokens", type=int)
+    s.add_argument("--priority", choices=["realtime", "bulk"])
+    s.add_argument("--job-id")
+    s.add_argument("--ttl", type=float, dest="ttl_s", help="seconds after which an unstarted job expires")
+    s.add_argument("--wait", action="store_true", help="wait for the result")
+    s.add_argument("--timeout", type=float, default=600.0)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(handler=_submit)
+
+    st = sub.add_parser("status", help="print a job's status")
+    st.add_argument("job_id")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(handler=_status)
+
+
+def _submit(args: argparse.Namespace, settings: Settings) -> int:
+    from ..producer import Client
+
+    job = {
+        "text": args.text, "voice": args.voice, "seed": args.seed, "speed": args.speed,
+        "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
+        "max_tokens": args.max_tokens, "priority": args.priority, "job_id": args.job_id,
+        "ttl_s": args.ttl_s,
+    }
+    client = Client(settings)
+    try:
+        job_id = client.submit({k: v for k, v in job.items() if v is not None})
+        if not args.wait:
+            print(json.dumps({"id": job_id}) if args.json else job_id)
+            return 0
+        st = client.wait([job_id], timeout=args.timeout)[0]
+        print_status(st, args.json)
+        return 0 if st.status == JobState.SUCCESS else 1
+    finally:
+        client.close()
+
+
+def _status(args: argparse.Namespace, settings: Settings) -> int:
+    from ..producer import Client
+    from .bulk import print_book_status
+
+    client = Client(settings)
+    try:
+        if not print_book_status(client, args.job_id, args.json):
+            print_status(client.status(args.job_id), args.json)
+    finally:
+        client.close()
+    return 0

@@ -1,0 +1,160 @@
+"""The layering, read from the source (as test_security.py reads it for pickle): which
+package may import which, and no import cycles between modules.
+
+- tasks/ (the contract, producer API, text, books, exporter) imports nothing of the
+  other packages and no torch; tasks/cli/ is the composition root and may import
+  anything, but the worker side and torch only inside functions (lazily), so that a
+  producer runs `ttspool submit` without them;
+- scheduler/ is pure policy: the contract's schema and text rules, the standard library;
+- storage/ knows nothing of Celery, the scheduler or the workers (the contract's settings
+  and errors are all it takes from tasks/), and no torch;
+- workers/ may import every other package, but not the CLI.
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("tasks", "scheduler", "storage", "workers")
+TORCH = {"torch", "torchaudio", "ChatTTS", "transformers", "vocos", "celery_batches"}
+CELERY = {"celery", "kombu", "celery_batches"}
+
+
+@dataclass(frozen=True)
+class Import:
+    module: str  # the importing module, dotted
+    target: str  # the imported module, dotted (a submodule when `from pkg import sub` names one)
+    top_level: bool  # at import time, not inside a function
+    line: int
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _is_module(dotted: str) -> bool:
+    base = ROOT.joinpath(*dotted.split("."))
+    return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
+
+
+def _imports(path: Path) -> list[Import]:
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    tree = ast.parse(path.read_text())
+    nested = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+              for n in ast.walk(f)}
+    type_only = {id(n) for i in ast.walk(tree) if isinstance(i, ast.If) and "TYPE_CHECKING" in ast.unparse(i.test)
+                 for n in ast.walk(i)}
+    out = []
+    for node in ast.walk(tree):
+        if id(node) in type_only:
+            continue
+        top = id(node) not in nested
+        if isinstance(node, ast.Import):
+            out += [Import(name, a.name, top, node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            for alias in node.names:
+                sub = f"{base}.{alias.name}"
+                out.append(Import(name, sub if _is_module(sub) else base, top, node.lineno))
+    return out
+
+
+def _all_imports() -> list[Import]:
+    return [i for pkg in PACKAGES for path in sorted((ROOT / pkg).rglob("*.py")) for i in _imports(path)]
+
+
+def _top(target: str) -> str:
+    return target.split(".")[0]
+
+
+def _violation(i: Import) -> str | None:
+    src, dst = i.module, _top(i.target)
+    if src.startswith("tasks.cli"):
+        if not i.top_level:
+            return None
+        if dst in TORCH or dst == "workers" or i.target.startswith(("storage.models", "scheduler")):
+            return "the CLI imports the worker side, torch or heavy modules only inside its handlers"
+        return None
+    if src.startswith("tasks"):
+        if dst in TORCH:
+            return "the producer side must not import torch"
+        if dst in ("workers", "scheduler", "storage"):
+            return "tasks/ imports nothing of the other packages"
+    if src.startswith("scheduler"):
+        if dst in TORCH | CELERY | {"redis", "storage", "workers", "boto3"}:
+            return "the scheduler is pure policy"
+        if dst == "tasks" and not i.target.startswith(("tasks.schema", "tasks.text", "tasks.settings")):
+            return "the scheduler takes only the schema, the text rules and settings from tasks/"
+    if src.startswith("storage"):
+        if dst in TORCH | CELERY | {"workers", "scheduler"}:
+            return "storage knows nothing of Celery, the scheduler, the workers or torch"
+        if dst == "tasks" and i.target not in ("tasks.settings", "tasks.errors"):
+            return "storage takes only settings and errors from tasks/"
+    if src.startswith("workers") and i.target.startswith("tasks.cli"):
+        return "nothing imports the CLI"
+    return None
+
+
+def test_every_import_goes_the_allowed_direction() -> None:
+    bad = [f"{i.module}:{i.line} imports {i.target}: {why}" for i in _all_imports() if (why := _violation(i))]
+    assert not bad, "\n".join(bad)
+
+
+def find_cycles(graph: dict[str, set[str]]) -> list[str]:
+    cycles = []
+    state: dict[str, int] = {}  # 1 on the current path, 2 done
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                cycles.append(" -> ".join(path[path.index(nxt):] + [nxt]))
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    return cycles
+
+
+def test_no_import_cycles_between_modules() -> None:
+    # Lazy imports count too: a cycle hidden in a function is still two modules that
+    # cannot be understood (or moved) one without the other.
+    graph: dict[str, set[str]] = {}
+    for i in _all_imports():
+        if _top(i.target) in PACKAGES and i.target != i.module:
+            graph.setdefault(i.module, set()).add(i.target)
+    assert not (cycles := find_cycles(graph)), "\n".join(cycles)
+
+
+def test_the_cycle_finder_finds_one() -> None:
+    assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a -> b -> c -> a"]
+    assert find_cycles({"a": {"b"}, "b": set(), "c": {"a", "b"}}) == []
+
+
+@pytest.mark.parametrize("source, expected", [
+    ("tasks/book.py", "import torch\n"),
+    ("scheduler/planner.py", "import redis\n"),
+    ("storage/local.py", "from celery import Celery\n"),
+    ("tasks/cli/jobs.py", "from workers.worker import run_worker\n"),
+])
+def test_the_rules_catch_a_wrong_import(source: str, expected: str) -> None:
+    # The checker itself, on a real module with one bad import added.
+    path = ROOT / source
+    name = _module_name(path)
+    tree = ast.parse(expected)
+    bad = [Import(name, a.name if isinstance(node, ast.Import) else node.module or "", True, 1)
+           for node in tree.body for a in node.names]
+    assert all(_violation(i) for i in bad)

@@ -1,0 +1,60 @@
+"""Settings: the one reader of TTSPOOL_* variables, and what it hands to child processes."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from tasks.settings import ENV_NAMES, Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+PRODUCT = ("tasks", "scheduler", "storage", "workers")
+
+
+def test_to_env_round_trips_every_setting() -> None:
+    env = {
+        "TTSPOOL_BROKER_URL": "redis://127.0.0.1:7000/2", "TTSPOOL_RESULT_BACKEND": "redis://127.0.0.1:7001/0",
+        "TTSPOOL_STORAGE_URL": "s3://bucket/prefix", "TTSPOOL_S3_ENDPOINT_URL": "http://127.0.0.1:9000",
+        "TTSPOOL_MODEL": "random-full", "TTSPOOL_MODEL_DIR": "/models/chattts", "TTSPOOL_DEVICE": "cuda:1",
+        "TTSPOOL_DTYPE": "bfloat16", "TTSPOOL_COMPILE": "1", "TTSPOOL_MAX_BATCH": "32",
+        "TTSPOOL_MAX_WAIT_MS": "250", "TTSPOOL_AGING_MS": "5000", "TTSPOOL_VISIBILITY_TIMEOUT": "7200",
+        "TTSPOOL_MAX_STRIKES": "5", "TTSPOOL_UPLOAD_RETRY_S": "30", "TTSPOOL_METRICS_PORT": "9100",
+        "TTSPOOL_METRICS_ADDR": "127.0.0.1", "TTSPOOL_CACHE_DIR": "/cache", "TTSPOOL_MODEL_SOURCE": "s3://m/p",
+        "TTSPOOL_MODEL_REVISION": "v2", "TTSPOOL_MODEL_PUBKEY": "/keys/pub.pem", "TTSPOOL_S3_SSE": "aws:kms",
+        "TTSPOOL_RATE_LIMITS": "acme=10/s", "TTSPOOL_FAULT_OOM_ABOVE": "4",
+    }
+    # Every setting has a variable, and this test sets every one of them.
+    assert set(env) - {"TTSPOOL_FAULT_OOM_ABOVE"} == set(ENV_NAMES.values())
+    s = Settings.from_env(env)
+    assert s.to_env() == env
+    assert Settings.from_env(s.to_env()) == s
+    assert s.explicit == set(ENV_NAMES)
+
+
+def test_flags_count_as_explicit_and_defaults_do_not() -> None:
+    s = Settings.from_env({"TTSPOOL_MODEL": "random-tiny"})
+    assert s.explicit == {"model"}
+    assert s.override(storage_url="file:///tmp/x", device=None).explicit == {"model", "storage_url"}
+
+
+def test_max_deliveries_is_a_deprecated_name_for_max_strikes(caplog: pytest.LogCaptureFixture) -> None:
+    assert Settings.from_env({"TTSPOOL_MAX_DELIVERIES": "7"}).max_strikes == 7
+    assert "TTSPOOL_MAX_DELIVERIES is deprecated" in caplog.text
+    assert Settings.from_env({"TTSPOOL_MAX_DELIVERIES": "7", "TTSPOOL_MAX_STRIKES": "2"}).max_strikes == 2
+
+
+def test_only_settings_reads_the_environment() -> None:
+    """os.environ / os.getenv appear in tasks/settings.py only (HF_ENDPOINT, which
+    huggingface_hub itself reads, is the one exception, in the hub source)."""
+    readers = []
+    for folder in PRODUCT:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            rel = path.relative_to(ROOT).as_posix()
+            for node in ast.walk(ast.parse(path.read_text())):
+                name = (node.attr if isinstance(node, ast.Attribute) else None)
+                if name in ("environ", "getenv") and isinstance(node.value, ast.Name) and node.value.id == "os":
+                    readers.append(rel)
+    allowed = {"tasks/settings.py", "storage/models/sources.py", "tasks/cli/local_run.py"}
+    assert set(readers) <= allowed, sorted(set(readers) - allowed)
