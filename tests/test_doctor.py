@@ -181,3 +181,21 @@ def test_packages_that_drifted_from_the_lock_fail_naming_each(tmp_path: Path) ->
     assert check.status == "fail"
     assert check.detail == f"not the locked versions: torchaudio {installed} (lock: 9.9.9)"
     assert check_packages(LOCK).status == "ok"
+
+
+def test_an_unsigned_cache_entry_fails_where_workers_require_a_signature(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    env = doctor_env(tmp_path)
+    mirror = tmp_path / "mirror"
+    assert run_cli(env, "model", "export-random", "--model", "random-tiny", str(mirror)).returncode == 0
+    env["TTSPOOL_MODEL_SOURCE"] = str(mirror)
+    assert run_cli(env, "model", "fetch").returncode == 0  # unsigned: no key configured yet
+    pub = tmp_path / "pub.pem"
+    pub.write_bytes(Ed25519PrivateKey.generate().public_key().public_bytes(Encoding.PEM,
+                                                                             PublicFormat.SubjectPublicKeyInfo))
+    env["TTSPOOL_MODEL_PUBKEY"] = str(pub)
+    rc, checks = doctor(env, "model")
+    assert rc == 1 and "no manifest.json.sig" in checks["model"]["detail"]
+    assert "will not load it" in checks["model"]["detail"]
