@@ -36,7 +36,7 @@ def _version(dist: str) -> str | None:
 def _devices(device: str, dtype: str) -> dict[str, Any]:
     import torch
 
-    from workers.engine import pick_device, pick_dtype
+    from workers.engine.dtypes import cpu_flags, pick_device, pick_dtype
 
     cuda = []
     for i in range(torch.cuda.device_count()):
@@ -52,12 +52,17 @@ def _devices(device: str, dtype: str) -> dict[str, Any]:
             driver = pynvml.nvmlSystemGetDriverVersion()
         except Exception:  # nvidia-ml-py is optional; its errors are its own classes
             driver = None
+    flags = cpu_flags()
     out: dict[str, Any] = {"cuda": cuda, "driver": driver, "cuda_runtime": torch.version.cuda,
-                           "threads": torch.get_num_threads()}
+                           "threads": torch.get_num_threads(),
+                           "cpu": {"AVX-512": "avx512f" in flags, "AVX-512 BF16": "avx512_bf16" in flags,
+                                   "AVX-512 VNNI": "avx512_vnni" in flags, "AMX": "amx_bf16" in flags}}
     try:
         chosen = pick_device(device)
+        chosen_dtype, why = pick_dtype(dtype, chosen)
         out["device"] = str(chosen)
-        out["dtype"] = str(pick_dtype(dtype, chosen)).removeprefix("torch.")
+        out["dtype"] = str(chosen_dtype).removeprefix("torch.")
+        out["dtype_reason"] = why
     except Exception as err:  # EngineError: the settings ask for what this machine lacks
         out["error"] = str(err)
     return out

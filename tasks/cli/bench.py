@@ -30,6 +30,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--batch-sizes", type=_sizes, default=[1, 8, 32], help="comma-separated (default 1,8,32)")
     p.add_argument("--no-keep-rows", action="store_true", help="skip the run with finished rows kept")
     p.add_argument("--no-refill", action="store_true", help="skip the run with ended rows replaced from the backlog")
+    p.add_argument("--precision", action="store_true",
+                   help="instead: each half dtype against float32 on the same inputs (KL, top-1, SNR)")
     p.add_argument("--json-out", type=Path, help="write the results as JSON")
     p.add_argument("--plot", type=Path, help="write a PNG bar chart")
     p.set_defaults(handler=_bench)
@@ -48,6 +50,8 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
     console = Console(stderr=True)
     # Random weights never emit EOS, so the baseline would log "hit max_new_token" per job.
     logging.getLogger("ChatTTS").setLevel(logging.ERROR)
+    if args.precision:
+        return _precision(args, settings, console)
     with console.status("loading the model"):
         engine = Engine(settings.model, settings.model_dir, settings.device, settings.dtype, settings.compile,
                         ModelFetch.from_settings(settings)).load()
@@ -59,11 +63,11 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
     m, j = result["machine"], result["jobs"]
     table = Table(title=f"{m['model']} on {m.get('gpu', m['device'])} ({m['dtype']}, {m['threads']} threads): "
                         f"{j['count']} jobs, {j['min_steps']}-{j['max_steps']} steps, {j['voices']} voices")
-    for col in ("run", "audio s/s", "steps/s", "RTF", "peak RSS MiB", "peak GPU MiB", "x baseline"):
-        table.add_column(col, justify="left" if col == "run" else "right")
+    for col in ("run", "dtype", "audio s/s", "steps/s", "RTF", "peak RSS MiB", "peak GPU MiB", "x baseline"):
+        table.add_column(col, justify="left" if col in ("run", "dtype") else "right")
     for row in [result["baseline"], *result["runs"]]:
         gpu = row["peak_gpu_bytes"]
-        table.add_row(row["name"], f"{row['audio_s_per_s']:.2f}", f"{row['steps_per_s']:.1f}", f"{row['rtf']:.3f}",
+        table.add_row(row["name"], row["dtype"], f"{row['audio_s_per_s']:.2f}", f"{row['steps_per_s']:.1f}", f"{row['rtf']:.3f}",
                       f"{row['peak_rss_bytes'] / 2**20:.0f}", "-" if gpu is None else f"{gpu / 2**20:.0f}",
                       f"{row['ratio_to_baseline']:.2f}")
     Console(width=120).print(table)
@@ -73,4 +77,36 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
         write_json(result, args.json_out)
     if args.plot:
         plot(result, args.plot)
+    return 0
+
+
+def _precision(args: argparse.Namespace, settings: Settings, console: Any) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from workers.bench.engine_bench import write_json
+    from workers.bench.precision import precision_report
+    from workers.engine import Engine
+    from workers.engine.assets import ModelFetch
+
+    # float16 and bfloat16 everywhere: slow on a CPU without native half arithmetic, but
+    # the point is what the dtype does to the numbers, and CUDA runs the same code.
+    names = ["float32"] + [d for d in ("bfloat16", "float16") if settings.dtype in ("auto", d)]
+    engines = {}
+    with console.status("loading the model in " + ", ".join(names)):
+        for name in names:
+            engines[name] = Engine(settings.model, settings.model_dir, settings.device, name,
+                                   fetch=ModelFetch.from_settings(settings)).load()
+    result = precision_report(engines, n_jobs=min(args.jobs, 8))
+    table = Table(title=f"{result['model']} on {result['device']}: {result['jobs']} jobs x {result['max_steps']} "
+                        f"steps, teacher-forced against float32"
+                        + (" (RANDOM weights)" if result["random_weights"] else ""))
+    for col in ("dtype", "KL mean", "KL max", "top-1 agree", "SNR dB mean", "SNR dB min", "non-finite steps"):
+        table.add_column(col, justify="left" if col == "dtype" else "right")
+    for name, r in result["dtypes"].items():
+        table.add_row(name, f"{r['kl_mean']:.2e}", f"{r['kl_max']:.2e}", f"{r['top1_agreement']:.4f}",
+                      f"{r['snr_db_mean']:.1f}", f"{r['snr_db_min']:.1f}", str(r["non_finite_steps"]))
+    Console(width=120).print(table)
+    if args.json_out:
+        write_json(result, args.json_out)
     return 0

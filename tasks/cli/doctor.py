@@ -119,17 +119,6 @@ def run_probe(settings: Settings, timeout_s: float = 300.0) -> tuple[list[Check]
     return [Check("imports", "ok", label)], devices
 
 
-def cpu_features(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, bool]:
-    flags: set[str] = set()
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.partition(":")[2].split())
-                break
-    return {"AVX-512": "avx512f" in flags, "AVX-512 BF16": "avx512_bf16" in flags,
-            "AVX-512 VNNI": "avx512_vnni" in flags, "AMX": "amx_bf16" in flags}
-
-
 def check_devices(settings: Settings, devices: Probe) -> Check:
     if devices.get("error"):
         return Check("devices", "fail", devices["error"], "set TTSPOOL_DEVICE=auto or cpu, or check the NVIDIA driver")
@@ -138,9 +127,9 @@ def check_devices(settings: Settings, devices: Probe) -> Check:
         seen = f"{len(devices['cuda'])} CUDA device(s): {gpus}; driver {devices['driver'] or '?'}, " \
                f"CUDA runtime {devices['cuda_runtime']}"
     else:
-        feats = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in cpu_features().items())
+        feats = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in devices["cpu"].items())
         seen = f"no CUDA device; CPU with {os.cpu_count()} cores ({feats}), {devices['threads']} torch threads"
-    line = f"{seen}; the engine runs on {devices['device']} in {devices['dtype']} (dtype {settings.dtype})"
+    line = f"{seen}; the engine runs on {devices['device']} in {devices['dtype']} ({devices['dtype_reason']})"
     if devices["device"] == "cpu" and settings.device == "auto":
         return Check("devices", "warn", line, "fine for trying it out; a GPU is many times faster")
     return Check("devices", "ok", line)

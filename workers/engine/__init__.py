@@ -5,7 +5,9 @@ generating (given the model as frozen `parts`, not the engine); `kv_cache`, `sam
 `cpu_linear` are its pieces; `assets` and `random_models` find or build the model files.
 """
 
-from .engine import Engine, EngineError, pick_device, pick_dtype
+from .dtypes import pick_device, pick_dtype
+from .engine import Engine
+from .errors import EngineError
 from .requests import Refill, SynthRequest, SynthResult
 
 __all__ = ["Engine", "EngineError", "Refill", "SynthRequest", "SynthResult", "pick_device", "pick_dtype"]

@@ -33,8 +33,10 @@ from torch import nn
 _PACKED_FOR_ROWS = 16
 
 
-def can_pack() -> bool:
-    return torch.backends.mkldnn.is_available()
+def can_pack(dtype: torch.dtype) -> bool:
+    # oneDNN packs float32 and bfloat16 weights everywhere, float16 only on CPUs with
+    # AVX-NE-CONVERT or AVX512-FP16 (which these hosts lack): float16 keeps nn.Linear.
+    return torch.backends.mkldnn.is_available() and dtype in (torch.float32, torch.bfloat16)
 
 
 class PackedLinear(nn.Module):
@@ -84,15 +86,24 @@ def pack_linears(model: nn.Module) -> int:
 
 
 @contextmanager
-def stock_linears(model: nn.Module) -> Iterator[None]:
-    """Compute with dense weights and nn.Linear's own kernel for a while. The packed
-    weights are dropped meanwhile and rebuilt after, so memory stays what upstream's is."""
+def stock_linears(model: nn.Module, dtype: torch.dtype | None = None) -> Iterator[None]:
+    """Compute with dense weights and nn.Linear's own kernel for a while, in `dtype` if
+    given (the packed weights' own otherwise). The packed weights are dropped meanwhile
+    and rebuilt after, so memory stays what upstream's is."""
     layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    packed_dtype = {}
     for m in layers:
-        m.dense, m.packed = m.packed.to_dense(), None
+        dense = m.packed.to_dense()
+        packed_dtype[id(m)] = dense.dtype
+        m.dense, m.packed = dense.to(dtype or dense.dtype), None
+        if m.bias is not None:
+            m.bias = m.bias.to(dtype or dense.dtype)
     try:
         yield
     finally:
         for m in layers:
             assert m.dense is not None
-            m.packed, m.dense = _pack(m.dense), None
+            back = packed_dtype[id(m)]
+            m.packed, m.dense = _pack(m.dense.to(back)), None
+            if m.bias is not None:
+                m.bias = m.bias.to(back)

@@ -19,42 +19,22 @@ import time
 from functools import lru_cache
 from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tasks.errors import TtspoolError
 from tasks.text.lengths import predicted_steps
 
 from .cpu_linear import can_pack, pack_linears
 from .assets import ModelAssets, ModelFetch, resolve
 from .random_models import build_config
+from .dtypes import pick_device, pick_dtype
+from .errors import EngineError
 from .parts import ModelParts
 from .requests import Refill, SynthRequest, SynthResult
 from .running_batch import RunningBatch
 
 log = logging.getLogger(__name__)
-
-
-class EngineError(TtspoolError, RuntimeError):
-    pass
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise EngineError(f"TTSPOOL_DEVICE={name} but no CUDA device is available")
-    return device
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
-    if device.type == "cpu" and dtype == torch.float16:
-        raise EngineError("float16 is not supported on the CPU; use float32 or bfloat16")
-    return dtype
 
 
 class Engine:
@@ -63,7 +43,7 @@ class Engine:
     def __init__(self, model: str, model_dir: str | None = None, device: str = "auto", dtype: str = "auto",
                  compile: bool = False, fetch: ModelFetch | None = None) -> None:
         self.device = pick_device(device)
-        self.dtype = pick_dtype(dtype, self.device)
+        self.dtype, self.dtype_reason = pick_dtype(dtype, self.device)
         if compile and self.device.type != "cuda":
             # Inductor's CPU backend fails to build this model's kernels with torch 2.11
             # (a C++ compile error, seen on x86-64), and CPU serving gains little from it.
@@ -115,7 +95,7 @@ class Engine:
             self.code_emb = torch.stack([e.weight.detach() for e in chat.embed.emb_code]).to(self.dtype)
             self.text_emb = chat.embed.emb_text.weight.detach().to(self.dtype)
         self.tokenizer = chat.tokenizer
-        if self.device.type == "cpu" and can_pack():
+        if self.device.type == "cpu" and can_pack(self.dtype):
             pack_linears(self.gpt)
         if self.compile:
             # Shapes change every step (the cache grows, finished rows leave), so the
@@ -134,8 +114,8 @@ class Engine:
             raise EngineError(f"warm-up synthesis failed: {warm.error}")
         self.warmup_seconds = time.perf_counter() - t1
         log.info(
-            "engine ready: model=%s device=%s dtype=%s load=%.1fs warmup=%.1fs",
-            self.model_id, self.device, str(self.dtype).removeprefix("torch."),
+            "engine ready: model=%s device=%s dtype=%s (%s) load=%.1fs warmup=%.1fs",
+            self.model_id, self.device, str(self.dtype).removeprefix("torch."), self.dtype_reason,
             self.load_seconds, self.warmup_seconds,
         )
         return self
@@ -224,7 +204,12 @@ class Engine:
             self.last_row_steps += batch.size
             done = batch.step(drop=not keep_finished)
             if done:
-                for (i, _, _), res in zip(done, self._decode([(h, c) for _, h, c in done])):
+                failed = [(i, codes) for i, _, codes in done if i in batch.errors]
+                for i, codes in failed:
+                    del pending[i]
+                    yield i, SynthResult(None, len(codes), batch.errors.pop(i))
+                ok = [row for row in done if row[0] in pending]
+                for (i, _, _), res in zip(ok, self._decode([(h, c) for _, h, c in ok])):
                     del pending[i]
                     yield i, res
             if batch.size:
@@ -249,5 +234,9 @@ class Engine:
             hidden = torch.stack([rows[i][0] for i in idx]).transpose(1, 2).to(self.dtype)
             wavs = self.chat.vocos.decode(self.chat.decoder(hidden).float()).float().cpu().numpy()
             for i, wav in zip(idx, wavs):
+                if not np.isfinite(wav).all():
+                    results[i] = SynthResult(None, steps, f"non-finite audio from the decoder "
+                                                          f"({str(self.dtype).removeprefix('torch.')})")
+                    continue
                 results[i] = SynthResult(wav, steps, codes=rows[i][1].cpu().numpy())
         return [r for r in results if r is not None]

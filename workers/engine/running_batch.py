@@ -52,6 +52,7 @@ class RunningBatch:
         self.next_index = 0
         self.index: list[int] = []  # per row: its position in the stream's order
         self.texts: list[str] = []
+        self.errors: dict[int, str] = {}  # stream index -> why the row ended without audio
         self.cache: RowCache | None = None
         # Hidden states and codes of every running row, in a slot that is its own until
         # it ends: writing a step is one indexed copy for the whole batch.
@@ -196,6 +197,15 @@ class RunningBatch:
         slot, t = self.slot[live], self.t[live]
         self.hid_buf[slot, t] = self.hidden[live]
         logits = torch.einsum("bh,qvh->bqv", self.hidden, e.head_w).float()
+        # A row whose logits overflowed (half precision) or went NaN (a malformed speaker
+        # vector) ends here with the reason, alone: sampling from them would raise for
+        # the whole batch, or emit noise. Its logits are neutralized so sampling runs.
+        broken = ~torch.isfinite(logits).flatten(1).all(dim=1) & ~self.finished
+        if bool(broken.any()):
+            for r in broken.nonzero().squeeze(1).tolist():
+                self.errors[self.index[r]] = (f"non-finite logits at step {int(self.t[r])} "
+                                              f"({str(e.dtype).removeprefix('torch.')})")
+            logits[broken] = 0.0
         # Never end on the first step (ChatTTS' ensure_non_empty), never end a random
         # model's row before its predicted length.
         logits[(self.t == 0) | self.forced, :, e.eos] = float("-inf")
@@ -204,9 +214,9 @@ class RunningBatch:
         tokens = sampling.sample(logits, self.seed, self.t, self.temp, self.top_p, self.top_k,
                                  history, REPETITION_PENALTY, back.ge(0))
         self.tok_buf[slot, t] = tokens[live]
-        ended_eos = tokens.eq(e.eos).any(dim=1)
-        newly = ~self.finished & (ended_eos | (self.t + 1 >= self.cap))
-        self.length = torch.where(newly, torch.where(ended_eos, self.t, self.t + 1), self.length)
+        ended = tokens.eq(e.eos).any(dim=1) | broken
+        newly = ~self.finished & (ended | (self.t + 1 >= self.cap))
+        self.length = torch.where(newly, torch.where(ended, self.t, self.t + 1), self.length)
         self.finished = self.finished | newly
         self.t = self.t + 1
         self.tokens = tokens
