@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from tasks.cli.local_redis import LocalRedis, free_port
+from workers.engine.dtypes import cpu_has_native_bf16
 
 from .conftest import S3Endpoint, run_cli
 
@@ -41,7 +42,8 @@ def test_a_healthy_machine_passes_every_check(tmp_path: Path, s3: S3Endpoint, aw
     assert rc == 0, checks
     assert checks["packages"]["status"] == "ok" and "match uv.lock" in checks["packages"]["detail"]
     assert checks["imports"]["status"] == "ok" and "torchaudio 2.11.0" in checks["imports"]["detail"]
-    assert "engine runs on cpu in float32" in checks["devices"]["detail"]
+    auto = "bfloat16" if cpu_has_native_bf16() else "float32"
+    assert f"engine runs on cpu in {auto} (auto: " in checks["devices"]["detail"]
     assert checks["broker"]["status"] == "ok" and "persistence AOF" in checks["broker"]["detail"]
     assert checks["storage"]["status"] == "ok"
     # The probe object is gone again.

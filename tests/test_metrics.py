@@ -12,6 +12,7 @@ from tasks.cli.local_redis import LocalRedis, free_port
 from tasks.producer import Client
 from tasks.settings import QUEUE_BULK, Settings
 from workers.audio import wav_duration
+from workers.engine.dtypes import cpu_has_native_bf16
 
 from .conftest import S3Endpoint, start_worker, stop_process, worker_env
 from .scrape import Exporter, check_metrics, fetch, names, parse, value, wait_for
@@ -90,7 +91,8 @@ def test_worker_and_exporter_follow_real_jobs(s3: S3Endpoint, aws_env: dict[str,
             assert value(s, "ttspool_model_loaded") == 1
             info = [dict(labels) for name, labels in s if name == "ttspool_worker_info"]
             assert len(info) == 1 and info[0]["model"] == "random-tiny" and info[0]["device"] == "cpu"
-            assert info[0]["dtype"] == "float32" and info[0]["version"]
+            # The auto dtype on this CPU (workers.engine.dtypes).
+            assert info[0]["dtype"] == ("bfloat16" if cpu_has_native_bf16() else "float32") and info[0]["version"]
             # No GPU here: the GPU families are simply absent.
             assert not {n for n in names(s) if n.startswith("ttspool_gpu_")}
             check_metrics(text)
