@@ -86,6 +86,12 @@ class Settings:
     s3_sse: str | None = None  # server-side encryption: AES256, aws:kms, aws:kms:dsse
     # Producer-side per-tenant limits, e.g. "acme=10/s:burst=20,*=5/s" (tasks/ratelimit.py).
     rate_limits: str = ""
+    # The text front-end (docs/TEXT.md): a pronunciation lexicon file (written<TAB>spoken),
+    # the order of ambiguous numeric dates (mdy, dmy or ymd), and 幺 for 1 in Chinese
+    # phone numbers and codes.
+    lexicon: str | None = None
+    date_order: str = "mdy"
+    phone_yao: bool = False
     # Test hooks (workers/faults.py): TTSPOOL_FAULT_<NAME> variables, as (NAME, value).
     faults: tuple[tuple[str, str], ...] = ()
     # Fields set explicitly (environment or flag), as opposed to defaults: `ttspool run`
@@ -158,6 +164,9 @@ class Settings:
                 model_pubkey=env.get("TTSPOOL_MODEL_PUBKEY") or None,
                 s3_sse=env.get("TTSPOOL_S3_SSE") or None,
                 rate_limits=env.get("TTSPOOL_RATE_LIMITS") or "",
+                lexicon=env.get("TTSPOOL_LEXICON") or None,
+                date_order=(env.get("TTSPOOL_DATE_ORDER") or d.date_order).lower(),
+                phone_yao=_bool(env, "TTSPOOL_PHONE_YAO"),
                 faults=tuple(sorted((k.removeprefix(_FAULT_PREFIX), v) for k, v in env.items()
                                     if k.startswith(_FAULT_PREFIX) and v)),
                 explicit=explicit,
@@ -178,6 +187,7 @@ ENV_NAMES = {
     "metrics_addr": "TTSPOOL_METRICS_ADDR", "cache_dir": "TTSPOOL_CACHE_DIR",
     "model_source": "TTSPOOL_MODEL_SOURCE", "model_revision": "TTSPOOL_MODEL_REVISION",
     "model_pubkey": "TTSPOOL_MODEL_PUBKEY", "s3_sse": "TTSPOOL_S3_SSE", "rate_limits": "TTSPOOL_RATE_LIMITS",
+    "lexicon": "TTSPOOL_LEXICON", "date_order": "TTSPOOL_DATE_ORDER", "phone_yao": "TTSPOOL_PHONE_YAO",
 }
 
 
@@ -193,6 +203,8 @@ def validate(s: Settings) -> Settings:
             f"TTSPOOL_MODEL must be one of {', '.join(_MODELS)} or an absolute path to a "
             f"ChatTTS asset folder, got {s.model!r}"
         )
+    if s.date_order not in ("mdy", "dmy", "ymd"):
+        raise SettingsError(f"TTSPOOL_DATE_ORDER must be mdy, dmy or ymd, got {s.date_order!r}")
     if s.s3_sse is not None and s.s3_sse not in SSE_VALUES:
         raise SettingsError(f"TTSPOOL_S3_SSE must be one of {sorted(SSE_VALUES)}, got {s.s3_sse!r}")
     for name, url in (("TTSPOOL_BROKER_URL", s.broker_url), ("TTSPOOL_RESULT_BACKEND", s.backend_url)):

@@ -1,0 +1,79 @@
+"""The last step of the front-end: text in the characters ChatTTS' tokenizer is given.
+
+ChatTTS' own Normalizer keeps CJK ideographs, Latin letters, "，。、,. " and its
+[control] tokens, and deletes everything else without a trace. Here punctuation is
+mapped to the pauses it means, letters with accents lose them (café -> cafe), quotes
+are left out on purpose, and only what has no reading at all is removed -- and
+reported, so the worker can count and log it. The result passes through ChatTTS'
+Normalizer unchanged but for its homophone table.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+TAG = re.compile(r"\[[A-Za-z]\w*\]")
+_KEEP = re.compile(r"[\u4e00-\u9fffA-Za-z，。、,. ]")
+_PAUSES = str.maketrans({
+    "!": ".", "?": ".", "…": ".", ";": ",", ":": ",", "(": ",", ")": ",", "[": ",", "]": ",", "{": ",",
+    "}": ",", "<": ",", ">": ",", "—": ",", "–": ",", "-": ",", "|": ",", "/": " ", "\\": " ", "_": " ",
+    "！": "。", "？": "。", "；": "，", "：": "，", "（": "，", "）": "，", "【": "，", "】": "，", "「": "，",
+    "」": "，", "『": "，", "』": "，", "《": "，", "》": "，", "〈": "，", "〉": "，", "－": "，", "～": "，",
+    "\u3000": " ", "\n": " ", "\t": " ",
+})
+# Not spoken, on purpose: they are not counted as dropped.
+_SILENT = set("\"'`“”‘’«»‹›·・*^")
+_LIGATURES = str.maketrans({"ß": "ss", "æ": "ae", "Æ": "AE", "œ": "oe", "Œ": "OE", "ø": "o", "Ø": "O",
+                            "đ": "d", "Đ": "D", "ł": "l", "Ł": "L", "ı": "i"})
+_HAN = re.compile(r"[\u4e00-\u9fff]")
+_WORD = re.compile(r"\b[A-Za-z]+\b")
+
+
+def _fold(ch: str) -> str:
+    """A Latin letter with diacritics -> the bare letter; anything else unchanged."""
+    base = unicodedata.normalize("NFKD", ch.translate(_LIGATURES))
+    bare = "".join(c for c in base if not unicodedata.combining(c))
+    return bare if bare.isascii() and bare.isalpha() else ch
+
+
+def to_chattts(text: str) -> tuple[str, dict[str, int]]:
+    """(text ChatTTS keeps as it is, {character removed with no reading: times})."""
+    dropped: dict[str, int] = {}
+    out: list[str] = []
+    pos = 0
+    for m in [*TAG.finditer(text), None]:
+        end = m.start() if m else len(text)
+        for ch in text[pos:end].translate(_PAUSES):
+            if _KEEP.match(ch):
+                out.append(ch)
+                continue
+            folded = _fold(ch)
+            if folded is not ch and _KEEP.fullmatch(folded[:1]):
+                out.append(folded)
+            elif ch.isspace():
+                out.append(" ")
+            elif ch not in _SILENT:
+                dropped[ch] = dropped.get(ch, 0) + 1
+        if m:
+            out.append(f" {m.group()} ")
+            pos = m.end()
+    cleaned = tidy("".join(out))
+    # ChatTTS writes "," and "." full width in text it takes for Chinese (more Han
+    # characters than English words); doing it here keeps spoken_text what it is given.
+    if len(_HAN.findall(cleaned)) > len(_WORD.findall(TAG.sub("", cleaned))):
+        cleaned = cleaned.replace(",", "，").replace(".", "。")
+    return cleaned, dropped
+
+
+def tidy(text: str) -> str:
+    """One space between words, none before a pause, one pause where several meet."""
+    text = re.sub(r"\s+", " ", text)
+    text = re.sub(r" +([,.，。、])", r"\1", text)
+    text = re.sub(r"([,.，。、])[,.，。、 ]*([,.，。、])", lambda m: _stronger(m[1], m[2]), text)
+    text = re.sub(r"(?<=[\u4e00-\u9fff，。、]) (?=[\u4e00-\u9fff，。、])", "", text)
+    return re.sub(r"^[ ,，、]+", "", text).strip()
+
+
+def _stronger(a: str, b: str) -> str:
+    return next((c for c in "。.，,、" if c in (a, b)), a)

@@ -1,0 +1,424 @@
+"""The front-end's rules: what a written span is (a price, a date, a phone number ...)
+and how it is read in the language around it.
+
+Each rule is a pattern and a reading; the front-end (frontend.py) scans the text,
+takes the earliest match (the first rule in RULES on a tie) and asks the rule for its
+reading in the span's language. A reading may decline (None): the span is then left
+to the next rule that matches there. The libraries read the numbers
+(readings_en / readings_zh); these rules decide which reading a span gets, which is
+what no library here gets right (see docs/TEXT.md).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Callable, Literal
+
+from . import readings_en, readings_zh
+from .charset import TAG
+
+Lang = Literal["en", "zh"]
+DateOrder = Literal["mdy", "dmy", "ymd"]
+DATE_ORDERS = ("mdy", "dmy", "ymd")
+
+
+@dataclass(frozen=True)
+class Options:
+    # How a numeric date whose order is ambiguous (03/04/2026) is read.
+    date_order: DateOrder = "mdy"
+    # Chinese phone numbers and codes with 1 read 幺 (yāo), as dispatchers and airlines do.
+    yao: bool = False
+
+
+@dataclass(frozen=True)
+class Spot:
+    """Where a match is: the whole text, the span's language and the options."""
+
+    text: str
+    lang: Lang
+    options: Options
+
+    @property
+    def say(self) -> ModuleType:
+        return readings_en if self.lang == "en" else readings_zh
+
+    def digits(self, s: str) -> str:
+        return readings_zh.digits(s, self.options.yao) if self.lang == "zh" else readings_en.digits(s)
+
+    def phone(self, groups: list[str], country: str | None) -> str:
+        if self.lang == "zh":
+            return readings_zh.phone(groups, country, self.options.yao)
+        return readings_en.phone(groups, country)
+
+
+Reading = Callable[[re.Match[str], Spot], "str | None"]
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    pattern: re.Pattern[str]
+    read: Reading
+
+
+NUM = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
+_NEG = r"(?:(?<![A-Za-z0-9.,])[-−])"
+_MONTH = (r"(Jan(?:uary)?|Feb(?:ruary)?|Mar(?:ch)?|Apr(?:il)?|May|June?|July?|Aug(?:ust)?"
+          r"|Sep(?:t(?:ember)?)?|Oct(?:ober)?|Nov(?:ember)?|Dec(?:ember)?)")
+_MONTHS = {m: i for i, m in enumerate("jan feb mar apr may jun jul aug sep oct nov dec".split(), 1)}
+# Longest first, so "km/h" wins over "km" and "kWh" over "kW".
+_UNIT = (r"(km/h|sq ft|kWh|mph|km|kg|cm|mm|mg|ml|mL|kW|GHz|MHz|kHz|Hz|GB|MB|TB|KB|lbs|lb|oz|ft|mi|ms"
+         r"|min|hrs|hr|m²|m2|m|g|L|W|V)")
+_MERIDIEM = r"([AaPp])(?:\.\s?[Mm]\.|\s?[Mm])(?![A-Za-z])"
+_CURRENCY_SIGNS = {"$": "USD", "US$": "USD", "€": "EUR", "£": "GBP", "￥": "CNY", "₹": "INR", "₩": "KRW"}
+_CURRENCY_CODES = {"USD": "USD", "EUR": "EUR", "GBP": "GBP", "JPY": "JPY", "CNY": "CNY", "RMB": "CNY",
+                   "INR": "INR", "元": "CNY"}
+
+
+def _money_unit(sign: str, spot: Spot) -> str:
+    # ¥ is the sign of both the yen and the yuan: read by the language around it.
+    if sign == "¥":
+        return "CNY" if spot.lang == "zh" else "JPY"
+    return _CURRENCY_SIGNS.get(sign) or _CURRENCY_CODES[sign.upper()]
+
+
+def _signed(neg: str | None, reading: str, spot: Spot) -> str:
+    return (("负" if spot.lang == "zh" else "minus ") + reading) if neg else reading
+
+
+def _money(m: re.Match[str], spot: Spot) -> str:
+    neg, sign, amount, scale = m["neg"], m["sign"] or m["code"], m["amount"], m["scale"]
+    return _signed(neg, spot.say.money(amount, _money_unit(sign, spot), scale), spot)
+
+
+def _is_year(s: str) -> bool:
+    return len(s) == 4 and s.isdigit() and 1100 <= int(s) <= 2099
+
+
+def _plain(s: str, spot: Spot) -> str:
+    """A number in a range or list: a year when it looks like one, else as written."""
+    return spot.say.year(int(s)) if _is_year(s) else spot.say.number(s)
+
+
+def _date(y: str | None, m: int, d: int | None, spot: Spot, day_first: bool | None = None) -> str | None:
+    if not 1 <= m <= 12 or (d is not None and not 1 <= d <= 31):
+        return None
+    year = None
+    if y is not None:
+        year = int(y) + (2000 if len(y) == 2 else 0)
+    first = spot.options.date_order == "dmy" if day_first is None else day_first
+    return str(spot.say.date(year, m, d, first))
+
+
+def _iso_date(m: re.Match[str], spot: Spot) -> str | None:
+    return _date(m[1], int(m[2]), int(m[3]), spot)
+
+
+def _numeric_date(m: re.Match[str], spot: Spot) -> str | None:
+    a, b, c = m[1], m[3], m[4]
+    if len(a) == 4:
+        return _date(a, int(b), int(c), spot)
+    if len(a) > 2 or len(c) not in (2, 4):
+        return None
+    first, second = int(a), int(b)
+    order = spot.options.date_order
+    if order == "ymd":
+        return _date(a, second, int(c), spot)
+    if first > 12 or (second <= 12 and order == "dmy"):
+        return _date(c, second, first, spot, day_first=True)
+    return _date(c, first, second, spot, day_first=False)
+
+
+def _month(name: str) -> int:
+    return _MONTHS[name[:3].lower()]
+
+
+def _written_date(m: re.Match[str], spot: Spot) -> str | None:
+    return _date(m["year"], _month(m["month"]), int(m["day"]), spot, day_first=False)
+
+
+def _written_date_day_first(m: re.Match[str], spot: Spot) -> str | None:
+    return _date(m["year"], _month(m["month"]), int(m["day"]), spot, day_first=True)
+
+
+def _month_year(m: re.Match[str], spot: Spot) -> str:
+    if spot.lang == "zh":
+        return f"{readings_zh.year(int(m[2]))}年{readings_zh.month_name(_month(m[1]))}"
+    return f"{readings_en.month_name(_month(m[1]))} {readings_en.year(int(m[2]))}"
+
+
+def _time(m: re.Match[str], spot: Spot) -> str | None:
+    h, mi = int(m[1]), int(m[2])
+    s = int(m[3]) if m[3] else None
+    meridiem = f"{m[4]}m" if m[4] else None
+    if h > 24 or mi > 59 or (s is not None and s > 59) or (meridiem and not 1 <= h <= 12):
+        return None
+    return str(spot.say.time_of_day(h, mi, s, meridiem)) + _sentence_dot(m, spot)
+
+
+def _hour_meridiem(m: re.Match[str], spot: Spot) -> str | None:
+    h = int(m[1])
+    if not 1 <= h <= 12:
+        return None
+    return str(spot.say.time_of_day(h, 0, None, f"{m[2]}m")) + _sentence_dot(m, spot)
+
+
+def _sentence_dot(m: re.Match[str], spot: Spot) -> str:
+    """The dot of "p.m." may also end the sentence: keep that pause."""
+    after = spot.text[m.end():]
+    return "." if m[0].endswith(".") and (not after.strip() or re.match(r"\s+[A-Z]", after)) else ""
+
+
+def _phone(m: re.Match[str], spot: Spot) -> str:
+    groups = [g for g in re.split(r"\D+", m["number"]) if g]
+    if len(groups) == 1 and len(groups[0]) == 11:  # a Chinese mobile number: 3-4-4
+        groups = [groups[0][:3], groups[0][3:7], groups[0][7:]]
+    if m["country"] and not m["country"].startswith("+"):
+        groups.insert(0, m["country"])  # a trunk prefix ("1-800-..."): said as a digit, not "plus"
+    country = m["country"][1:] if m["country"] and m["country"].startswith("+") else None
+    return spot.phone(groups, country)
+
+
+def _temperature(m: re.Match[str], spot: Spot) -> str:
+    scale = "C" if (m["scale"] or "").upper() == "C" or m["sym"] == "℃" else "F"
+    amount = ("-" if m["neg"] else "") + m["amount"]
+    return str(spot.say.temperature(amount, scale))
+
+
+def _percent(m: re.Match[str], spot: Spot) -> str:
+    return str(spot.say.percent(("-" if m["neg"] else "") + m["amount"]))
+
+
+def _percent_range(m: re.Match[str], spot: Spot) -> str:
+    if spot.lang == "zh":
+        return f"{readings_zh.percent(m[1])}到{readings_zh.percent(m[2])}"
+    return f"{readings_en.number(m[1])} to {readings_en.percent(m[2])}"
+
+
+def _range(m: re.Match[str], spot: Spot) -> str:
+    lo, hi, unit = m[1], m[2], m[3]
+    sep = " " if spot.lang == "en" else ""
+    spoken = f"{_plain(lo, spot)}{sep}{spot.say.range_word()}{sep}{_plain(hi, spot)}"
+    if unit:
+        name = spot.say.unit(hi, unit)
+        spoken += name[len(spot.say.number(hi)):]
+    return spoken
+
+
+def _unit(m: re.Match[str], spot: Spot) -> str:
+    return str(spot.say.unit(("-" if m["neg"] else "") + m["amount"], m["unit"]))
+
+
+def _hours(m: re.Match[str], spot: Spot) -> str:
+    if spot.lang == "zh":
+        return readings_zh.number(m[1]) + "小时"
+    return f"{readings_en.number(m[1])} {readings_en.plural(m[1], ('hour', 'hours'))}"
+
+
+def _ordinal(m: re.Match[str], spot: Spot) -> str:
+    return str(spot.say.ordinal(int(m[1])))
+
+
+def _fraction(m: re.Match[str], spot: Spot) -> str | None:
+    whole, num, den = m["whole"], m["num"], m["den"]
+    if (num[0] == "0" or den[0] == "0") and not whole:
+        # A leading zero makes it a day and a month ("12/03"), in the configured order.
+        if spot.options.date_order == "dmy":
+            return _date(None, int(den), int(num), spot, day_first=True)
+        return _date(None, int(num), int(den), spot, day_first=False)
+    if int(den) == 0:
+        return None
+    if (num, den) == ("24", "7") and not whole:
+        return "twenty four seven" if spot.lang == "en" else "全天候"
+    spoken = str(spot.say.fraction(int(num), int(den)))
+    if whole:
+        joiner = " and " if spot.lang == "en" else "又"
+        spoken = f"{spot.say.number(whole)}{joiner}{spoken}"
+    return spoken
+
+
+def _hash_number(m: re.Match[str], spot: Spot) -> str:
+    if spot.lang == "zh":
+        return readings_zh.number(m[1]) + "号"
+    return f"number {readings_en.number(m[1])}"
+
+
+def _identifier(m: re.Match[str], spot: Spot) -> str:
+    """Flight, order and model numbers: short letter runs spelled, long digit runs
+    read digit by digit ("UA857" -> "U A eight five seven", "COVID-19" -> "COVID nineteen")."""
+    parts = []
+    for run in re.findall(r"[A-Za-z]+|\d+", m[0]):
+        if run.isdigit():
+            parts.append(spot.digits(run) if len(run) > 2 or run[0] == "0" else spot.say.number(run))
+        else:
+            parts.append(run if len(run) >= 4 else readings_en.letters(run))
+    return " ".join(parts)
+
+
+_TITLES = {"Dr": "Doctor", "Mr": "Mister", "Mrs": "Missus", "Ms": "Miz", "Prof": "Professor", "St": "Saint",
+           "Mt": "Mount", "Ft": "Fort", "Sgt": "Sergeant", "Capt": "Captain", "Gen": "General",
+           "Gov": "Governor", "Sen": "Senator", "Rep": "Representative", "Rev": "Reverend", "Hon": "Honorable"}
+_AFTER_NAMES = {"Jr": "Junior", "Sr": "Senior", "Co": "Company", "Inc": "Incorporated", "Ltd": "Limited",
+                "Corp": "Corporation", "Bros": "Brothers", "Ave": "Avenue", "Rd": "Road", "Blvd": "Boulevard",
+                "Ln": "Lane", "St": "Street", "Dr": "Drive", "Apt": "apartment", "vs": "versus",
+                "etc": "et cetera", "approx": "approximately", "dept": "department", "e.g": "for example",
+                "i.e": "that is", "est": "established", "min": "minutes", "max": "maximum"}
+_BEFORE_NUMBERS = {"No": "number", "no": "number", "Nos": "numbers", "p": "page", "pp": "pages",
+                   "Ch": "chapter", "ch": "chapter", "Fig": "figure", "Vol": "volume", "Sec": "section",
+                   "Art": "article", "Ex": "exhibit", "Rm": "room", "Tel": "telephone", "tel": "telephone",
+                   "Ext": "extension", "ext": "extension"}
+
+
+def _abbreviation(m: re.Match[str], spot: Spot) -> str | None:
+    if spot.lang == "zh":
+        return None
+    word, after = m[1], spot.text[m.end():]
+    before = spot.text[:m.start()]
+    if word in _BEFORE_NUMBERS and re.match(r"\s*[#\d]", after):
+        return _BEFORE_NUMBERS[word]
+    address = re.search(r"\d+\s+(?:[A-Z]\w*\s+){1,3}$", before)
+    if word in _TITLES and word not in ("St", "Dr"):
+        return _TITLES[word]
+    # St. and Dr. are titles before a name, and Street and Drive after one.
+    if word in _TITLES and re.match(r"\s+[A-Z]", after) and not address:
+        return _TITLES[word]
+    if word in _AFTER_NAMES:
+        # The abbreviation's dot may also end the sentence.
+        ends = not after.strip() or (re.match(r"\s+[A-Z]", after) and word not in _TITLES)
+        return _AFTER_NAMES[word] + ("." if ends else "")
+    return None
+
+
+def _dotted_letters(m: re.Match[str], spot: Spot) -> str:
+    return readings_en.letters(m[0])
+
+
+_CODE_EN = re.compile(
+    r"\b(code|PIN|passcode|password|account|acct|extension|ext|zip|postcode|ID|reference|ref|confirmation"
+    r"|order|ticket|card|policy|tracking|invoice|serial|room|flight|booking)"
+    r"(\s+(number|no\.?|code|#))?\s*(is|was|:|#|=)?\s*$", re.IGNORECASE)
+_CODE_ZH = re.compile(r"(码|号码|编号|卡号|账号|单号|尾号|工号|车次|航班|房间|密码)(是|为|:|：)?\s*$")
+_YEAR_BEFORE = re.compile(
+    r"\b(in|since|from|until|till|by|before|after|of|year|circa|around|during|early|late|mid|spring"
+    r"|summer|autumn|fall|winter|to|through|and|Jan(uary)?|Feb(ruary)?|Mar(ch)?|Apr(il)?|May|June?|July?"
+    r"|Aug(ust)?|Sep(t(ember)?)?|Oct(ober)?|Nov(ember)?|Dec(ember)?)\s+$", re.IGNORECASE)
+
+
+def _number(m: re.Match[str], spot: Spot) -> str:
+    """A bare number: a code, a year or a quantity, by its shape and context."""
+    s, neg = m["amount"], m["neg"]
+    before, after = spot.text[:m.start()][-40:], spot.text[m.end():]
+    plain = s.isdigit()
+    if plain and not neg:
+        if len(s) > 1 and s[0] == "0":
+            return spot.digits(s)
+        if spot.lang == "zh":
+            if (len(s) >= 7 and not s.endswith("000")) or (len(s) >= 3 and _CODE_ZH.search(before)):
+                return spot.digits(s)
+            if len(s) == 4 and after.startswith("年"):
+                return readings_zh.year(int(s))
+            if s == "2" and after[:1] in readings_zh.LIANG_BEFORE:
+                return "两"
+        else:
+            if len(s) >= 3 and _CODE_EN.search(before):
+                return spot.digits(s)
+            if len(s) >= 5 and not s.endswith("000"):
+                return spot.digits(s)
+            if _is_year(s) and (_YEAR_BEFORE.search(before) or re.match(r"\s*(AD|BC|BCE|CE)\b", after)):
+                return readings_en.year(int(s))
+    return _signed(neg, str(spot.say.number(s)), spot)
+
+
+def _decade(m: re.Match[str], spot: Spot) -> str:
+    if spot.lang == "zh":
+        return readings_zh.year(int(m[1])) + "年代"
+    year = readings_en.year(int(m[1]))
+    return year[:-1] + "ies" if year.endswith("y") else year + "s"
+
+
+def _email(m: re.Match[str], spot: Spot) -> str:
+    local, domain = m[0].split("@", 1)
+    zh = spot.lang == "zh"
+    names = {".": "点" if zh else "dot", "_": "下划线" if zh else "underscore", "-": "杠" if zh else "dash",
+             "+": "加" if zh else "plus"}
+
+    def read(part: str) -> str:
+        return " ".join(names.get(t) or (spot.digits(t) if t.isdigit() else t)
+                        for t in re.findall(r"[A-Za-z]+|\d+|[._+-]", part))
+
+    return f"{read(local)} {'艾特' if zh else 'at'} {read(domain)}"
+
+
+def _url(m: re.Match[str], spot: Spot) -> str:
+    zh = spot.lang == "zh"
+    host, _, path = re.sub(r"^https?://", "", m[0]).partition("/")
+    words = [("w w w" if p == "www" else p) for p in host.split(".")]
+    spoken = (" 点 " if zh else " dot ").join(words)
+    if path.strip("/"):
+        spoken += (" 斜杠 " if zh else " slash ") + " ".join(re.findall(r"[A-Za-z]+|\d+", path))
+    return spoken
+
+
+def _symbol(m: re.Match[str], spot: Spot) -> str:
+    sym = m[0].strip()
+    if spot.lang == "en" and sym in "#*":
+        return "pound" if sym == "#" else "star"  # a phone keypad's keys, as IVR menus say them
+    return str(spot.say.SYMBOLS[sym])
+
+
+def _tag(m: re.Match[str], spot: Spot) -> str:
+    return m[0]
+
+
+def _rule(name: str, pattern: str, read: Reading) -> Rule:
+    return Rule(name, re.compile(pattern), read)
+
+
+_MONEY_PREFIX = (
+    rf"(?P<neg>{_NEG})?(?:(?P<sign>US\$|[$€£¥￥₹₩])|(?P<code>USD|EUR|GBP|JPY|CNY|RMB|INR)\s?)\s?(?P<amount>{NUM})"
+    r"(?:\s?(?P<scale>thousand|million|billion|trillion|bn|mn|k|K|M|B)(?![A-Za-z]))?"
+)
+_MONEY_SUFFIX = (
+    rf"(?P<neg>{_NEG})?(?P<amount>{NUM})(?P<scale>)(?P<sign>)\s?(?P<code>元|USD|EUR|GBP|JPY|CNY|RMB|INR)(?![A-Za-z])"
+)
+
+RULES: tuple[Rule, ...] = (
+    _rule("tag", TAG.pattern, _tag),
+    _rule("email", r"[A-Za-z0-9._+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}", _email),
+    _rule("url", r"(?:https?://|(?<![A-Za-z0-9.])www\.)[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+(?:/[\w/.-]*)?", _url),
+    _rule("date_iso", r"(?<![\d.-])(\d{4})-(\d{1,2})-(\d{1,2})(?![\d-])", _iso_date),
+    _rule("date_numeric", r"(?<![\d/.])(\d{1,4})([/.])(\d{1,2})\2(\d{1,4})(?![\d/])", _numeric_date),
+    _rule("date_words", rf"(?<![A-Za-z])(?P<month>{_MONTH[1:-1]})\.?\s+(?P<day>\d{{1,2}})(?:st|nd|rd|th)?(?![\d:])"
+                        r"(?:,?\s+(?P<year>\d{4})(?!\d))?", _written_date),
+    _rule("date_words_day_first", rf"(?<![\d.])(?P<day>\d{{1,2}})(?:st|nd|rd|th)?\s+(?:of\s+)?(?P<month>{_MONTH[1:-1]})"
+                                  r"(?![A-Za-z])\.?(?:,?\s+(?P<year>\d{4})(?!\d))?", _written_date_day_first),
+    _rule("month_year", rf"(?<![A-Za-z]){_MONTH}\.?\s+(\d{{4}})(?!\d)", _month_year),
+    _rule("time", rf"(?<![\d:.])(\d{{1,2}})[:：](\d{{2}})(?:[:：](\d{{2}}))?(?![\d:])(?:\s?{_MERIDIEM})?", _time),
+    _rule("hour_meridiem", rf"(?<![\d.:])(\d{{1,2}})\s?{_MERIDIEM}", _hour_meridiem),
+    _rule("phone", r"(?<![A-Za-z0-9+])(?P<country>\+\d{1,3}|1(?=[\s.-]\d{3}[\s.-]))?[\s.-]?"
+                   r"(?P<number>(?:\(\d{2,4}\)\s?|\d{2,4}[\s.-])(?:\d{3,4}[\s.-]\d{3,4}|\d{7,8}))(?!\d)", _phone),
+    _rule("phone_short", r"(?<![A-Za-z0-9.,-])(?P<country>)(?P<number>\d{3}-\d{4})(?![\d-])", _phone),
+    _rule("mobile_cn", r"(?<!\d)(?P<country>\+86)?\s?(?P<number>1[3-9]\d{9})(?!\d)", _phone),
+    _rule("money_prefix", _MONEY_PREFIX, _money),
+    _rule("money_suffix", _MONEY_SUFFIX, _money),
+    _rule("temperature", rf"(?P<neg>{_NEG}|零下)?(?P<amount>{NUM})\s?(?:°\s?(?P<scale>[CcFf])(?![A-Za-z])|(?P<sym>[℃℉]))",
+          _temperature),
+    _rule("percent_range", rf"({NUM})\s?[%％]?\s?(?:-|–|~|～|to|至|到)\s?({NUM})\s?[%％]", _percent_range),
+    _rule("percent", rf"(?P<neg>{_NEG})?(?P<amount>{NUM})\s?[%％]", _percent),
+    _rule("range", rf"(?<![A-Za-z0-9.,-])({NUM})\s?[-–~～]\s?({NUM})(?![\d.,]*\d)(?:\s?{_UNIT}(?![A-Za-z0-9²]))?", _range),
+    _rule("unit", rf"(?P<neg>{_NEG})?(?P<amount>{NUM})\s?(?P<unit>{_UNIT[1:-1]})(?![A-Za-z0-9²/])", _unit),
+    _rule("hours", rf"(?<![A-Za-z0-9.])({NUM})h(?![A-Za-z0-9])", _hours),
+    _rule("ordinal", r"(?<![A-Za-z0-9])(\d+)(?:st|nd|rd|th)(?![A-Za-z])", _ordinal),
+    _rule("fraction", r"(?<![A-Za-z0-9/.])(?:(?P<whole>\d+)\s)?(?P<num>\d+)/(?P<den>\d+)(?![\d/])", _fraction),
+    _rule("hash_number", r"#\s?(\d+)", _hash_number),
+    _rule("decade", r"(?<![A-Za-z0-9.])(\d{3}0)'?s(?![A-Za-z])", _decade),
+    _rule("identifier", r"(?<![A-Za-z0-9])(?=[A-Za-z0-9-]*\d)(?=[A-Za-z0-9-]*[A-Za-z])[A-Za-z0-9]+(?:-[A-Za-z0-9]+)*"
+                        r"(?![A-Za-z0-9])", _identifier),
+    _rule("abbreviation", r"(?<![A-Za-z.])(e\.g|i\.e|[A-Z][a-z]{0,3}|vs|etc|approx|dept|no|ch|pp?|est|ext|tel|min|max)\.",
+          _abbreviation),
+    _rule("dotted_letters", r"(?<![A-Za-z.])(?:[A-Za-z]\.){2,}(?![A-Za-z])", _dotted_letters),
+    _rule("number", rf"(?P<neg>{_NEG})?(?P<amount>{NUM})", _number),
+    _rule("symbol", r"[&@+=×§°]|~(?=\s?\d)|#|(?<!\S)\*(?!\S)", _symbol),
+)
