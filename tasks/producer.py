@@ -35,6 +35,8 @@ class JobStatus:
     duration_s: float | None = None
     sample_rate: int | None = None
     error: str | None = None
+    # What the model was given: the text after the front-end read its numbers and symbols.
+    spoken_text: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -130,6 +132,7 @@ class Client:
                 url=result.get("url"),
                 duration_s=result.get("duration_s"),
                 sample_rate=result.get("sample_rate"),
+                spoken_text=result.get("spoken_text"),
             )
         if state == JobState.FAILURE:
             kind = result.get("exc_type") if isinstance(result, dict) else type(result).__name__

@@ -13,7 +13,7 @@ import unicodedata
 from typing import Annotated, Any, Literal, Union
 
 import pybase16384 as b14
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 from pydantic import ValidationError, ValidationInfo, field_validator
 
 from .errors import UsageError
@@ -74,6 +74,11 @@ class JobSpec(BaseModel):
     ttl_s: Annotated[Union[StrictFloat, StrictInt, None], Field(gt=0, le=MAX_TTL_S)] = None
     # Who submitted the job: the key of per-tenant rate limits.
     tenant: StrictStr | None = None
+    # The text front-end (tasks/text/frontend.py): the language numbers and symbols are
+    # read in (auto: decided span by span), and whether to read them at all (false: the
+    # producer normalized the text already; only ChatTTS' character rules apply).
+    lang: Literal["auto", "en", "zh"] = "auto"
+    normalize: StrictBool = True
 
     @field_validator("text")
     @classmethod
@@ -120,7 +125,13 @@ class JobSpec(BaseModel):
         return min(ends) if ends else None
 
     def task_kwargs(self) -> dict[str, Any]:
-        return self.model_dump(exclude_none=True)
+        data = self.model_dump(exclude_none=True)
+        # Left out at their defaults, so a worker from before the front-end still takes
+        # the message during a rolling upgrade.
+        for name in _SINCE_FRONT_END:
+            if data[name] == type(self).model_fields[name].default:
+                del data[name]
+        return data
 
     def sampling_params(self) -> dict[str, Any]:
         """The fields that shape the audio besides the text (for content keys)."""
@@ -133,6 +144,9 @@ class JobSpec(BaseModel):
             "top_k": self.top_k,
             "max_tokens": self.max_tokens,
         }
+
+
+_SINCE_FRONT_END = ("lang", "normalize")
 
 
 def _describe(err: ValidationError) -> str:

@@ -56,6 +56,8 @@ def _check_book(s3: S3Endpoint, client: Client, final: dict, pause_ms: int, text
     segs = manifest["segments"]
     assert [s["text"] for s in segs] == texts and [s["index"] for s in segs] == list(range(len(texts)))
     assert manifest["duration_s"] == final["duration_s"] and final["segments"] == len(texts)
+    # Each segment records what the model was given for it.
+    assert all(s["spoken_text"] and not any(c.isdigit() for c in s["spoken_text"]) for s in segs)
     pause = pause_ms / 1000
     job_durations = [client.status(s["job_id"]).duration_s for s in segs]
     assert abs(sum(job_durations) + pause * (len(segs) - 1) - final["duration_s"]) < 0.01

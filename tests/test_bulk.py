@@ -73,6 +73,9 @@ def test_jsonl_500_lines_5_invalid_all_valid_ones_complete(worker: WorkerProc, s
     assert [r["line"] for r in rows] == valid and len(rows) == 495
     assert all(r["status"] == "SUCCESS" and r["duration_s"] > 0 and r["error"] is None for r in rows)
     assert len({r["id"] for r in rows}) == 495
+    # What each line was spoken as: its number in words.
+    assert rows[0]["line"] == 1 and rows[0]["spoken_text"] == "Bulk line number one."
+    assert [r["spoken_text"] for r in rows if r["line"] == 123] == ["Bulk line number one hundred twenty three."]
     # Presigned: plain HTTPS(-style) GETs, no credentials needed by whoever downloads.
     assert all(r["url"].startswith(s3.url + f"/{BUCKET}/") and "Signature=" in r["url"] for r in rows)
     with urllib.request.urlopen(rows[0]["url"], timeout=10) as resp:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import random
+import string
 import subprocess
 import sys
 import uuid
@@ -20,7 +22,7 @@ from tasks.text.lengths import predicted_steps, steps_to_samples
 from .conftest import BUCKET, PREFIX, ROOT, S3Endpoint, WorkerProc, raw_message
 from .scrape import fetch, parse, value
 
-STATUS_FIELDS = {"id", "status", "url", "duration_s", "sample_rate", "error"}
+STATUS_FIELDS = {"id", "status", "url", "duration_s", "sample_rate", "error", "spoken_text"}
 
 
 def _cli(worker: WorkerProc, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
@@ -209,3 +211,69 @@ def test_jobs_past_their_deadline_expire_without_the_gpu(client: Client) -> None
     assert done[0].error is not None and done[0].error.startswith("JobExpired: deadline passed")
     # Plain Celery clients see an ended task (a FAILURE), not one that never ends.
     assert client.app.AsyncResult(late).state == "FAILURE"
+
+
+def _letters() -> str:
+    """A random word without digits (digits would be read out too)."""
+    return "".join(random.choices(string.ascii_lowercase, k=10))
+
+
+def test_numbers_are_spoken_and_reach_the_prompt(worker: WorkerProc, client: Client, s3: S3Endpoint) -> None:
+    """Money, a date and a phone number through a real worker: the recorded spoken_text
+    holds the words, and the prompt the engine builds from it holds their tokens."""
+    from workers.engine import Engine, SynthRequest
+
+    tag = _letters()
+    text = f"Order {tag}: your balance is $1,234.56, due on 12/03/2026. Call 555-0123."
+    [st] = client.wait([client.submit({"text": text, "voice": 4})], timeout=120)
+    assert st.status == "SUCCESS", st.error
+    words = ("one thousand two hundred thirty four dollars and fifty six cents",
+             "December third, twenty twenty six", "five five five, zero one two three")
+    assert st.spoken_text is not None and all(w in st.spoken_text for w in words), st.spoken_text
+    assert not any(ch.isdigit() for ch in st.spoken_text)
+    out = _cli(worker, "status", st.id, "--json")
+    assert json.loads(out.stdout)["spoken_text"] == st.spoken_text
+    # The worker's length prediction is that of the spoken form, not of the digits.
+    info, _ = _fetch_wav(s3, st.url)
+    assert info.frames == _expected_frames(st.spoken_text)
+
+    engine = Engine("random-tiny", device="cpu").load()
+    prompt = engine._prompt_ids(SynthRequest(text=st.spoken_text))
+    tokenizer = engine.tokenizer._tokenizer
+    digit_ids = {tokenizer.convert_tokens_to_ids(d) for d in "0123456789"}
+    assert not digit_ids & set(prompt)
+    for w in words:
+        ids = tokenizer(w, add_special_tokens=False)["input_ids"]
+        assert any(prompt[i:i + len(ids)] == ids for i in range(len(prompt))), w
+
+
+def test_spoken_form_is_the_content_key(worker: WorkerProc, client: Client) -> None:
+    """"$5" and "five dollars" are one output: the second is served from storage."""
+    tag = _letters()
+    [a] = client.wait([client.submit({"text": f"Pay $5 to {tag}.", "voice": 2})], timeout=120)
+    [b] = client.wait([client.submit({"text": f"Pay five dollars to {tag}.", "voice": 2})], timeout=120)
+    assert a.status == b.status == "SUCCESS" and a.url == b.url
+    assert a.spoken_text == b.spoken_text == f"Pay five dollars to {tag}."
+    assert client.app.backend.get_task_meta(b.id)["result"]["cached"] is True
+
+
+def test_lang_normalize_fields_and_dropped_characters(worker: WorkerProc, client: Client) -> None:
+    metrics = f"http://127.0.0.1:{worker.env['TTSPOOL_METRICS_PORT']}/metrics"
+
+    def dropped() -> float:
+        return value(parse(fetch(metrics)[1]), "ttspool_text_dropped_characters_total") or 0.0
+
+    before = dropped()
+    tag = _letters()
+    ids = client.submit_many([
+        {"text": f"第3名 {tag}", "lang": "en"},
+        {"text": f"Room 12 {tag} ☃☃", "lang": "zh"},
+        {"text": f"Pay $5 {tag}.", "normalize": False},
+    ])
+    forced_en, forced_zh, raw = client.wait(ids, timeout=120)
+    assert forced_en.spoken_text == f"第 three 名 {tag}"
+    assert forced_zh.spoken_text == f"Room 十二 {tag}"
+    assert raw.spoken_text == f"Pay {tag}."
+    # ☃☃ and "$5" had no reading: counted, and logged once per job with the characters.
+    assert dropped() - before == 4
+    assert f"job {ids[1]}: left out 2 character(s) with no reading: '\\u2603'" in worker.log_text()

@@ -24,6 +24,7 @@ def test_to_env_round_trips_every_setting() -> None:
         "TTSPOOL_METRICS_ADDR": "127.0.0.1", "TTSPOOL_CACHE_DIR": "/cache", "TTSPOOL_MODEL_SOURCE": "s3://m/p",
         "TTSPOOL_MODEL_REVISION": "v2", "TTSPOOL_MODEL_PUBKEY": "/keys/pub.pem", "TTSPOOL_S3_SSE": "aws:kms",
         "TTSPOOL_RATE_LIMITS": "acme=10/s", "TTSPOOL_FAULT_OOM_ABOVE": "4",
+        "TTSPOOL_LEXICON": "/etc/ttspool/lexicon.tsv", "TTSPOOL_DATE_ORDER": "dmy", "TTSPOOL_PHONE_YAO": "1",
     }
     # Every setting has a variable, and this test sets every one of them.
     assert set(env) - {"TTSPOOL_FAULT_OOM_ABOVE"} == set(ENV_NAMES.values())

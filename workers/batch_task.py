@@ -19,6 +19,7 @@ from tasks.errors import JobExpired, JobFailed, RedeliveryLimit
 from tasks.schema import MAX_STEPS, JobSpec, JobValidationError, parse_job
 from tasks.settings import DEAD_LETTER_KEY, TASK_NAME, Settings
 from tasks.states import JobState
+from tasks.text.frontend import FrontEnd
 from tasks.text.lengths import predicted_steps
 
 from .audio import wav_bytes, wav_duration
@@ -43,6 +44,7 @@ class Job:
     kwargs: dict[str, Any]
     arrived: float = field(default_factory=time.monotonic)  # when this worker took it
     key: str | None = None  # content key, once normalized
+    spoken_text: str | None = None  # what the model is given, once normalized
     request: SynthRequest | None = None
     steps: int = 0  # predicted GPT steps, once normalized
     cache_checked: bool = False
@@ -84,6 +86,7 @@ class BatchRunner:
         self.metrics = metrics if metrics is not None else Metrics()
         self.redis = redis.Redis.from_url(settings.broker_url, socket_timeout=10, socket_connect_timeout=5)
         self.books = BookTracker(app, self.redis)
+        self.frontend = FrontEnd.from_settings(settings)
         self.policy = Policy(
             max_batch=settings.max_batch,
             # Steps one GPU batch may hold (sum of predicted lengths): half the rows at
@@ -104,7 +107,8 @@ class BatchRunner:
 
     def _succeed(self, job: Job, record: dict[str, Any], cached: bool) -> None:
         self.app.backend.mark_as_done(
-            job.id, {"id": job.id, "status": JobState.SUCCESS, **record, "cached": cached}
+            job.id, {"id": job.id, "status": JobState.SUCCESS, **record, "spoken_text": job.spoken_text,
+                     "cached": cached}
         )
         self.books.job_finished(job.id, duration_s=record["duration_s"])
         self.metrics.job_succeeded(job.spec, cached)
@@ -206,7 +210,7 @@ class BatchRunner:
             if job.key is None or job.request is None:
                 s = job.spec
                 try:
-                    text = self.engine.normalize(s.text)
+                    text = self.engine.normalize(self._spoken(job))
                     if not text.strip():
                         raise JobFailed("text is empty after normalization (no speakable characters)", reason="empty_text")
                     if isinstance(s.voice, str):
@@ -215,6 +219,7 @@ class BatchRunner:
                     self._fail(job.id, err if isinstance(err, JobFailed) else JobFailed(str(err), reason="voice"))
                     out.finished.add(job.id)
                     continue
+                job.spoken_text = text
                 job.key = object_key(content_key(self.engine.model_id, text, s.sampling_params()))
                 job.request = SynthRequest(text=text, voice=s.voice, seed=s.seed, speed=s.speed,
                                            temperature=float(s.temperature), top_p=float(s.top_p),
@@ -223,6 +228,24 @@ class BatchRunner:
                 job.steps = predicted_steps(text, s.speed, s.max_tokens)
             works.setdefault(job.key, Work(job.key, job.request)).jobs.append(job)
         return list(works.values())
+
+    def _spoken(self, job: Job) -> str:
+        """The text front-end: numbers, money, dates ... as words (tasks/text/frontend.py)."""
+        t0 = time.perf_counter()
+        try:
+            spoken = self.frontend.speak(job.spec.text, job.spec.lang, job.spec.normalize)
+        except Exception as err:
+            # A rule that breaks on some text must cost that job only, never the worker.
+            log.exception("job %s: the text front-end failed", job.id)
+            raise JobFailed(f"the text front-end failed on this text ({type(err).__name__})",
+                            reason="text_frontend") from None
+        self.metrics.frontend_seconds.observe(time.perf_counter() - t0)
+        if spoken.dropped:
+            log.warning("job %s: left out %d character(s) with no reading: %s", job.id, spoken.dropped_count,
+                        ascii(spoken.dropped))
+            self.metrics.text_dropped.inc(spoken.dropped_count)
+            self.metrics.text_jobs_dropped.inc()
+        return spoken.spoken_text
 
     def _run(self, batch: list[Work], out: Outcome) -> None:
         # A strike for every job in the GPU batch, taken back when the batch returns:

@@ -167,7 +167,7 @@ def assemble(app: Celery, r: redis.Redis, storage: Storage, book_id: str) -> dic
                 cursor += len(pause)
             segments.append({"index": i, "text": texts[i], "start_s": round(cursor / rate, 6),
                              "end_s": round((cursor + len(audio)) / rate, 6), "job_id": jobs[i],
-                             "url": records[i].get("url")})
+                             "url": records[i].get("url"), "spoken_text": records[i].get("spoken_text")})
             _write(out, audio)
             cursor += len(audio)
     base = f"books/{book_id}/{book_id}"

@@ -41,6 +41,7 @@ _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 
 _BATCH_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, float("inf"))
 _UPLOAD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, float("inf"))
 _SIZE_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256, float("inf"))
+_FRONTEND_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, float("inf"))
 
 
 def failure_labels(exc: BaseException) -> tuple[str, str]:
@@ -86,6 +87,12 @@ class Metrics:
                                     ["queue"], buckets=_LATENCY_BUCKETS, registry=r)
         self.latency = Histogram("ttspool_job_latency_seconds", "From enqueue to the recorded result, successful jobs",
                                  ["queue"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.text_dropped = Counter("ttspool_text_dropped_characters",
+                                    "Characters the text front-end had no reading for and left out", registry=r)
+        self.text_jobs_dropped = Counter("ttspool_text_jobs_with_dropped_characters",
+                                         "Jobs whose text lost at least one character with no reading", registry=r)
+        self.frontend_seconds = Histogram("ttspool_text_frontend_seconds", "Text front-end time per job",
+                                          buckets=_FRONTEND_BUCKETS, registry=r)
         self.steps = Counter("ttspool_steps", "GPT steps generated (46.875 per second of audio)", registry=r)
         self.audio = Counter("ttspool_audio_seconds", "Seconds of audio synthesized", registry=r)
         recent = Gauge("ttspool_recent_audio_seconds_per_second",

@@ -32,6 +32,9 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--no-refill", action="store_true", help="skip the run with ended rows replaced from the backlog")
     p.add_argument("--precision", action="store_true",
                    help="instead: each half dtype against float32 on the same inputs (KL, top-1, SNR)")
+    p.add_argument("--frontend", action="store_true",
+                   help="instead: the text front-end's time per 200-character job, and its share of one "
+                        "batch of the largest --batch-sizes rows")
     p.add_argument("--json-out", type=Path, help="write the results as JSON")
     p.add_argument("--plot", type=Path, help="write a PNG bar chart")
     p.set_defaults(handler=_bench)
@@ -52,6 +55,8 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
     logging.getLogger("ChatTTS").setLevel(logging.ERROR)
     if args.precision:
         return _precision(args, settings, console)
+    if args.frontend:
+        return _frontend(args, settings, console)
     with console.status("loading the model"):
         engine = Engine(settings.model, settings.model_dir, settings.device, settings.dtype, settings.compile,
                         ModelFetch.from_settings(settings)).load()
@@ -107,6 +112,34 @@ def _precision(args: argparse.Namespace, settings: Settings, console: Any) -> in
         table.add_row(name, f"{r['kl_mean']:.2e}", f"{r['kl_max']:.2e}", f"{r['top1_agreement']:.4f}",
                       f"{r['snr_db_mean']:.1f}", f"{r['snr_db_min']:.1f}", str(r["non_finite_steps"]))
     Console(width=120).print(table)
+    if args.json_out:
+        write_json(result, args.json_out)
+    return 0
+
+
+def _frontend(args: argparse.Namespace, settings: Settings, console: Any) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from workers.bench.engine_bench import write_json
+    from workers.bench.frontend_bench import bench_frontend
+    from workers.engine import Engine
+    from workers.engine.assets import ModelFetch
+
+    with console.status("loading the model"):
+        engine = Engine(settings.model, settings.model_dir, settings.device, settings.dtype, settings.compile,
+                        ModelFetch.from_settings(settings)).load()
+    result = bench_frontend(engine, rows=args.batch_sizes[-1], log=console.log)
+    table = Table(title="text front-end per job (about 200 characters of text full of numbers)")
+    for col in ("language", "texts", "median ms", "p99 ms"):
+        table.add_column(col, justify="left" if col == "language" else "right")
+    for lang, r in result["languages"].items():
+        table.add_row(lang, str(r["texts"]), f"{r['median_ms']:.3f}", f"{r['p99_ms']:.3f}")
+    Console(width=120).print(table)
+    b = result["batch"]
+    print(f"one batch of {b['rows']} jobs on {engine.model_id} ({engine.device}, "
+          f"{str(engine.dtype).removeprefix('torch.')}): {b['batch_s']:.1f} s; front-end for its texts "
+          f"{b['frontend_s'] * 1000:.1f} ms = {b['frontend_share']:.3%} of the batch")
     if args.json_out:
         write_json(result, args.json_out)
     return 0

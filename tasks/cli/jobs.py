@@ -23,6 +23,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--priority", choices=["realtime", "bulk"])
     s.add_argument("--job-id")
     s.add_argument("--ttl", type=float, dest="ttl_s", help="seconds after which an unstarted job expires")
+    s.add_argument("--lang", choices=["auto", "en", "zh"], help="language numbers and symbols are read in")
+    s.add_argument("--no-normalize", dest="normalize", action="store_false", default=None,
+                   help="send the text as written (it was normalized upstream)")
     s.add_argument("--wait", action="store_true", help="wait for the result")
     s.add_argument("--timeout", type=float, default=600.0)
     s.add_argument("--json", action="store_true")
@@ -41,7 +44,7 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
         "text": args.text, "voice": args.voice, "seed": args.seed, "speed": args.speed,
         "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
         "max_tokens": args.max_tokens, "priority": args.priority, "job_id": args.job_id,
-        "ttl_s": args.ttl_s,
+        "ttl_s": args.ttl_s, "lang": args.lang, "normalize": args.normalize,
     }
     client = Client(settings)
     try:

@@ -240,9 +240,9 @@ def _fraction(m: re.Match[str], spot: Spot) -> str | None:
 
 
 def _hash_number(m: re.Match[str], spot: Spot) -> str:
-    if spot.lang == "zh":
-        return readings_zh.number(m[1]) + "号"
-    return f"number {readings_en.number(m[1])}"
+    # "#5" is a gate or an item; "#329053" is an order number, read digit by digit.
+    n = spot.digits(m[1]) if len(m[1]) >= 4 else spot.say.number(m[1])
+    return f"{n}号" if spot.lang == "zh" else f"number {n}"
 
 
 def _identifier(m: re.Match[str], spot: Spot) -> str:
