@@ -43,7 +43,7 @@ _BOOK_ID = re.compile(r"book-[0-9a-f]{32}")
 # Segment job ids name their book, segment and attempt, so the worker needs no lookup
 # for the (usual) jobs that belong to no book.
 SEGMENT_ID = re.compile(r"(book-[0-9a-f]{32})\.(\d+)\.(\d+)")
-_JOB_FIELDS = ("voice", "seed", "speed", "temperature", "top_p", "top_k", "max_tokens", "tenant")
+_JOB_FIELDS = ("voice", "seed", "speed", "temperature", "top_p", "top_k", "max_tokens", "tenant", "lang", "normalize")
 
 
 def is_book_id(value: str) -> bool:

@@ -37,6 +37,7 @@ class JobStatus:
     error: str | None = None
     # What the model was given: the text after the front-end read its numbers and symbols.
     spoken_text: str | None = None
+    format: str | None = None  # the output format (tasks.schema.AUDIO_FORMATS)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -133,6 +134,7 @@ class Client:
                 duration_s=result.get("duration_s"),
                 sample_rate=result.get("sample_rate"),
                 spoken_text=result.get("spoken_text"),
+                format=result.get("format", "wav"),
             )
         if state == JobState.FAILURE:
             kind = result.get("exc_type") if isinstance(result, dict) else type(result).__name__

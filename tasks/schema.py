@@ -21,6 +21,11 @@ from .errors import UsageError
 MAX_TEXT_CHARS = 2000
 MAX_VOICE_CHARS = 4096
 MAX_STEPS = 2048
+# Output formats a job can ask for: the model's 24 kHz audio as WAV (PCM16), FLAC, MP3,
+# Ogg Opus, AAC (ADTS) or raw PCM16 (OpenAI's "pcm"), or 8 kHz WAV for telephony
+# (G.711 u-law, A-law, or PCM16). workers/audio.py encodes them.
+AUDIO_FORMATS = ("wav", "flac", "mp3", "opus", "aac", "pcm", "wav-ulaw-8k", "wav-alaw-8k", "wav-pcm-8k")
+AudioFormatName = Literal["wav", "flac", "mp3", "opus", "aac", "pcm", "wav-ulaw-8k", "wav-alaw-8k", "wav-pcm-8k"]
 
 # SSML-like markup (<speak>, <break time="1s"/>) is stripped rather than refused, so
 # pipelines that template their prompts still work; ChatTTS' own [tags] are kept.
@@ -79,6 +84,7 @@ class JobSpec(BaseModel):
     # producer normalized the text already; only ChatTTS' character rules apply).
     lang: Literal["auto", "en", "zh"] = "auto"
     normalize: StrictBool = True
+    format: AudioFormatName = "wav"
 
     @field_validator("text")
     @classmethod
@@ -143,10 +149,12 @@ class JobSpec(BaseModel):
             "top_p": float(self.top_p),
             "top_k": self.top_k,
             "max_tokens": self.max_tokens,
+            # Only when not WAV, so the keys of WAV outputs stored before formats existed hold.
+            **({"format": self.format} if self.format != "wav" else {}),
         }
 
 
-_SINCE_FRONT_END = ("lang", "normalize")
+_SINCE_FRONT_END = ("lang", "normalize", "format")
 
 
 def _describe(err: ValidationError) -> str:

@@ -40,3 +40,23 @@ def test_bench_rejects_bad_batch_sizes() -> None:
     proc = subprocess.run([sys.executable, "-m", "tasks.cli", "bench", "--batch-sizes", "0,x"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--batch-sizes" in proc.stderr
+
+
+def test_bench_frontend_reports_time_per_job_and_share_of_a_batch(tmp_path: Path) -> None:
+    out = tmp_path / "frontend.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tasks.cli", "bench", "--frontend", "--model", "random-tiny", "--device", "cpu",
+         "--batch-sizes", "4", "--row-steps", "16", "--json-out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "of the batch" in proc.stdout and "median ms" in proc.stdout
+    result = json.loads(out.read_text())
+    assert set(result["languages"]) == {"en", "zh", "mixed"}
+    for r in result["languages"].values():
+        assert r["texts"] == 300 and 150 <= r["mean_chars"] <= 200 and 0 < r["median_ms"] <= r["p99_ms"]
+    batch = result["batch"]
+    assert batch["rows"] == 4 and batch["row_steps_cap"] == 16 and batch["steps"] == 4 * 16
+    assert 0 < batch["frontend_share"] < 1
+    share = batch["frontend_s"] / (batch["frontend_s"] + batch["batch_s"])  # both rounded in the JSON
+    assert abs(batch["frontend_share"] - share) <= 0.01 * share + 1e-4

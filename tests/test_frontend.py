@@ -128,7 +128,7 @@ def test_date_order_and_yao_are_options() -> None:
     assert FrontEnd(Options(date_order="ymd")).speak("Due 26/04/05.").spoken_text == \
         "Due April fifth, twenty twenty six."
     assert FrontEnd(Options(yao=True)).speak("请拨打110或13812345671。").spoken_text == \
-        "请拨打一百一十或幺三八，幺二三四，五六七幺。"
+        "请拨打幺幺零或幺三八，幺二三四，五六七幺。"
     assert FrontEnd(Options(yao=True)).speak("验证码是101。").spoken_text == "验证码是幺零幺。"
 
 

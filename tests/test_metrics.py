@@ -11,7 +11,7 @@ import pytest
 from tasks.cli.local_redis import LocalRedis, free_port
 from tasks.producer import Client
 from tasks.settings import QUEUE_BULK, Settings
-from workers.audio import wav_duration
+from workers.audio import duration_of
 from workers.engine.dtypes import cpu_has_native_bf16
 
 from .conftest import S3Endpoint, start_worker, stop_process, worker_env
@@ -30,7 +30,7 @@ def test_metrics_port_setting() -> None:
 def _stored_seconds(s3: S3Endpoint, url: str) -> float:
     parts = urlsplit(url)
     body = s3.client().get_object(Bucket=parts.netloc, Key=parts.path.lstrip("/"))["Body"].read()
-    return wav_duration(body)[0]
+    return duration_of(body)[0]
 
 
 def test_worker_and_exporter_follow_real_jobs(s3: S3Endpoint, aws_env: dict[str, str], tmp_path: Path) -> None:

@@ -15,14 +15,15 @@ import soundfile as sf
 
 from tasks.app import make_app
 from tasks.producer import Client
-from tasks.schema import JobValidationError
+from tasks.schema import AUDIO_FORMATS, JobValidationError
 from tasks.settings import QUEUE_BULK, QUEUE_REALTIME, TASK_NAME, Settings
 from tasks.text.lengths import predicted_steps, steps_to_samples
+from workers.audio import FORMATS
 
 from .conftest import BUCKET, PREFIX, ROOT, S3Endpoint, WorkerProc, raw_message
 from .scrape import fetch, parse, value
 
-STATUS_FIELDS = {"id", "status", "url", "duration_s", "sample_rate", "error", "spoken_text"}
+STATUS_FIELDS = {"id", "status", "url", "duration_s", "sample_rate", "error", "spoken_text", "format"}
 
 
 def _cli(worker: WorkerProc, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
@@ -277,3 +278,29 @@ def test_lang_normalize_fields_and_dropped_characters(worker: WorkerProc, client
     # ☃☃ and "$5" had no reading: counted, and logged once per job with the characters.
     assert dropped() - before == 4
     assert f"job {ids[1]}: left out 2 character(s) with no reading: '\\u2603'" in worker.log_text()
+
+
+def test_every_output_format_through_the_worker(client: Client, s3: S3Endpoint) -> None:
+    """Each format is encoded by the worker from the same synthesis: same length as the
+    WAV (within codec padding), the right rate and content type, a key per format."""
+    from .test_audio import _SLACK_S, decode
+
+    tag = _letters()
+    base = {"text": f"Formats for {tag}.", "voice": 6, "seed": 1}
+    ids = client.submit_many([{**base, "format": f} for f in AUDIO_FORMATS])
+    results = dict(zip(AUDIO_FORMATS, client.wait(ids, timeout=180)))
+    assert all(st.status == "SUCCESS" for st in results.values()), results
+    assert len({st.url for st in results.values()}) == len(AUDIO_FORMATS)
+    wav_s = results["wav"].duration_s
+    for fmt, st in results.items():
+        key = st.url.removeprefix(f"s3://{BUCKET}/")
+        obj = s3.client().get_object(Bucket=BUCKET, Key=key)
+        assert obj["ContentType"] == FORMATS[fmt].content_type, fmt
+        audio, rate = decode(obj["Body"].read(), fmt)
+        assert rate == st.sample_rate == (8000 if fmt.endswith("-8k") else 24000), fmt
+        assert abs(st.duration_s - wav_s) < 1e-3, fmt
+        assert abs(len(audio) / rate - wav_s) <= _SLACK_S.get(fmt, 1e-3), fmt
+    # The same request again in one of them is served from storage.
+    [again] = client.wait([client.submit({**base, "format": "mp3"})], timeout=120)
+    assert again.url == results["mp3"].url
+    assert client.app.backend.get_task_meta(again.id)["result"]["cached"] is True

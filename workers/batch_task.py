@@ -22,7 +22,7 @@ from tasks.states import JobState
 from tasks.text.frontend import FrontEnd
 from tasks.text.lengths import predicted_steps
 
-from .audio import wav_bytes, wav_duration
+from .audio import FORMATS, duration_of, encode
 from .batching import GpuBatches, Outcome
 from .books import BookTracker
 from .engine import Engine, SynthRequest
@@ -220,7 +220,8 @@ class BatchRunner:
                     out.finished.add(job.id)
                     continue
                 job.spoken_text = text
-                job.key = object_key(content_key(self.engine.model_id, text, s.sampling_params()))
+                job.key = object_key(content_key(self.engine.model_id, text, s.sampling_params()),
+                                     FORMATS[s.format].extension)
                 job.request = SynthRequest(text=text, voice=s.voice, seed=s.seed, speed=s.speed,
                                            temperature=float(s.temperature), top_p=float(s.top_p),
                                            top_k=s.top_k, max_tokens=s.max_tokens)
@@ -263,7 +264,7 @@ class BatchRunner:
                 out.finished |= ids
                 continue
             try:
-                record = self._store_patiently(work.key, res.audio)
+                record = self._store_patiently(work.key, res.audio, work.jobs[0].spec.format)
             except StorageError as err:
                 log.warning("upload failed, will retry: %s", err)
                 out.requeue |= ids
@@ -273,7 +274,7 @@ class BatchRunner:
             out.finished |= ids
         timer.finished()
 
-    def _store_patiently(self, key: str, audio: Any) -> dict[str, Any]:
+    def _store_patiently(self, key: str, audio: Any, fmt: str) -> dict[str, Any]:
         """Upload, retrying with growing pauses for up to upload_retry_s: a storage outage
         then costs time instead of a requeue and a second synthesis of the same audio."""
 
@@ -284,16 +285,16 @@ class BatchRunner:
 
         budget = self.settings.upload_retry_s
         record: dict[str, Any] = retry_over_time(
-            self._store, StorageError, (key, audio), errback=pause, max_retries=None if budget else 0,
+            self._store, StorageError, (key, audio, fmt), errback=pause, max_retries=None if budget else 0,
             interval_start=1, interval_step=2, interval_max=10, timeout=budget,
         )
         return record
 
-    def _store(self, key: str, audio: Any) -> dict[str, Any]:
-        sr = self.engine.sample_rate
+    def _store(self, key: str, audio: Any, fmt: str) -> dict[str, Any]:
+        data, rate, seconds = encode(audio, self.engine.sample_rate, fmt)
         with self.metrics.upload_seconds.time():
-            url = self.storage.put_bytes(key, wav_bytes(audio, sr), "audio/wav")
-        record = {"url": url, "key": key, "duration_s": round(len(audio) / sr, 6), "sample_rate": sr}
+            url = self.storage.put_bytes(key, data, FORMATS[fmt].content_type)
+        record = {"url": url, "key": key, "duration_s": round(seconds, 6), "sample_rate": rate, "format": fmt}
         self.redis.set(_OBJECTS + key, json.dumps(record), ex=_RECORD_TTL)
         return record
 
@@ -308,9 +309,10 @@ class BatchRunner:
                 if not self.storage.exists(work.key):
                     return False
             elif self.storage.exists(work.key):
-                duration, sr = wav_duration(self.storage.get_bytes(work.key))
+                fmt = work.jobs[0].spec.format
+                duration, sr = duration_of(self.storage.get_bytes(work.key), fmt, self.engine.sample_rate)
                 record = {"url": self.storage.url_for(work.key), "key": work.key,
-                          "duration_s": round(duration, 6), "sample_rate": sr}
+                          "duration_s": round(duration, 6), "sample_rate": sr, "format": fmt}
             else:
                 return False
         except StorageError as err:

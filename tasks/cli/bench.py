@@ -35,6 +35,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--frontend", action="store_true",
                    help="instead: the text front-end's time per 200-character job, and its share of one "
                         "batch of the largest --batch-sizes rows")
+    p.add_argument("--row-steps", type=int, default=256,
+                   help="with --frontend: cut each batch row at this many steps (0: full length)")
     p.add_argument("--json-out", type=Path, help="write the results as JSON")
     p.add_argument("--plot", type=Path, help="write a PNG bar chart")
     p.set_defaults(handler=_bench)
@@ -129,7 +131,7 @@ def _frontend(args: argparse.Namespace, settings: Settings, console: Any) -> int
     with console.status("loading the model"):
         engine = Engine(settings.model, settings.model_dir, settings.device, settings.dtype, settings.compile,
                         ModelFetch.from_settings(settings)).load()
-    result = bench_frontend(engine, rows=args.batch_sizes[-1], log=console.log)
+    result = bench_frontend(engine, rows=args.batch_sizes[-1], row_steps=args.row_steps, log=console.log)
     table = Table(title="text front-end per job (about 200 characters of text full of numbers)")
     for col in ("language", "texts", "median ms", "p99 ms"):
         table.add_column(col, justify="left" if col == "language" else "right")
@@ -137,7 +139,8 @@ def _frontend(args: argparse.Namespace, settings: Settings, console: Any) -> int
         table.add_row(lang, str(r["texts"]), f"{r['median_ms']:.3f}", f"{r['p99_ms']:.3f}")
     Console(width=120).print(table)
     b = result["batch"]
-    print(f"one batch of {b['rows']} jobs on {engine.model_id} ({engine.device}, "
+    cut = f", rows cut at {b['row_steps_cap']} steps" if b["row_steps_cap"] else ""
+    print(f"one batch of {b['rows']} jobs{cut} on {engine.model_id} ({engine.device}, "
           f"{str(engine.dtype).removeprefix('torch.')}): {b['batch_s']:.1f} s; front-end for its texts "
           f"{b['frontend_s'] * 1000:.1f} ms = {b['frontend_share']:.3%} of the batch")
     if args.json_out:

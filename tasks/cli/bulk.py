@@ -32,6 +32,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--max-segment-s", type=float, default=30.0, help="longest predicted segment (1-30 s)")
     b.add_argument("--max-tokens", type=int, help="cap on GPT steps per segment")
     b.add_argument("--tenant")
+    b.add_argument("--lang", choices=["auto", "en", "zh"], help="language numbers and symbols are read in")
     b.add_argument("--no-wait", action="store_true", help="print the book id and return")
     b.add_argument("--timeout", type=float, default=86400.0)
     _add_output_flags(b)
@@ -83,7 +84,8 @@ def _book(args: argparse.Namespace, settings: Settings) -> int:
 
     text = args.file.read_text(encoding="utf-8")
     presign = _Presigner(settings, args.presign)
-    job = {k: v for k, v in (("max_tokens", args.max_tokens), ("tenant", args.tenant)) if v is not None}
+    job = {k: v for k, v in (("max_tokens", args.max_tokens), ("tenant", args.tenant), ("lang", args.lang))
+           if v is not None}
     client = Client(settings)
     try:
         book_id = submit_book(client, text, voice=args.voice, seed=args.seed, speed=args.speed,

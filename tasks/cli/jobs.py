@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..schema import AUDIO_FORMATS
 from ..settings import Settings
 from ..states import JobState
 from .common import print_status, voice_arg
@@ -24,6 +25,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--job-id")
     s.add_argument("--ttl", type=float, dest="ttl_s", help="seconds after which an unstarted job expires")
     s.add_argument("--lang", choices=["auto", "en", "zh"], help="language numbers and symbols are read in")
+    s.add_argument("--format", choices=AUDIO_FORMATS, help="output format (default wav: 24 kHz PCM16)")
     s.add_argument("--no-normalize", dest="normalize", action="store_false", default=None,
                    help="send the text as written (it was normalized upstream)")
     s.add_argument("--wait", action="store_true", help="wait for the result")
@@ -45,6 +47,7 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
         "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
         "max_tokens": args.max_tokens, "priority": args.priority, "job_id": args.job_id,
         "ttl_s": args.ttl_s, "lang": args.lang, "normalize": args.normalize,
+        "format": args.format,
     }
     client = Client(settings)
     try:

@@ -13,7 +13,8 @@ from __future__ import annotations
 import re
 import unicodedata
 
-TAG = re.compile(r"\[[A-Za-z]\w*\]")
+# ChatTTS' control tokens; any other [word] is text in brackets.
+TAG = re.compile(r"\[(?:uv_break|v_break|lbreak|llbreak|laugh|(?:break|oral|laugh|speed)_\d)\]")
 _KEEP = re.compile(r"[\u4e00-\u9fffA-Za-z，。、,. ]")
 _PAUSES = str.maketrans({
     "!": ".", "?": ".", "…": ".", ";": ",", ":": ",", "(": ",", ")": ",", "[": ",", "]": ",", "{": ",",
@@ -27,6 +28,15 @@ _SILENT = set("\"'`“”‘’«»‹›·・*^")
 _LIGATURES = str.maketrans({"ß": "ss", "æ": "ae", "Æ": "AE", "œ": "oe", "Œ": "OE", "ø": "o", "Ø": "O",
                             "đ": "d", "Đ": "D", "ł": "l", "Ł": "L", "ı": "i"})
 _HAN = re.compile(r"[\u4e00-\u9fff]")
+# The model's vocabulary has no apostrophe: "we're" would be said "were", "I'll" "ill".
+_CONTRACTIONS = (
+    (re.compile(r"\b([Ww])on['’]t\b"), r"\1ill not"), (re.compile(r"\b([Cc])an['’]t\b"), r"\1annot"),
+    (re.compile(r"\b([Ss])han['’]t\b"), r"\1hall not"), (re.compile(r"(?<=[A-Za-z])[nN]['’][tT]\b"), " not"),
+    (re.compile(r"(?<=[A-Za-z])['’]re\b"), " are"), (re.compile(r"(?<=[A-Za-z])['’]ll\b"), " will"),
+    (re.compile(r"(?<=[A-Za-z])['’]ve\b"), " have"), (re.compile(r"\bI['’]m\b"), "I am"),
+    (re.compile(r"(?<=[A-Za-z])['’]d\b"), " would"),
+)
+_WORD_HYPHEN = re.compile(r"(?<=[A-Za-z])-(?=[A-Za-z])")
 _WORD = re.compile(r"\b[A-Za-z]+\b")
 
 
@@ -44,7 +54,7 @@ def to_chattts(text: str) -> tuple[str, dict[str, int]]:
     pos = 0
     for m in [*TAG.finditer(text), None]:
         end = m.start() if m else len(text)
-        for ch in text[pos:end].translate(_PAUSES):
+        for ch in _spell_out(text[pos:end]).translate(_PAUSES):
             if _KEEP.match(ch):
                 out.append(ch)
                 continue
@@ -53,8 +63,10 @@ def to_chattts(text: str) -> tuple[str, dict[str, int]]:
                 out.append(folded)
             elif ch.isspace():
                 out.append(" ")
-            elif ch not in _SILENT:
+            elif ch not in _SILENT and unicodedata.category(ch) not in ("Cf", "Mn"):
+                # Zero-width and direction marks (Cf) and lone combining marks say nothing.
                 dropped[ch] = dropped.get(ch, 0) + 1
+                out.append(" ")  # so the words on either side do not run together
         if m:
             out.append(f" {m.group()} ")
             pos = m.end()
@@ -66,10 +78,18 @@ def to_chattts(text: str) -> tuple[str, dict[str, int]]:
     return cleaned, dropped
 
 
+def _spell_out(text: str) -> str:
+    for pattern, words in _CONTRACTIONS:
+        text = pattern.sub(words, text)
+    return _WORD_HYPHEN.sub(" ", text)  # "follow-up": a hyphen inside a word is no pause
+
+
 def tidy(text: str) -> str:
     """One space between words, none before a pause, one pause where several meet."""
     text = re.sub(r"\s+", " ", text)
     text = re.sub(r" +([,.，。、])", r"\1", text)
+    text = re.sub(r"(?<=[，。、]) +", "", text)
+    text = re.sub(r"([,.])(?=[A-Za-z])", r"\1 ", text)
     text = re.sub(r"([,.，。、])[,.，。、 ]*([,.，。、])", lambda m: _stronger(m[1], m[2]), text)
     text = re.sub(r"(?<=[\u4e00-\u9fff，。、]) (?=[\u4e00-\u9fff，。、])", "", text)
     return re.sub(r"^[ ,，、]+", "", text).strip()

@@ -11,8 +11,9 @@ Chinese and English text is decided span by span, not per job); keep ChatTTS'
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from .chars import is_han
 from .charset import TAG, to_chattts
@@ -30,7 +31,20 @@ _WIDTH = str.maketrans({**{chr(0xFF10 + i): str(i) for i in range(10)},
                         **{chr(0xFF21 + i): chr(0x41 + i) for i in range(26)},
                         **{chr(0xFF41 + i): chr(0x61 + i) for i in range(26)},
                         "％": "%", "＄": "$", "＋": "+", "／": "/", "．": ".", "＠": "@", "＃": "#", "＆": "&",
-                        "＝": "=", "−": "-", "\u00a0": " ", "\u2009": " ", "\u202f": " "})
+                        "＝": "=", "－": "-", "−": "-", "\u00a0": " ", "\u2009": " ", "\u202f": " "})
+# Vulgar fractions, super- and subscripts, circled numbers: their NFKC forms (½ -> 1/2,
+# spaced so that "1½" is "1 1/2"; ² -> 2; ① -> 1), which the rules then read.
+_WIDTH.update({
+    ord(ch): (" " if "⁄" in unicodedata.normalize("NFKC", ch) else "")
+    + unicodedata.normalize("NFKC", ch).replace("⁄", "/")
+    for ch in map(chr, [0xB2, 0xB3, 0xB9, 0xBC, 0xBD, 0xBE, *range(0x2070, 0x208A), *range(0x2150, 0x215F),
+                        *range(0x2460, 0x2474)])
+    if unicodedata.category(ch) == "No" and unicodedata.normalize("NFKC", ch).replace("⁄", "/").isascii()
+})
+# Decimal digits of other scripts (Arabic-Indic, Devanagari, ...) as ASCII digits.
+_WIDTH.update({zero + i: str(i) for zero in (0x660, 0x6F0, 0x7C0, 0x966, 0x9E6, 0xA66, 0xAE6, 0xB66, 0xBE6, 0xC66,
+                                             0xCE6, 0xD66, 0xE50, 0xED0, 0xF20, 0x1040, 0x17E0, 0x1810)
+               for i in range(10)})
 _HAN = re.compile(r"[\u4e00-\u9fff]")
 _LATIN_WORD = re.compile(r"[A-Za-z]+")
 _SENTENCE_END = set("。！？!?\n")

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from tasks.errors import SettingsError
 
-MAX_ENTRIES = 100_000
+# One alternation regex: 20,000 entries cost about 1 s to compile and 60 ms per job.
+MAX_ENTRIES = 10_000
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,12 @@ CURRENCIES: dict[str, tuple[tuple[str, str], tuple[str, str] | None]] = {
     "CNY": (("yuan", "yuan"), None),
     "INR": (("rupee", "rupees"), ("paisa", "paise")),
     "KRW": (("won", "won"), None),
+    "RUB": (("ruble", "rubles"), ("kopek", "kopeks")),
+    "HKD": (("Hong Kong dollar", "Hong Kong dollars"), ("cent", "cents")),
+    "AUD": (("Australian dollar", "Australian dollars"), ("cent", "cents")),
+    "CAD": (("Canadian dollar", "Canadian dollars"), ("cent", "cents")),
+    "TWD": (("New Taiwan dollar", "New Taiwan dollars"), None),
+    "SGD": (("Singapore dollar", "Singapore dollars"), ("cent", "cents")),
 }
 UNITS: dict[str, tuple[str, str]] = {
     "km": ("kilometer", "kilometers"), "m": ("meter", "meters"), "cm": ("centimeter", "centimeters"),
@@ -37,11 +43,13 @@ UNITS: dict[str, tuple[str, str]] = {
     "mi": ("mile", "miles"), "ms": ("millisecond", "milliseconds"), "min": ("minute", "minutes"),
     "hr": ("hour", "hours"), "hrs": ("hour", "hours"), "sq ft": ("square foot", "square feet"),
     "m2": ("square meter", "square meters"), "m²": ("square meter", "square meters"),
+    "km2": ("square kilometer", "square kilometers"), "km²": ("square kilometer", "square kilometers"),
 }
-_SCALES = {"k": "thousand", "m": "million", "mn": "million", "bn": "billion", "b": "billion",
+SCALES = {"k": "thousand", "m": "million", "mn": "million", "bn": "billion", "b": "billion",
            "thousand": "thousand", "million": "million", "billion": "billion", "trillion": "trillion"}
 SYMBOLS = {"&": "and", "+": "plus", "=": "equals", "@": "at", "#": "number", "*": "star", "%": "percent",
-           "/": "slash", "°": "degrees", "§": "section", "×": "times", "~": "about"}
+           "/": "slash", "°": "degrees", "§": "section", "×": "times", "~": "about", "<": "less than",
+           ">": "more than", "≤": "at most", "≥": "at least"}
 
 
 def _words(text: str) -> str:
@@ -57,12 +65,16 @@ def digits(s: str) -> str:
     return " ".join(_DIGITS[int(d)] for d in s if d.isdigit())
 
 
+# Past this many digits nobody says the number as a cardinal (and num2words stops).
+MAX_CARDINAL_DIGITS = 24
+
+
 def number(s: str) -> str:
     """A written number: "-1,234.50" -> "minus one thousand two hundred thirty four point five zero"."""
     s = s.replace(",", "")
-    sign = "minus " if s[:1] in "-−" else ""
-    whole, _, frac = s.lstrip("-−+").partition(".")
-    words = cardinal(int(whole or "0"))
+    sign = "minus " if s[:1] in "-−–" else ""
+    whole, _, frac = s.lstrip("-−–+").partition(".")
+    words = digits(whole) if len(whole) > MAX_CARDINAL_DIGITS else cardinal(int(whole or "0"))
     return sign + (f"{words} point {digits(frac)}" if frac else words)
 
 
@@ -86,9 +98,10 @@ def money(amount: str, currency: str, scale: str | None = None) -> str:
     major, minor = CURRENCIES[currency]
     amount = amount.replace(",", "")
     if scale:
-        return f"{number(amount)} {_SCALES[scale.lower()]} {major[1]}"
+        return f"{number(amount)} {SCALES[scale.lower()]} {major[1]}"
     whole, _, frac = amount.partition(".")
-    if minor is None or len(frac) > 2 or not frac:
+    whole = whole or "0"
+    if minor is None or len(frac) > 2 or not frac or len(whole) > MAX_CARDINAL_DIGITS:
         unit = major[1] if frac else plural(whole, major)
         return f"{number(amount)} {unit}"
     cents = int(frac.ljust(2, "0"))
@@ -109,19 +122,17 @@ def fraction(num: int, den: int) -> str:
 
 
 def time_of_day(h: int, m: int, s: int | None, meridiem: str | None) -> str:
+    seconds = f" and {cardinal(s)} {plural(str(s), ('second', 'seconds'))}" if s is not None else ""
     if meridiem:
         spoken = cardinal(h)
-        if m:
+        if m or s is not None:
             spoken += " " + (f"oh {cardinal(m)}" if m < 10 else cardinal(m))
-        return f"{spoken} {letters(meridiem)}"
+        return f"{spoken}{seconds} {letters(meridiem)}"
     if m == 0 and s is None:
         if h == 0:
             return "midnight"
         return f"{cardinal(h)} o clock" if h <= 12 else f"{cardinal(h)} hundred"
-    spoken = cardinal(h) + " " + (f"oh {cardinal(m)}" if m < 10 else cardinal(m))
-    if s is not None:
-        spoken += f" and {cardinal(s)} {plural(str(s), ('second', 'seconds'))}"
-    return spoken
+    return cardinal(h) + " " + (f"oh {cardinal(m)}" if m < 10 else cardinal(m)) + seconds
 
 
 def date(y: int | None, m: int, d: int | None, day_first: bool) -> str:

@@ -13,20 +13,22 @@ import cn2an
 _DIGITS = "零一二三四五六七八九"
 # Renminbi is read in yuan, jiao and fen; other currencies as a decimal amount.
 CURRENCIES = {"CNY": "元", "USD": "美元", "EUR": "欧元", "GBP": "英镑", "JPY": "日元", "INR": "卢比",
-              "KRW": "韩元"}
+              "KRW": "韩元", "RUB": "卢布", "HKD": "港元", "AUD": "澳元", "CAD": "加元", "TWD": "新台币",
+              "SGD": "新加坡元"}
 UNITS = {
     "km": "公里", "m": "米", "cm": "厘米", "mm": "毫米", "kg": "公斤", "g": "克", "mg": "毫克", "ml": "毫升",
     "l": "升", "km/h": "公里每小时", "mph": "英里每小时", "kwh": "千瓦时", "kw": "千瓦", "w": "瓦", "v": "伏",
     "hz": "赫兹", "khz": "千赫兹", "mhz": "兆赫兹", "ghz": "吉赫兹", "ft": "英尺", "lb": "磅", "lbs": "磅",
     "oz": "盎司", "mi": "英里", "ms": "毫秒", "min": "分钟", "hr": "小时", "hrs": "小时", "sq ft": "平方英尺",
-    "m2": "平方米", "m²": "平方米", "kb": "KB", "mb": "MB", "gb": "GB", "tb": "TB",
+    "m2": "平方米", "m²": "平方米", "km2": "平方公里", "km²": "平方公里", "kb": "KB", "mb": "MB", "gb": "GB", "tb": "TB",
 }
 _SCALES = {"k": "千", "m": "百万", "mn": "百万", "bn": "十亿", "b": "十亿", "thousand": "千", "million": "百万",
            "billion": "十亿", "trillion": "万亿"}
 SYMBOLS = {"&": "和", "+": "加", "=": "等于", "@": "艾特", "#": "井号", "*": "星号", "%": "百分号",
-           "/": "斜杠", "°": "度", "§": "第", "×": "乘", "~": "约"}
+           "/": "斜杠", "°": "度", "§": "第", "×": "乘", "~": "约", "<": "小于",
+           ">": "大于", "≤": "小于等于", "≥": "大于等于"}
 # Measure words after which "2" is read 两 ("2个" is 两个, "12个" stays 十二个).
-LIANG_BEFORE = set("个位次天件条本张只种名台辆点岁人家年周月份层间套双对杯瓶碗部场门节")
+LIANG_BEFORE = set("个位次天件条本张只种名台辆点岁人家年周份层间套双对杯瓶碗部场门节块斤千万百亿倍")
 
 
 def cardinal(n: int) -> str:
@@ -38,9 +40,17 @@ def digits(s: str, yao: bool = False) -> str:
     return "".join(table[int(d)] for d in s if d.isdigit())
 
 
+# cn2an reads integers up to 16 digits; longer ones are said digit by digit.
+MAX_CARDINAL_DIGITS = 16
+
+
 def number(s: str) -> str:
-    s = s.replace(",", "").replace("−", "-").lstrip("+")
-    return str(cn2an.an2cn(s, "low"))
+    s = s.replace(",", "").replace("−", "-").replace("–", "-").lstrip("+")
+    sign = "负" if s.startswith("-") else ""
+    whole, _, frac = s.lstrip("-").partition(".")
+    words = digits(whole) if len(whole) > MAX_CARDINAL_DIGITS else str(cn2an.an2cn(whole or "0", "low"))
+    # The decimals digit by digit here too: cn2an rounds past 16 significant digits.
+    return sign + words + (f"点{digits(frac)}" if frac else "")
 
 
 def ordinal(n: int) -> str:
@@ -61,7 +71,8 @@ def money(amount: str, currency: str, scale: str | None = None) -> str:
     if scale:
         return f"{number(amount)}{_SCALES[scale.lower()]}{name}"
     whole, _, frac = amount.partition(".")
-    if currency != "CNY" or len(frac) > 2 or not frac.strip("0"):
+    whole = whole or "0"
+    if currency != "CNY" or len(frac) > 2 or not frac.strip("0") or len(whole) > MAX_CARDINAL_DIGITS:
         frac = frac.rstrip("0")
         return f"{number(whole + '.' + frac if frac else whole)}{name}"
     jiao, fen = int(frac[0]), int(frac[1]) if len(frac) > 1 else 0

@@ -21,7 +21,6 @@ from .charset import TAG
 
 Lang = Literal["en", "zh"]
 DateOrder = Literal["mdy", "dmy", "ymd"]
-DATE_ORDERS = ("mdy", "dmy", "ymd")
 
 
 @dataclass(frozen=True)
@@ -63,18 +62,22 @@ class Rule:
     read: Reading
 
 
-NUM = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
-_NEG = r"(?:(?<![A-Za-z0-9.,])[-−])"
+# No match may begin inside a number: without the guard, rules that fail after a long
+# run of digits would retry from every digit in it (quadratic in the run's length).
+NUM = r"(?<!\d)(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)"
+_NEG = r"(?:(?<![A-Za-z0-9.,])[-−–](?=[\d.$€£¥]))"
 _MONTH = (r"(Jan(?:uary)?|Feb(?:ruary)?|Mar(?:ch)?|Apr(?:il)?|May|June?|July?|Aug(?:ust)?"
           r"|Sep(?:t(?:ember)?)?|Oct(?:ober)?|Nov(?:ember)?|Dec(?:ember)?)")
 _MONTHS = {m: i for i, m in enumerate("jan feb mar apr may jun jul aug sep oct nov dec".split(), 1)}
+_FULL_MONTHS = frozenset(readings_en.month_name(i) for i in range(1, 13))
 # Longest first, so "km/h" wins over "km" and "kWh" over "kW".
-_UNIT = (r"(km/h|sq ft|kWh|mph|km|kg|cm|mm|mg|ml|mL|kW|GHz|MHz|kHz|Hz|GB|MB|TB|KB|lbs|lb|oz|ft|mi|ms"
-         r"|min|hrs|hr|m²|m2|m|g|L|W|V)")
+_UNIT = (r"(km/h|sq ft|kWh|mph|km²|km2|km|kg|cm|mm|mg|ml|mL|kW|GHz|MHz|kHz|Hz|GB|MB|TB|KB|lbs|lb|oz|ft|mi"
+         r"|ms|min|hrs|hr|m²|m2|m|g|L|W|V)")
 _MERIDIEM = r"([AaPp])(?:\.\s?[Mm]\.|\s?[Mm])(?![A-Za-z])"
-_CURRENCY_SIGNS = {"$": "USD", "US$": "USD", "€": "EUR", "£": "GBP", "￥": "CNY", "₹": "INR", "₩": "KRW"}
+_CURRENCY_SIGNS = {"$": "USD", "US$": "USD", "€": "EUR", "£": "GBP", "￥": "CNY", "₹": "INR", "₩": "KRW",
+                   "₽": "RUB", "HK$": "HKD", "A$": "AUD", "C$": "CAD", "NT$": "TWD", "S$": "SGD", "¢": "USD¢"}
 _CURRENCY_CODES = {"USD": "USD", "EUR": "EUR", "GBP": "GBP", "JPY": "JPY", "CNY": "CNY", "RMB": "CNY",
-                   "INR": "INR", "元": "CNY"}
+                   "INR": "INR", "HKD": "HKD", "AUD": "AUD", "CAD": "CAD", "元": "CNY"}
 
 
 def _money_unit(sign: str, spot: Spot) -> str:
@@ -90,7 +93,17 @@ def _signed(neg: str | None, reading: str, spot: Spot) -> str:
 
 def _money(m: re.Match[str], spot: Spot) -> str:
     neg, sign, amount, scale = m["neg"], m["sign"] or m["code"], m["amount"], m["scale"]
-    return _signed(neg, spot.say.money(amount, _money_unit(sign, spot), scale), spot)
+    currency = _money_unit(sign, spot)
+    if currency == "USD¢":  # "5¢"
+        return spot.say.number(amount) + (" cents" if spot.lang == "en" else "美分")
+    spoken = _signed(neg, spot.say.money(amount, currency, scale), spot)
+    if m["upto"]:
+        # "$10-20": the first amount is a bare number, the currency is said once.
+        upper = spot.say.money(m["upto"], currency, scale)
+        lower = spot.say.number(amount) + (f" {readings_en.SCALES[scale.lower()]}" if scale and spot.lang == "en" else "")
+        sep = " " if spot.lang == "en" else ""
+        spoken = f"{_signed(neg, lower, spot)}{sep}{spot.say.range_word()}{sep}{upper}"
+    return spoken
 
 
 def _is_year(s: str) -> bool:
@@ -118,6 +131,8 @@ def _iso_date(m: re.Match[str], spot: Spot) -> str | None:
 
 def _numeric_date(m: re.Match[str], spot: Spot) -> str | None:
     a, b, c = m[1], m[3], m[4]
+    if m[2] == "." and 4 not in (len(a), len(c)):
+        return None  # "1.2.13" is a version, not a date
     if len(a) == 4:
         return _date(a, int(b), int(c), spot)
     if len(a) > 2 or len(c) not in (2, 4):
@@ -136,17 +151,73 @@ def _month(name: str) -> int:
 
 
 def _written_date(m: re.Match[str], spot: Spot) -> str | None:
+    if m["day2"]:  # "March 3-5"
+        first = _date(None, _month(m["month"]), int(m["day"]), spot, day_first=False)
+        last = _date(m["year"], _month(m["month"]), int(m["day2"]), spot, day_first=False)
+        if first is None or last is None:
+            return None
+        if spot.lang == "zh":
+            return f"{first}到{readings_zh.cardinal(int(m['day2']))}日"
+        return f"{first} to the {readings_en.ordinal(int(m['day2']))}" + (last[last.index(","):] if m["year"] else "")
     return _date(m["year"], _month(m["month"]), int(m["day"]), spot, day_first=False)
 
 
 def _written_date_day_first(m: re.Match[str], spot: Spot) -> str | None:
-    return _date(m["year"], _month(m["month"]), int(m["day"]), spot, day_first=True)
+    spoken = _date(m["year"], _month(m["month"]), int(m["day"]), spot, day_first=True)
+    if spoken is None:
+        return None
+    if spot.lang == "en" and re.search(r"\bthe\s+$", spot.text[:m.start()], re.IGNORECASE):
+        spoken = spoken.removeprefix("the ")  # "on the 3rd of March"
+    # The dot after a full month name ends the sentence ("on 4 July. Then ...").
+    if m["dot"] and m["month"] in _FULL_MONTHS and not m["year"]:
+        spoken += "."
+    return spoken
 
 
 def _month_year(m: re.Match[str], spot: Spot) -> str:
     if spot.lang == "zh":
         return f"{readings_zh.year(int(m[2]))}年{readings_zh.month_name(_month(m[1]))}"
     return f"{readings_en.month_name(_month(m[1]))} {readings_en.year(int(m[2]))}"
+
+
+def _clock(h: str, mi: str | None, ap: str | None) -> tuple[int, int, str | None] | None:
+    hour, minute = int(h), int(mi or 0)
+    meridiem = f"{ap}m" if ap else None
+    if hour > 24 or minute > 59 or (meridiem and not 1 <= hour <= 12):
+        return None
+    return hour, minute, meridiem
+
+
+def _time_range(m: re.Match[str], spot: Spot) -> str | None:
+    """"9am-5pm", "2-3pm", "10:00-12:00": two times; a bare "3-5" is left to ranges."""
+    if not ((m["m1"] and m["m2"]) or m["ap2"] or m["ap1"]):
+        return None
+    a = _clock(m["h1"], m["m1"], m["ap1"] or m["ap2"])
+    b = _clock(m["h2"], m["m2"], m["ap2"])
+    if a is None or b is None:
+        return None
+    if m["ap1"] or spot.lang == "zh":
+        first = spot.say.time_of_day(a[0], a[1], None, a[2] if m["ap1"] else None)
+    else:  # "2-3pm": two to three P M
+        first = readings_en.time_of_day(a[0], a[1], None, "am").removesuffix(" A M")
+    last = spot.say.time_of_day(*b[:2], None, b[2])
+    return f"{first}到{last}" if spot.lang == "zh" else f"{first} to {last}"
+
+
+def _ratio(m: re.Match[str], spot: Spot) -> str:
+    """"3:2", "16:9": a score or a ratio (a time has two digits after the colon)."""
+    a, b = spot.say.number(m[1]), spot.say.number(m[2])
+    return f"{a}比{b}" if spot.lang == "zh" else f"{a} to {b}"
+
+
+def _version(m: re.Match[str], spot: Spot) -> str | None:
+    """"v2.1.3", "iOS 17.4.1", "192.168.1.1": parts, read one by one."""
+    parts = m[0].lstrip("vV").split(".")
+    if not m["v"] and (len(parts) < 3 or any(len(p) > 3 for p in parts)):
+        return None  # "3.14" is a decimal; "415.555.2671" a phone number
+    words = [spot.digits(p) if len(p) > 2 or (p[0] == "0" and len(p) > 1) else spot.say.number(p) for p in parts]
+    joined = ("点" if spot.lang == "zh" else " point ").join(words)
+    return f"V {joined}" if m["v"] else joined
 
 
 def _time(m: re.Match[str], spot: Spot) -> str | None:
@@ -171,8 +242,14 @@ def _sentence_dot(m: re.Match[str], spot: Spot) -> str:
     return "." if m[0].endswith(".") and (not after.strip() or re.match(r"\s+[A-Z]", after)) else ""
 
 
-def _phone(m: re.Match[str], spot: Spot) -> str:
-    groups = [g for g in re.split(r"\D+", m["number"]) if g]
+def _phone(m: re.Match[str], spot: Spot) -> str | None:
+    number = m["number"].replace("(0)", " ")  # "+44 (0)20 ...": the trunk 0 is not dialled from abroad
+    groups = [g for g in re.split(r"\D+", number) if g]
+    if not m["country"] and len(groups) > 1 and not re.search(r"[().-]", number):
+        # Only spaces between the groups: a list of numbers ("100 200 300", "2019 2020
+        # 2021") unless it ends in a four-digit group that is not a year.
+        if len(groups[-1]) != 4 or all(_is_year(g) for g in groups):
+            return None
     if len(groups) == 1 and len(groups[0]) == 11:  # a Chinese mobile number: 3-4-4
         groups = [groups[0][:3], groups[0][3:7], groups[0][7:]]
     if m["country"] and not m["country"].startswith("+"):
@@ -184,11 +261,23 @@ def _phone(m: re.Match[str], spot: Spot) -> str:
 def _temperature(m: re.Match[str], spot: Spot) -> str:
     scale = "C" if (m["scale"] or "").upper() == "C" or m["sym"] == "℃" else "F"
     amount = ("-" if m["neg"] else "") + m["amount"]
-    return str(spot.say.temperature(amount, scale))
+    if not m["amount2"]:
+        return str(spot.say.temperature(amount, scale))
+    # "-5～3℃", "20-25°C": the unit is said once, after the second value.
+    upper = spot.say.temperature(("-" if m["neg2"] else "") + m["amount2"], scale)
+    if spot.lang == "zh":
+        lower = ("零下" if m["neg"] else "") + readings_zh.number(m["amount"])
+        return f"{lower}到{upper}"
+    return f"{readings_en.number(amount)} to {upper}"
 
 
 def _percent(m: re.Match[str], spot: Spot) -> str:
-    return str(spot.say.percent(("-" if m["neg"] else "") + m["amount"]))
+    amount = ("-" if m["neg"] else "") + m["amount"]
+    if m[0].endswith("‰"):
+        if spot.lang == "zh":
+            return "千分之" + readings_zh.number(amount)
+        return readings_en.number(amount) + " per mille"
+    return str(spot.say.percent(amount))
 
 
 def _percent_range(m: re.Match[str], spot: Spot) -> str:
@@ -223,7 +312,16 @@ def _ordinal(m: re.Match[str], spot: Spot) -> str:
 
 def _fraction(m: re.Match[str], spot: Spot) -> str | None:
     whole, num, den = m["whole"], m["num"], m["den"]
-    if (num[0] == "0" or den[0] == "0") and not whole:
+    if "." in num or (not whole and den in ("5", "10", "100") and float(num) <= int(den)):
+        # A rating or a score: "4.5/5", "95/100".
+        a, b = spot.say.number(num), spot.say.number(den)
+        return f"{b}分之{a}" if spot.lang == "zh" else f"{a} out of {b}"
+    if not whole and num == den:
+        return f"{spot.say.number(num)}{'' if spot.lang == 'zh' else ' '}{spot.say.number(den)}"  # "50/50"
+    n, d = int(num), int(den)
+    order = spot.options.date_order
+    month_day = (order != "dmy" and 1 <= n <= 12 and 11 <= d <= 31) or (order == "dmy" and 1 <= d <= 12 and 13 <= n <= 31)
+    if ((num[0] == "0" or den[0] == "0") or month_day) and not whole:
         # A leading zero makes it a day and a month ("12/03"), in the configured order.
         if spot.options.date_order == "dmy":
             return _date(None, int(den), int(num), spot, day_first=True)
@@ -239,6 +337,18 @@ def _fraction(m: re.Match[str], spot: Spot) -> str | None:
     return spoken
 
 
+def _per(m: re.Match[str], spot: Spot) -> str:
+    """"$9.99/mo", "/night", "/月": per period."""
+    unit = {"mo": "month", "yr": "year", "wk": "week", "hr": "hour"}.get(m["per"], m["per"])
+    return f"每{unit}" if spot.lang == "zh" and not unit.isascii() else f"per {unit}"
+
+
+def _arithmetic(m: re.Match[str], spot: Spot) -> str:
+    if "^" in m[0]:
+        return "的次方" if spot.lang == "zh" else "to the power of"
+    return "乘" if spot.lang == "zh" else "times"
+
+
 def _hash_number(m: re.Match[str], spot: Spot) -> str:
     # "#5" is a gate or an item; "#329053" is an order number, read digit by digit.
     n = spot.digits(m[1]) if len(m[1]) >= 4 else spot.say.number(m[1])
@@ -249,8 +359,10 @@ def _identifier(m: re.Match[str], spot: Spot) -> str:
     """Flight, order and model numbers: short letter runs spelled, long digit runs
     read digit by digit ("UA857" -> "U A eight five seven", "COVID-19" -> "COVID nineteen")."""
     parts = []
-    for run in re.findall(r"[A-Za-z]+|\d+", m[0]):
-        if run.isdigit():
+    for run in re.findall(r"[A-Za-z]+|\d+|\.", m[0]):
+        if run == ".":
+            parts.append("点" if spot.lang == "zh" else "point")
+        elif run.isdigit():
             parts.append(spot.digits(run) if len(run) > 2 or run[0] == "0" else spot.say.number(run))
         else:
             parts.append(run if len(run) >= 4 else readings_en.letters(run))
@@ -278,7 +390,7 @@ def _abbreviation(m: re.Match[str], spot: Spot) -> str | None:
     before = spot.text[:m.start()]
     if word in _BEFORE_NUMBERS and re.match(r"\s*[#\d]", after):
         return _BEFORE_NUMBERS[word]
-    address = re.search(r"\d+\s+(?:[A-Z]\w*\s+){1,3}$", before)
+    address = re.search(r"\d+(?:st|nd|rd|th)?\s+(?:[A-Z]\w*\s+){0,3}$", before)
     if word in _TITLES and word not in ("St", "Dr"):
         return _TITLES[word]
     # St. and Dr. are titles before a name, and Street and Drive after one.
@@ -286,7 +398,7 @@ def _abbreviation(m: re.Match[str], spot: Spot) -> str | None:
         return _TITLES[word]
     if word in _AFTER_NAMES:
         # The abbreviation's dot may also end the sentence.
-        ends = not after.strip() or (re.match(r"\s+[A-Z]", after) and word not in _TITLES)
+        ends = not after.strip() or (re.match(r"\s+[A-Z]", after) and (word not in _TITLES or address))
         return _AFTER_NAMES[word] + ("." if ends else "")
     return None
 
@@ -297,9 +409,9 @@ def _dotted_letters(m: re.Match[str], spot: Spot) -> str:
 
 _CODE_EN = re.compile(
     r"\b(code|PIN|passcode|password|account|acct|extension|ext|zip|postcode|ID|reference|ref|confirmation"
-    r"|order|ticket|card|policy|tracking|invoice|serial|room|flight|booking)"
-    r"(\s+(number|no\.?|code|#))?\s*(is|was|:|#|=)?\s*$", re.IGNORECASE)
-_CODE_ZH = re.compile(r"(码|号码|编号|卡号|账号|单号|尾号|工号|车次|航班|房间|密码)(是|为|:|：)?\s*$")
+    r"|order|ticket|card|policy|tracking|invoice|serial|room|flight|booking|dial|call|text|press|ending(\s+in)?)"
+    r"\.?(\s+(number|no\.?|code|#))?\s*(is|was|:|#|=)?\s*$", re.IGNORECASE)
+_CODE_ZH = re.compile(r"(码|号码|编号|卡号|账号|单号|尾号|工号|车次|航班|房间|密码|拨打|致电|电话|热线|邮编|分机)(是|为|:|：)?\s*$")
 _YEAR_BEFORE = re.compile(
     r"\b(in|since|from|until|till|by|before|after|of|year|circa|around|during|early|late|mid|spring"
     r"|summer|autumn|fall|winter|to|through|and|Jan(uary)?|Feb(ruary)?|Mar(ch)?|Apr(il)?|May|June?|July?"
@@ -319,7 +431,8 @@ def _number(m: re.Match[str], spot: Spot) -> str:
                 return spot.digits(s)
             if len(s) == 4 and after.startswith("年"):
                 return readings_zh.year(int(s))
-            if s == "2" and after[:1] in readings_zh.LIANG_BEFORE:
+            if (s == "2" and after[:1] in readings_zh.LIANG_BEFORE and not before.endswith("第")
+                    and not after.startswith("年级")):
                 return "两"
         else:
             if len(s) >= 3 and _CODE_EN.search(before):
@@ -333,8 +446,8 @@ def _number(m: re.Match[str], spot: Spot) -> str:
 
 def _decade(m: re.Match[str], spot: Spot) -> str:
     if spot.lang == "zh":
-        return readings_zh.year(int(m[1])) + "年代"
-    year = readings_en.year(int(m[1]))
+        return (readings_zh.year(int(m[1])) if len(m[1]) == 4 else readings_zh.cardinal(int(m[1]))) + "年代"
+    year = readings_en.year(int(m[1])) if len(m[1]) == 4 else readings_en.cardinal(int(m[1]))
     return year[:-1] + "ies" if year.endswith("y") else year + "s"
 
 
@@ -376,13 +489,16 @@ def _rule(name: str, pattern: str, read: Reading) -> Rule:
     return Rule(name, re.compile(pattern), read)
 
 
+_SCALE = r"(?:\s?(?P<scale>thousand|million|billion|trillion|bn|mn|k|K|M|B)(?![A-Za-z]))?"
 _MONEY_PREFIX = (
-    rf"(?P<neg>{_NEG})?(?:(?P<sign>US\$|[$€£¥￥₹₩])|(?P<code>USD|EUR|GBP|JPY|CNY|RMB|INR)\s?)\s?(?P<amount>{NUM})"
-    r"(?:\s?(?P<scale>thousand|million|billion|trillion|bn|mn|k|K|M|B)(?![A-Za-z]))?"
+    rf"(?P<neg>{_NEG})?(?:(?P<sign>US\$|HK\$|NT\$|[ACS]\$|[$€£¥￥₹₩₽])|(?P<code>USD|EUR|GBP|JPY|CNY|RMB|INR|HKD|AUD|CAD)\s?)"
+    rf"\s?(?P<amount>{NUM})(?:\s?[-–~～]\s?(?P<upto>{NUM}))?{_SCALE}"
 )
 _MONEY_SUFFIX = (
-    rf"(?P<neg>{_NEG})?(?P<amount>{NUM})(?P<scale>)(?P<sign>)\s?(?P<code>元|USD|EUR|GBP|JPY|CNY|RMB|INR)(?![A-Za-z])"
+    rf"(?P<neg>{_NEG})?(?P<amount>{NUM})(?P<upto>)(?P<scale>)\s?"
+    r"(?:(?P<sign>[€£¢₽])|(?P<code>元|USD|EUR|GBP|JPY|CNY|RMB|INR|HKD|AUD|CAD)(?![A-Za-z]))"
 )
+_AP = r"(?P<{}>[AaPp])(?:\.\s?[Mm]\.|\s?[Mm])(?![A-Za-z])"
 
 RULES: tuple[Rule, ...] = (
     _rule("tag", TAG.pattern, _tag),
@@ -390,35 +506,46 @@ RULES: tuple[Rule, ...] = (
     _rule("url", r"(?:https?://|(?<![A-Za-z0-9.])www\.)[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+(?:/[\w/.-]*)?", _url),
     _rule("date_iso", r"(?<![\d.-])(\d{4})-(\d{1,2})-(\d{1,2})(?![\d-])", _iso_date),
     _rule("date_numeric", r"(?<![\d/.])(\d{1,4})([/.])(\d{1,2})\2(\d{1,4})(?![\d/])", _numeric_date),
+    _rule("version", r"(?<![A-Za-z0-9.])(?P<v>[vV](?=\d))?\d+(?:\.\d+)+(?![\d.]*\d)", _version),
     _rule("date_words", rf"(?<![A-Za-z])(?P<month>{_MONTH[1:-1]})\.?\s+(?P<day>\d{{1,2}})(?:st|nd|rd|th)?(?![\d:])"
-                        r"(?:,?\s+(?P<year>\d{4})(?!\d))?", _written_date),
+                        r"(?:\s?[-–]\s?(?P<day2>\d{1,2})(?:st|nd|rd|th)?(?!\d))?(?:,?\s+(?P<year>\d{4})(?!\d))?",
+          _written_date),
     _rule("date_words_day_first", rf"(?<![\d.])(?P<day>\d{{1,2}})(?:st|nd|rd|th)?\s+(?:of\s+)?(?P<month>{_MONTH[1:-1]})"
-                                  r"(?![A-Za-z])\.?(?:,?\s+(?P<year>\d{4})(?!\d))?", _written_date_day_first),
+                                  r"(?![A-Za-z])(?P<dot>\.)?(?:,?\s+(?P<year>\d{4})(?!\d))?", _written_date_day_first),
     _rule("month_year", rf"(?<![A-Za-z]){_MONTH}\.?\s+(\d{{4}})(?!\d)", _month_year),
+    _rule("time_range", rf"(?<![\d:.])(?P<h1>\d{{1,2}})(?:[:：](?P<m1>\d{{2}}))?\s?(?:{_AP.format('ap1')})?\s?"
+                        rf"(?:[-–~～至到]|to)\s?(?P<h2>\d{{1,2}})(?:[:：](?P<m2>\d{{2}}))?\s?(?:{_AP.format('ap2')})?(?![\d:])",
+          _time_range),
     _rule("time", rf"(?<![\d:.])(\d{{1,2}})[:：](\d{{2}})(?:[:：](\d{{2}}))?(?![\d:])(?:\s?{_MERIDIEM})?", _time),
+    _rule("ratio", r"(?<![\d:.])(\d{1,3})[:：](\d)(?![\d:])", _ratio),
     _rule("hour_meridiem", rf"(?<![\d.:])(\d{{1,2}})\s?{_MERIDIEM}", _hour_meridiem),
-    _rule("phone", r"(?<![A-Za-z0-9+])(?P<country>\+\d{1,3}|1(?=[\s.-]\d{3}[\s.-]))?[\s.-]?"
+    _rule("phone_intl", r"(?<![A-Za-z0-9+])(?P<country>\+\d{1,3})(?P<number>(?:[\s.-]?(?:\(\d{1,4}\)|\d{1,5})){2,6})(?!\d)",
+          _phone),
+    _rule("phone", r"(?<![A-Za-z0-9+])(?P<country>1(?=[\s.-]\d{3}[\s.-]))?[\s.-]?"
                    r"(?P<number>(?:\(\d{2,4}\)\s?|\d{2,4}[\s.-])(?:\d{3,4}[\s.-]\d{3,4}|\d{7,8}))(?!\d)", _phone),
-    _rule("phone_short", r"(?<![A-Za-z0-9.,-])(?P<country>)(?P<number>\d{3}-\d{4})(?![\d-])", _phone),
+    _rule("phone_short", r"(?<![A-Za-z0-9.,-])(?P<country>)(?P<number>(?:\d{3}|0\d{2,3})-\d{4})(?![\d-])", _phone),
     _rule("mobile_cn", r"(?<!\d)(?P<country>\+86)?\s?(?P<number>1[3-9]\d{9})(?!\d)", _phone),
     _rule("money_prefix", _MONEY_PREFIX, _money),
     _rule("money_suffix", _MONEY_SUFFIX, _money),
-    _rule("temperature", rf"(?P<neg>{_NEG}|零下)?(?P<amount>{NUM})\s?(?:°\s?(?P<scale>[CcFf])(?![A-Za-z])|(?P<sym>[℃℉]))",
-          _temperature),
+    _rule("temperature", rf"(?P<neg>{_NEG}|零下)?(?P<amount>{NUM})(?:\s?[-–~～至到]\s?(?P<neg2>[-−])?(?P<amount2>{NUM}))?"
+                         r"\s?(?:°\s?(?P<scale>[CcFf])(?![A-Za-z])|(?P<sym>[℃℉]))", _temperature),
     _rule("percent_range", rf"({NUM})\s?[%％]?\s?(?:-|–|~|～|to|至|到)\s?({NUM})\s?[%％]", _percent_range),
-    _rule("percent", rf"(?P<neg>{_NEG})?(?P<amount>{NUM})\s?[%％]", _percent),
+    _rule("percent", rf"(?P<neg>{_NEG})?(?P<amount>{NUM})\s?[%％‰]", _percent),
     _rule("range", rf"(?<![A-Za-z0-9.,-])({NUM})\s?[-–~～]\s?({NUM})(?![\d.,]*\d)(?:\s?{_UNIT}(?![A-Za-z0-9²]))?", _range),
-    _rule("unit", rf"(?P<neg>{_NEG})?(?P<amount>{NUM})\s?(?P<unit>{_UNIT[1:-1]})(?![A-Za-z0-9²/])", _unit),
+    _rule("unit", rf"(?P<neg>{_NEG})?(?P<amount>{NUM})\s?(?P<unit>{_UNIT[1:-1]})(?![A-Za-z0-9²/])(?:\.(?=\s+[a-z]))?",
+          _unit),
     _rule("hours", rf"(?<![A-Za-z0-9.])({NUM})h(?![A-Za-z0-9])", _hours),
     _rule("ordinal", r"(?<![A-Za-z0-9])(\d+)(?:st|nd|rd|th)(?![A-Za-z])", _ordinal),
-    _rule("fraction", r"(?<![A-Za-z0-9/.])(?:(?P<whole>\d+)\s)?(?P<num>\d+)/(?P<den>\d+)(?![\d/])", _fraction),
+    _rule("fraction", r"(?<![A-Za-z0-9/.])(?:(?P<whole>\d+)\s)?(?P<num>\d+(?:\.\d+)?)/(?P<den>\d+)(?![\d/])", _fraction),
+    _rule("per", r"/\s?(?P<per>mo|month|yr|year|wk|week|day|hr|hour|night|person|月|年|天|周|晚|人|次)(?![A-Za-z])", _per),
     _rule("hash_number", r"#\s?(\d+)", _hash_number),
-    _rule("decade", r"(?<![A-Za-z0-9.])(\d{3}0)'?s(?![A-Za-z])", _decade),
-    _rule("identifier", r"(?<![A-Za-z0-9])(?=[A-Za-z0-9-]*\d)(?=[A-Za-z0-9-]*[A-Za-z])[A-Za-z0-9]+(?:-[A-Za-z0-9]+)*"
-                        r"(?![A-Za-z0-9])", _identifier),
-    _rule("abbreviation", r"(?<![A-Za-z.])(e\.g|i\.e|[A-Z][a-z]{0,3}|vs|etc|approx|dept|no|ch|pp?|est|ext|tel|min|max)\.",
+    _rule("decade", r"(?<![A-Za-z0-9.])'?(\d{1,3}0)'?s(?![A-Za-z])", _decade),
+    _rule("identifier", r"(?<![A-Za-z0-9])(?=[A-Za-z0-9-]*\d)(?=[A-Za-z0-9-]*[A-Za-z])[A-Za-z0-9]+"
+                        r"(?:-[A-Za-z0-9]+|\.\d+)*(?![A-Za-z0-9])", _identifier),
+    _rule("abbreviation", r"(?<![A-Za-z.])(e\.g|i\.e|[A-Z][a-z]{0,3}|vs|etc|approx|dept|no|ch|pp?|est|ext|tel|min|max|ca)\.",
           _abbreviation),
     _rule("dotted_letters", r"(?<![A-Za-z.])(?:[A-Za-z]\.){2,}(?![A-Za-z])", _dotted_letters),
     _rule("number", rf"(?P<neg>{_NEG})?(?P<amount>{NUM})", _number),
-    _rule("symbol", r"[&@+=×§°]|~(?=\s?\d)|#|(?<!\S)\*(?!\S)", _symbol),
+    _rule("arithmetic", r"(?<=\d)\s?[*^]\s?(?=\d)", _arithmetic),
+    _rule("symbol", r"[&@+=×§°≤≥]|[<>](?=\s?[\d$€£¥])|~(?=\s?\d)|#|(?<!\S)\*(?!\S)", _symbol),
 )
