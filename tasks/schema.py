@@ -23,7 +23,7 @@ MAX_VOICE_CHARS = 4096
 MAX_STEPS = 2048
 # Output formats a job can ask for: the model's 24 kHz audio as WAV (PCM16), FLAC, MP3,
 # Ogg Opus, AAC (ADTS) or raw PCM16 (OpenAI's "pcm"), or 8 kHz WAV for telephony
-# (G.711 u-law, A-law, or PCM16). workers/audio.py encodes them.
+# (G.711 u-law, A-law, or PCM16). tasks/audio.py encodes them.
 AUDIO_FORMATS = ("wav", "flac", "mp3", "opus", "aac", "pcm", "wav-ulaw-8k", "wav-alaw-8k", "wav-pcm-8k")
 AudioFormatName = Literal["wav", "flac", "mp3", "opus", "aac", "pcm", "wav-ulaw-8k", "wav-alaw-8k", "wav-pcm-8k"]
 

@@ -92,6 +92,12 @@ class Settings:
     lexicon: str | None = None
     date_order: str = "mdy"
     phone_yao: bool = False
+    # `ttspool serve` (tasks/gateway): where it listens, its API keys (tenant=key pairs,
+    # comma separated; none: loopback only) and the largest request body it reads.
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+    api_keys: str = field(default="", repr=False)  # secrets: never in a repr or a log
+    http_max_body: int = 1 << 20
     # Test hooks (workers/faults.py): TTSPOOL_FAULT_<NAME> variables, as (NAME, value).
     faults: tuple[tuple[str, str], ...] = ()
     # Fields set explicitly (environment or flag), as opposed to defaults: `ttspool run`
@@ -167,6 +173,10 @@ class Settings:
                 lexicon=env.get("TTSPOOL_LEXICON") or None,
                 date_order=(env.get("TTSPOOL_DATE_ORDER") or d.date_order).lower(),
                 phone_yao=_bool(env, "TTSPOOL_PHONE_YAO"),
+                http_host=env.get("TTSPOOL_HTTP_HOST") or d.http_host,
+                http_port=_int(env, "TTSPOOL_HTTP_PORT", d.http_port, 0, 65535),
+                api_keys=env.get("TTSPOOL_API_KEYS") or "",
+                http_max_body=_int(env, "TTSPOOL_HTTP_MAX_BODY", d.http_max_body, 1024, 1 << 30),
                 faults=tuple(sorted((k.removeprefix(_FAULT_PREFIX), v) for k, v in env.items()
                                     if k.startswith(_FAULT_PREFIX) and v)),
                 explicit=explicit,
@@ -188,6 +198,8 @@ ENV_NAMES = {
     "model_source": "TTSPOOL_MODEL_SOURCE", "model_revision": "TTSPOOL_MODEL_REVISION",
     "model_pubkey": "TTSPOOL_MODEL_PUBKEY", "s3_sse": "TTSPOOL_S3_SSE", "rate_limits": "TTSPOOL_RATE_LIMITS",
     "lexicon": "TTSPOOL_LEXICON", "date_order": "TTSPOOL_DATE_ORDER", "phone_yao": "TTSPOOL_PHONE_YAO",
+    "http_host": "TTSPOOL_HTTP_HOST", "http_port": "TTSPOOL_HTTP_PORT", "api_keys": "TTSPOOL_API_KEYS",
+    "http_max_body": "TTSPOOL_HTTP_MAX_BODY",
 }
 
 

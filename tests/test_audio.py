@@ -1,4 +1,4 @@
-"""Output formats (workers/audio.py): every format encodes, decodes back to the same
+"""Output formats (tasks/audio.py): every format encodes, decodes back to the same
 sound at the right rate and length, and the telephony ones are really 8 kHz G.711."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 
 from tasks.schema import AUDIO_FORMATS, JobValidationError, parse_job
-from workers.audio import FORMATS, duration_of, encode
+from tasks.audio import FORMATS, duration_of, encode
 
 SR = 24_000
 # Codec delay and padding: MP3 and AAC frames, Opus pre-skip. Generous, but far below

@@ -11,7 +11,7 @@ import pytest
 from tasks.cli.local_redis import LocalRedis, free_port
 from tasks.producer import Client
 from tasks.settings import QUEUE_BULK, Settings
-from workers.audio import duration_of
+from tasks.audio import duration_of
 from workers.engine.dtypes import cpu_has_native_bf16
 
 from .conftest import S3Endpoint, start_worker, stop_process, worker_env

@@ -18,7 +18,7 @@ from tasks.producer import Client
 from tasks.schema import AUDIO_FORMATS, JobValidationError
 from tasks.settings import QUEUE_BULK, QUEUE_REALTIME, TASK_NAME, Settings
 from tasks.text.lengths import predicted_steps, steps_to_samples
-from workers.audio import FORMATS
+from tasks.audio import FORMATS
 
 from .conftest import BUCKET, PREFIX, ROOT, S3Endpoint, WorkerProc, raw_message
 from .scrape import fetch, parse, value

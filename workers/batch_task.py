@@ -22,7 +22,7 @@ from tasks.states import JobState
 from tasks.text.frontend import FrontEnd
 from tasks.text.lengths import predicted_steps
 
-from .audio import FORMATS, duration_of, encode
+from tasks.audio import FORMATS, duration_of, encode
 from .batching import GpuBatches, Outcome
 from .books import BookTracker
 from .engine import Engine, SynthRequest

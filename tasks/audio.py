@@ -1,6 +1,8 @@
 """Waveform -> the bytes of a job's output format, and the duration of stored bytes.
 
-Encoders are libraries: libsndfile through soundfile (WAV, FLAC, MP3 via LAME, Ogg
+Torch-free, for the worker (each job's output) and the HTTP gateway (long input
+assembled from its segments); producers that only submit never import it. Encoders
+are libraries: libsndfile through soundfile (WAV, FLAC, MP3 via LAME, Ogg
 Opus, G.711 u-law and A-law), FFmpeg's AAC through PyAV, and soxr for the 8 kHz
 telephony formats' resampling.
 """
@@ -15,7 +17,7 @@ from typing import Callable
 import numpy as np
 import soundfile as sf
 
-from tasks.schema import AUDIO_FORMATS
+from .schema import AUDIO_FORMATS
 
 TELEPHONY_RATE = 8000
 

@@ -1,0 +1,32 @@
+"""`ttspool serve`: the HTTP gateway (tasks/gateway), torch-free."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from ..settings import Settings
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("serve", help="run the HTTP gateway: OpenAI's /v1/audio/speech and a job API on the pool")
+    s.add_argument("--host", help="address to listen on (TTSPOOL_HTTP_HOST, default 127.0.0.1)")
+    s.add_argument("--port", type=int, help="port (TTSPOOL_HTTP_PORT, default 8000)")
+    s.set_defaults(handler=_serve)
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    from storage import storage_for
+
+    from ..gateway.app import create_app
+    from ..gateway.keys import ApiKeys, check_exposure
+
+    settings = settings.override(http_host=args.host, http_port=args.port)
+    check_exposure(ApiKeys(settings.api_keys), settings.http_host)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings, storage_for(settings))
+    # One process, one event loop: waiting requests cost a future each, not a thread.
+    uvicorn.run(app, host=settings.http_host, port=settings.http_port, log_level="info", access_log=False)
+    return 0

@@ -1,0 +1,95 @@
+"""OpenAI's `POST /v1/audio/speech` request, mapped onto ttspool jobs.
+
+- `model`: "chattts" and OpenAI's speech model names all mean the pool.
+- `voice`: OpenAI's voice names are fixed ChatTTS speaker seeds (OPENAI_VOICES); a
+  number is a seed; anything longer is a ChatTTS speaker string.
+- `speed`: OpenAI's 0.25-4.0 is a rate factor; ChatTTS has ten speed prompts, each
+  about 10 % apart (speed 5 = 1.0), so the factor is mapped to the nearest one and
+  clamped: 0.5 and below are [speed_0], 1.4 and above [speed_9].
+- `input` longer than one job is split at sentence ends, like a book.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+
+from ..schema import MAX_VOICE_CHARS
+from ..text.segments import split_text
+
+MAX_INPUT_CHARS = 4096  # OpenAI's limit
+MODELS = frozenset({"chattts", "tts-1", "tts-1-hd", "gpt-4o-mini-tts"})
+# Fixed seeds, chosen once and kept: a deployment that wants other voices for these
+# names replaces them (the voice library, when it exists, is where).
+OPENAI_VOICES: dict[str, int] = {
+    "alloy": 1111, "ash": 2222, "ballad": 3333, "coral": 4444, "echo": 5555, "fable": 6666, "nova": 7777,
+    "onyx": 8888, "sage": 9999, "shimmer": 1234, "verse": 2345, "marin": 3456, "cedar": 4567,
+}
+ResponseFormat = Literal["wav", "mp3", "opus", "aac", "flac", "pcm"]
+# Formats whose segments can be sent one after another as they are made.
+STREAMABLE = frozenset({"wav", "pcm", "mp3", "aac", "opus"})
+
+
+class SpeechRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: StrictStr
+    input: Annotated[StrictStr, Field(min_length=1, max_length=MAX_INPUT_CHARS)]
+    voice: Union[StrictStr, StrictInt] = "alloy"
+    response_format: ResponseFormat = "mp3"
+    speed: Annotated[Union[StrictFloat, StrictInt], Field(ge=0.25, le=4.0)] = 1.0
+    stream: StrictBool = False
+    stream_format: Literal["audio"] | None = None
+    instructions: StrictStr | None = None  # OpenAI's style prompt: accepted, not used by ChatTTS
+    # ttspool's own fields.
+    seed: Annotated[StrictInt, Field(ge=0, le=2**31 - 1)] | None = None
+    temperature: Union[StrictFloat, StrictInt] | None = None
+    top_p: Union[StrictFloat, StrictInt] | None = None
+    top_k: StrictInt | None = None
+    priority: Literal["realtime", "bulk"] = "realtime"
+    lang: Literal["auto", "en", "zh"] | None = None
+
+
+def chattts_speed(factor: float) -> int:
+    return max(0, min(9, round(5 + (factor - 1.0) * 10)))
+
+
+def voice_of(voice: str | int) -> int | str:
+    if isinstance(voice, int):
+        return voice
+    name = voice.strip()
+    if name.lower() in OPENAI_VOICES:
+        return OPENAI_VOICES[name.lower()]
+    if name.isdigit():
+        return int(name)
+    if len(name) > MAX_VOICE_CHARS or len(name) < 32:
+        raise ValueError(f"unknown voice {name[:40]!r}: use one of {', '.join(OPENAI_VOICES)}, "
+                         "an integer seed, or a ChatTTS speaker string")
+    return name
+
+
+def segment_jobs(req: SpeechRequest, tenant: str | None, segment_format: str) -> list[dict[str, Any]]:
+    """One job per segment of the input; raises ValueError for a bad model or voice."""
+    if req.model not in MODELS:
+        raise ValueError(f"unknown model {req.model[:40]!r}: use one of {', '.join(sorted(MODELS))}")
+    speed = chattts_speed(float(req.speed))
+    common: dict[str, Any] = {"voice": voice_of(req.voice), "speed": speed, "priority": req.priority,
+                              "format": segment_format}
+    for name in ("seed", "temperature", "top_p", "top_k", "lang"):
+        value = getattr(req, name)
+        if value is not None:
+            common[name] = value
+    if tenant is not None:
+        common["tenant"] = tenant
+    texts = [s.text for s in split_text(req.input, speed=speed)] or [req.input]
+    return [{**common, "text": t} for t in texts]
+
+
+def wav_stream_header(sample_rate: int) -> bytes:
+    """A WAV header for PCM16 mono of unknown length, as streamed WAVs carry (OpenAI's
+    too): the sizes are the largest values, which players read as "until the end"."""
+    byte_rate = sample_rate * 2
+    return (b"RIFF" + struct.pack("<I", 0xFFFFFFFF) + b"WAVE" + b"fmt " + struct.pack("<IHHIIHH", 16, 1, 1,
+            sample_rate, byte_rate, 2, 16) + b"data" + struct.pack("<I", 0xFFFFFFFF))

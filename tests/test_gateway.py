@@ -1,0 +1,282 @@
+"""The HTTP gateway (`ttspool serve`) against a real Redis, a real S3 endpoint and a real
+worker, through clients nobody here wrote: the official OpenAI SDK and curl."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import wave
+from pathlib import Path
+from typing import Iterator
+
+import av
+import openai
+import pytest
+import soundfile as sf
+
+from tasks.cli.local_redis import LocalRedis, free_port
+from tasks.gateway.speech import OPENAI_VOICES, chattts_speed
+
+from .conftest import ROOT, S3Endpoint, WorkerProc, stop_process
+from .test_audio import _SLACK_S, decode
+
+KEY_A = "acme-key-0123456789abcdef"
+KEY_B = "beta-key-0123456789abcdef"
+KEY_SLOW = "slow-key-0123456789abcdef"
+FORMATS = ("wav", "mp3", "opus", "aac", "flac", "pcm")
+LONG = " ".join(
+    f"Paragraph {i}: the quick brown fox jumps over the lazy dog while the band plays on, and everyone in "
+    "the square stops to listen to the music drifting over the rooftops of the old town." for i in range(1, 6)
+)
+
+
+class Gateway:
+    def __init__(self, proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
+        self.proc, self.url, self.log = proc, url, log
+
+    def sdk(self, key: str = KEY_A) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=120)
+
+    def request(self, method: str, path: str, body: object = None, key: str | None = KEY_A,
+                raw: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        if key:
+            req.add_header("Authorization", f"Bearer {key}")
+        try:
+            with urllib.request.urlopen(req, timeout=120) as resp:
+                return resp.status, dict(resp.headers), resp.read()
+        except urllib.error.HTTPError as err:
+            return err.code, dict(err.headers), err.read()
+
+
+def start_gateway(env: dict[str, str], log: Path, **extra: str) -> Gateway:
+    port = free_port()
+    env = {**env, "TTSPOOL_HTTP_PORT": str(port), **extra}
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "tasks.cli", "serve"], cwd=ROOT, env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+    gw = Gateway(proc, f"http://127.0.0.1:{port}", log)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"gateway exited:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(gw.url + "/healthz", timeout=2):
+                return gw
+        except (urllib.error.URLError, ConnectionError, OSError):
+            time.sleep(0.2)
+    stop_process(proc)
+    pytest.fail("gateway did not start")
+
+
+@pytest.fixture(scope="module")
+def gateway(worker: WorkerProc, tmp_path_factory) -> Iterator[Gateway]:
+    log = tmp_path_factory.mktemp("gateway") / "gateway.log"
+    gw = start_gateway(worker.env, log, TTSPOOL_API_KEYS=f"acme={KEY_A},beta={KEY_B},slow={KEY_SLOW}",
+                       TTSPOOL_RATE_LIMITS="slow=1/m:burst=1", TTSPOOL_HTTP_MAX_BODY="65536")
+    yield gw
+    stop_process(gw.proc)
+
+
+def _wav_seconds(data: bytes) -> float:
+    info = sf.info(io.BytesIO(data))
+    return info.frames / info.samplerate
+
+
+def test_openai_sdk_every_response_format(gateway: Gateway) -> None:
+    sdk = gateway.sdk()
+    text = "The OpenAI client asks, the pool answers."
+    out: dict[str, tuple[bytes, str]] = {}
+    for fmt in FORMATS:
+        resp = sdk.audio.speech.create(model="tts-1", voice="nova", input=text, response_format=fmt)  # type: ignore[arg-type]
+        out[fmt] = (resp.content, resp.response.headers["content-type"])
+    wav_s = _wav_seconds(out["wav"][0])
+    assert wav_s > 0.5
+    types = {"wav": "audio/wav", "mp3": "audio/mpeg", "opus": "audio/ogg", "aac": "audio/aac",
+             "flac": "audio/flac", "pcm": "audio/pcm"}
+    for fmt, (data, content_type) in out.items():
+        assert content_type == types[fmt], fmt
+        audio, rate = decode(data, fmt)
+        assert rate == 24000, fmt
+        assert abs(len(audio) / rate - wav_s) <= _SLACK_S.get(fmt, 1e-3), fmt
+
+
+def test_long_input_is_split_and_assembled(gateway: Gateway) -> None:
+    resp = gateway.sdk().audio.speech.create(model="chattts", voice="alloy", input=LONG, response_format="wav")
+    ids = resp.response.headers["x-job-ids"].split(",")
+    assert len(ids) >= 2  # split like a book
+    total = 0.0
+    for job_id in ids:
+        status, _, body = gateway.request("GET", f"/v1/jobs/{job_id}")
+        assert status == 200
+        total += json.loads(body)["duration_s"]
+    assert abs(_wav_seconds(resp.content) - total) < 1e-3
+
+
+def test_streaming_sends_segments_in_order(gateway: Gateway) -> None:
+    sdk = gateway.sdk()
+    chunks: list[bytes] = []
+    with sdk.audio.speech.with_streaming_response.create(
+        model="tts-1", voice="echo", input=LONG, response_format="wav", extra_body={"stream": True},
+    ) as resp:
+        ids = resp.headers["x-job-ids"].split(",")
+        for chunk in resp.iter_bytes():
+            chunks.append(chunk)
+    data = b"".join(chunks)
+    assert data[:4] == b"RIFF" and data[8:12] == b"WAVE"
+    pcm = data[44:]
+    # Every segment's audio, in order, nothing else: the same samples as each stored job's.
+    expected = b""
+    for job_id in ids:
+        status, _, body = gateway.request("GET", f"/v1/jobs/{job_id}/audio")
+        assert status == 200
+        expected += body
+    assert pcm == expected and len(ids) >= 2
+    # A player reads the streamed header as "until the end".
+    with wave.open(io.BytesIO(data[:44] + pcm)) as w:
+        assert (w.getframerate(), w.getsampwidth(), w.getnchannels()) == (24000, 2, 1)
+    # MP3 streams as whole segment files, one after another.
+    with sdk.audio.speech.with_streaming_response.create(
+        model="tts-1", voice="echo", input=LONG, response_format="mp3", extra_body={"stream": True},
+    ) as resp:
+        mp3 = resp.read()
+    # Decoded by FFmpeg (what browsers and players use); libsndfile's reader takes an
+    # MP3's length from its first frames and stops early on joined streams.
+    with av.open(io.BytesIO(mp3), format="mp3") as src:
+        samples = sum(frame.samples for frame in src.decode(audio=0))
+    assert abs(samples / 24000 - len(pcm) / 48000) < 0.1 * len(ids)
+
+
+def test_keys_tenants_and_rate_limits(gateway: Gateway) -> None:
+    with pytest.raises(openai.AuthenticationError):
+        gateway.sdk("wrong-key-0123456789abcdef").audio.speech.create(model="tts-1", voice="alloy", input="hi")
+    status, _, _ = gateway.request("POST", "/v1/jobs", {"text": "hello"}, key=None)
+    assert status == 401
+    slow = gateway.sdk(KEY_SLOW)
+    slow.audio.speech.create(model="tts-1", voice="alloy", input="First one is free.")
+    with pytest.raises(openai.RateLimitError) as err:
+        slow.audio.speech.create(model="tts-1", voice="alloy", input="Second one waits.")
+    assert int(err.value.response.headers["retry-after"]) >= 1
+    # Jobs belong to the tenant whose key submitted them.
+    status, _, body = gateway.request("POST", "/v1/jobs", [{"text": "Mine."}, {"text": "Mine too."}])
+    assert status == 202
+    ids = json.loads(body)["ids"]
+    assert len(ids) == 2
+    assert gateway.request("GET", f"/v1/jobs/{ids[0]}", key=KEY_B)[0] == 404
+    assert gateway.request("POST", "/v1/jobs", {"text": "x", "tenant": "beta"})[0] == 403
+
+
+def test_job_api_status_audio_url_and_spoken_text(gateway: Gateway, s3: S3Endpoint) -> None:
+    status, _, body = gateway.request("POST", "/v1/jobs", {"text": "Call 555-0123 at 9am.", "format": "mp3"})
+    assert status == 202
+    [job_id] = json.loads(body)["ids"]
+    deadline = time.monotonic() + 120
+    while True:
+        _, _, body = gateway.request("GET", f"/v1/jobs/{job_id}")
+        st = json.loads(body)
+        if st["status"] in ("SUCCESS", "FAILURE") or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert st["status"] == "SUCCESS" and st["format"] == "mp3"
+    assert st["spoken_text"] == "Call five five five, zero one two three at nine A M."
+    # S3 storage: a presigned HTTPS(-style) URL anyone can GET.
+    assert st["audio_url"].startswith(s3.url) and "Signature=" in st["audio_url"]
+    with urllib.request.urlopen(st["audio_url"], timeout=10) as resp:
+        via_s3 = resp.read()
+    status, headers, direct = gateway.request("GET", f"/v1/jobs/{job_id}/audio")
+    assert status == 200 and headers["content-type"] == "audio/mpeg" and direct == via_s3
+
+
+def test_bad_requests_get_clear_errors(gateway: Gateway) -> None:
+    status, _, body = gateway.request("POST", "/v1/jobs", {"text": "hi", "speed": 12})
+    assert status == 400 and "speed" in json.loads(body)["error"]["message"]
+    with pytest.raises(openai.BadRequestError, match="unknown voice"):
+        gateway.sdk().audio.speech.create(model="tts-1", voice="nobody", input="hi")
+    with pytest.raises(openai.BadRequestError, match="unknown model"):
+        gateway.sdk().audio.speech.create(model="whisper-1", voice="alloy", input="hi")
+    with pytest.raises(openai.BadRequestError, match="speed"):
+        gateway.sdk().audio.speech.create(model="tts-1", voice="alloy", input="hi", speed=9)
+    status, _, body = gateway.request("POST", "/v1/jobs", raw=b"{" + b" " * 70000 + b"}")
+    assert status == 413
+    status, _, _ = gateway.request("POST", "/v1/jobs", raw=b"{not json")
+    assert status == 400
+
+
+def test_operations_routes(gateway: Gateway) -> None:
+    status, _, body = gateway.request("GET", "/healthz", key=None)
+    assert status == 200 and json.loads(body)["status"] == "ok"
+    _, _, body = gateway.request("GET", "/openapi.json", key=None)
+    paths = json.loads(body)["paths"]
+    assert {"/v1/audio/speech", "/v1/jobs", "/v1/jobs/{job_id}", "/v1/voices"} <= set(paths)
+    _, _, docs = gateway.request("GET", "/docs", key=None)
+    assert b"swagger" in docs.lower() and b"cdn.jsdelivr" not in docs  # served offline
+    _, _, voices = gateway.request("GET", "/v1/voices")
+    assert json.loads(voices)["seeds"] == OPENAI_VOICES
+    _, _, metrics = gateway.request("GET", "/metrics", key=None)
+    text = metrics.decode()
+    assert re.search(r'ttspool_gateway_requests_total\{route="/v1/audio/speech",status="200"\} [1-9]', text), text
+    assert "ttspool_gateway_in_flight_requests" in text and "ttspool_gateway_request_seconds_bucket" in text
+    assert KEY_A not in gateway.log.read_text()  # no secret in the log
+
+
+def test_speed_mapping() -> None:
+    assert [chattts_speed(f) for f in (0.25, 0.5, 0.8, 1.0, 1.2, 1.4, 4.0)] == [0, 0, 3, 5, 7, 9, 9]
+
+
+def test_broker_outage_is_503_not_a_hang(worker: WorkerProc, tmp_path: Path) -> None:
+    redis = LocalRedis().start()
+    try:
+        env = {**worker.env, "TTSPOOL_BROKER_URL": redis.url}
+        gw = start_gateway(env, tmp_path / "gateway.log")
+        try:
+            redis.close()
+            t0 = time.monotonic()
+            status, headers, _ = gw.request("POST", "/v1/jobs", {"text": "hello"}, key=None)
+            assert status == 503 and headers["retry-after"] == "5"
+            assert gw.request("GET", "/healthz", key=None)[0] == 503
+            assert time.monotonic() - t0 < 60
+        finally:
+            stop_process(gw.proc)
+    finally:
+        redis.close()
+
+
+def test_without_keys_only_loopback(worker: WorkerProc) -> None:
+    out = subprocess.run([sys.executable, "-m", "tasks.cli", "serve", "--host", "0.0.0.0", "--port", "0"],
+                         cwd=ROOT, env={**worker.env, "TTSPOOL_API_KEYS": ""}, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 2 and "without API keys" in out.stderr
+
+
+def test_readme_curl_examples(gateway: Gateway, tmp_path: Path) -> None:
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- curl-examples", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
+    commands = [c.split("#")[0] for c in block.replace("\\\n", " ").splitlines() if c.startswith("curl ")]
+    assert len(commands) == 3
+    env = {"KEY": KEY_A, "PATH": "/usr/bin:/bin"}
+
+    def run(cmd: str) -> str:
+        cmd = cmd.replace("http://127.0.0.1:8000", gateway.url)
+        out = subprocess.run(["bash", "-c", cmd + " --fail-with-body"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, (cmd, out.stdout, out.stderr)
+        return out.stdout
+
+    run(commands[0])
+    audio, rate = decode((tmp_path / "hello.mp3").read_bytes(), "mp3")
+    assert rate == 24000 and len(audio) > 0
+    [job_id] = json.loads(run(commands[1]))["ids"]
+    deadline = time.monotonic() + 120
+    while (st := json.loads(run(commands[2].replace("JOB_ID", job_id))))["status"] != "SUCCESS":
+        assert st["status"] in ("PENDING", "STARTED") and time.monotonic() < deadline, st
+        time.sleep(0.2)
+    assert st["sample_rate"] == 8000 and st["spoken_text"] == "Your code is four eight two nine one three."
