@@ -75,3 +75,8 @@ fi
 if [ "$extra" = test ] && ! command -v promtool >/dev/null; then
     apt_install prometheus
 fi
+
+# The gateway's web page is tested in a real browser: Debian's Chromium and its driver.
+if [ "$extra" = test ] && { ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; }; then
+    apt_install chromium chromium-driver
+fi

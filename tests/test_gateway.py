@@ -280,3 +280,50 @@ def test_readme_curl_examples(gateway: Gateway, tmp_path: Path) -> None:
         assert st["status"] in ("PENDING", "STARTED") and time.monotonic() < deadline, st
         time.sleep(0.2)
     assert st["sample_rate"] == 8000 and st["spoken_text"] == "Your code is four eight two nine one three."
+
+
+def test_web_page_in_a_real_browser(gateway: Gateway) -> None:
+    """Debian's Chromium, headless, through Selenium: the page loads, a synthesis plays
+    back audio as long as the job's, and the job shows up with its status and link."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--autoplay-policy=no-user-gesture-required"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
+    try:
+        driver.get(gateway.url + "/")
+        assert driver.title == "ttspool"
+        key = driver.find_element(By.ID, "key")
+        key.send_keys(KEY_A)
+        driver.execute_script("arguments[0].dispatchEvent(new Event('change'))", key)
+        WebDriverWait(driver, 30).until(lambda d: len(Select(d.find_element(By.ID, "voice")).options) == len(OPENAI_VOICES))
+        for fmt in ("wav", "mp3"):  # a whole file, then MP3 streamed into Media Source Extensions
+            text = driver.find_element(By.ID, "text")
+            text.clear()
+            text.send_keys(f"The page speaks {fmt}, quickly and clearly.")
+            Select(driver.find_element(By.ID, "format")).select_by_value(fmt)
+            rows = len(driver.find_elements(By.CSS_SELECTOR, "#jobs tr"))
+            driver.find_element(By.ID, "speak").click()
+            WebDriverWait(driver, 180).until(lambda d: d.find_element(By.ID, "status").text.startswith(("done", "HTTP"))
+                                             or "error" in d.find_element(By.ID, "status").get_attribute("class"))
+            assert driver.find_element(By.ID, "status").text.startswith("done"), driver.find_element(By.ID, "status").text
+            WebDriverWait(driver, 30).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#jobs tr")) > rows)
+            job_id = driver.find_element(By.CSS_SELECTOR, "#jobs tr").get_attribute("data-job")
+            status = json.loads(gateway.request("GET", f"/v1/jobs/{job_id}")[2])
+            assert status["status"] == "SUCCESS"
+            duration = WebDriverWait(driver, 30).until(lambda d: d.execute_script(
+                "const p = document.getElementById('player'); return isFinite(p.duration) && p.duration > 0 ? p.duration : null"))
+            assert abs(duration - status["duration_s"]) < 0.1, (fmt, duration, status["duration_s"])
+            # It plays: the clock of the media element moves.
+            WebDriverWait(driver, 30).until(lambda d: d.execute_script(
+                "const p = document.getElementById('player'); return p.currentTime > 0 || p.ended"))
+            link = driver.find_element(By.CSS_SELECTOR, "#jobs tr a").get_attribute("href")
+            assert link == status["audio_url"]
+    finally:
+        driver.quit()
