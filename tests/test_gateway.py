@@ -324,6 +324,6 @@ def test_web_page_in_a_real_browser(gateway: Gateway) -> None:
             WebDriverWait(driver, 30).until(lambda d: d.execute_script(
                 "const p = document.getElementById('player'); return p.currentTime > 0 || p.ended"))
             link = driver.find_element(By.CSS_SELECTOR, "#jobs tr a").get_attribute("href")
-            assert link == status["audio_url"]
+            assert link.split("?")[0] == status["audio_url"].split("?")[0]  # presigned at different seconds
     finally:
         driver.quit()
