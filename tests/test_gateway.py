@@ -327,3 +327,48 @@ def test_web_page_in_a_real_browser(gateway: Gateway) -> None:
             assert link.split("?")[0] == status["audio_url"].split("?")[0]  # presigned at different seconds
     finally:
         driver.quit()
+
+
+def test_300_concurrent_requests_on_one_gateway(gateway: Gateway) -> None:
+    """Held at once on one process, each answered with its audio; memory stays bounded."""
+    import asyncio
+
+    import httpx
+
+    def rss() -> float:
+        text = gateway.request("GET", "/metrics", key=None)[2].decode()
+        return float(re.search(r"^process_resident_memory_bytes (\S+)", text, re.M)[1])  # type: ignore[index]
+
+    async def load() -> list[tuple[int, int]]:
+        limits = httpx.Limits(max_connections=300, max_keepalive_connections=0)
+        async with httpx.AsyncClient(base_url=gateway.url, limits=limits, timeout=600,
+                                     headers={"Authorization": f"Bearer {KEY_B}"}) as http:
+            async def one(i: int) -> tuple[int, int]:
+                r = await http.post("/v1/audio/speech", json={"model": "tts-1", "voice": "alloy", "response_format": "pcm",
+                                                             "input": f"Load {'abcdefghij'[i % 10]} {'xyz'[i % 3]} {i}."})
+                return r.status_code, len(r.content)
+            return await asyncio.gather(*(one(i) for i in range(300)))
+
+    before = rss()
+    results = asyncio.run(load())
+    assert [s for s, _ in results].count(200) == 300, [s for s, _ in results if s != 200][:5]
+    assert all(size > 1000 and size % 2 == 0 for _, size in results)
+    assert rss() - before < 200 * 2**20
+    assert gateway.request("GET", "/healthz", key=None)[0] == 200
+
+
+def test_bench_gateway_mode(gateway: Gateway, worker: WorkerProc, tmp_path: Path) -> None:
+    out = tmp_path / "gateway.json"
+    try:
+        proc = subprocess.run([sys.executable, "-m", "tasks.cli", "bench", "--gateway", gateway.url, "--key", KEY_B,
+                               "--jobs", "6", "--concurrency", "6", "--json-out", str(out)],
+                              cwd=ROOT, env=worker.env, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"bench hung: {err.stderr!r}\n{gateway.log.read_text()[-3000:]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "added by the gateway" in proc.stdout and "first audio after" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["errors"] == 0 and result["jobs"] == 6
+    s = result["stream"]
+    assert s["segments"] >= 2 and 0 < s["first_audio_s"] <= s["total_s"] and s["audio_s"] > 0
+    assert result["gateway_rss_bytes"]["after"] > 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,10 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--frontend", action="store_true",
                    help="instead: the text front-end's time per 200-character job, and its share of one "
                         "batch of the largest --batch-sizes rows")
+    p.add_argument("--gateway", metavar="URL",
+                   help="instead: latency the HTTP gateway at URL adds over the Python client (a running stack)")
+    p.add_argument("--key", help="with --gateway: an API key")
+    p.add_argument("--concurrency", type=int, default=300, help="with --gateway: requests open at once")
     p.add_argument("--row-steps", type=int, default=256,
                    help="with --frontend: cut each batch row at this many steps (0: full length)")
     p.add_argument("--json-out", type=Path, help="write the results as JSON")
@@ -45,6 +50,9 @@ def add_commands(sub: Any) -> None:
 def _bench(args: argparse.Namespace, settings: Settings) -> int:
     from rich.console import Console
     from rich.table import Table
+
+    if args.gateway:
+        return _gateway(args, settings, Console(stderr=True))
 
     from workers.bench.engine_bench import Run, bench, plot, write_json
     from workers.engine import Engine
@@ -146,3 +154,32 @@ def _frontend(args: argparse.Namespace, settings: Settings, console: Any) -> int
     if args.json_out:
         write_json(result, args.json_out)
     return 0
+
+
+def _gateway(args: argparse.Namespace, settings: Settings, console: Any) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from workers.bench.gateway_bench import bench_gateway
+
+    if not 1 <= args.concurrency <= 4096:
+        raise ValueError("--concurrency must be between 1 and 4096")
+    result = bench_gateway(args.gateway, args.key, settings, args.jobs, args.concurrency, log=console.log)
+    table = Table(title=f"{result['jobs']} jobs, {result['concurrency']} open at once: "
+                        f"enqueue to audio, {result['errors']} errors")
+    for col in ("path", "p50 s", "p99 s", "max s"):
+        table.add_column(col, justify="left" if col == "path" else "right")
+    for name in ("direct", "gateway"):
+        r = result[name]
+        table.add_row("Python client" if name == "direct" else "HTTP gateway", f"{r['p50_s']:.3f}",
+                      f"{r['p99_s']:.3f}", f"{r['max_s']:.3f}")
+    table.add_row("added by the gateway", f"{result['added']['p50_s']:.3f}", f"{result['added']['p99_s']:.3f}", "")
+    Console(width=120).print(table)
+    s, rss = result["stream"], result["gateway_rss_bytes"]
+    print(f"streamed {s['segments']} segments ({s['audio_s']} s of audio): first audio after {s['first_audio_s']} s, "
+          f"all of it after {s['total_s']} s")
+    if rss["before"] and rss["after"]:
+        print(f"gateway memory: {rss['before'] / 2**20:.0f} MiB before, {rss['after'] / 2**20:.0f} MiB after")
+    if args.json_out:
+        args.json_out.write_text(json.dumps(result, indent=2) + "\n")  # torch-free: not engine_bench's writer
+    return 0 if result["errors"] == 0 else 1

@@ -16,7 +16,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from fastapi_offline import FastAPIOffline
 from kombu.exceptions import OperationalError
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector,
+                               generate_latest)
 
 from ..app import make_app
 from ..errors import RateLimited
@@ -65,6 +66,7 @@ class Gateway:
             decode=celery.backend.decode_result,
         )
         self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)  # memory and file descriptors of the gateway
         self.requests = Counter("ttspool_gateway_requests", "HTTP requests, by route and status",
                                 ["route", "status"], registry=self.registry)
         self.latency = Histogram("ttspool_gateway_request_seconds", "Time to the response's last byte, by route",
