@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
@@ -61,7 +62,7 @@ class Gateway:
         self.client = Client(settings)
         celery = make_app(settings)
         self.waiter = ResultWaiter(
-            settings.backend_url,
+            settings.backend_url, celery.backend.task_keyprefix.decode(),
             key_for=lambda job_id: celery.backend.get_key_for_task(job_id).decode(),
             decode=celery.backend.decode_result,
         )
@@ -185,7 +186,7 @@ def create_app(settings: Settings, storage: Storage) -> FastAPI:
         if streaming and fmt not in STREAMABLE:
             raise HTTPException(400, f"{fmt} cannot be streamed; use one of {', '.join(sorted(STREAMABLE))}")
         try:
-            jobs = segment_jobs(req, tenant, "pcm")
+            jobs = segment_jobs(req, tenant, "pcm", short_first=streaming)
         except ValueError as err:
             raise HTTPException(400, str(err)) from None
         # One segment: the worker makes the file. Several: raw PCM per segment, made
@@ -195,12 +196,17 @@ def create_app(settings: Settings, storage: Storage) -> FastAPI:
             seg_fmt = fmt
         else:
             seg_fmt = "pcm" if not streaming or fmt in ("wav", "pcm") else fmt
-        ids = await gw.submit([{**j, "format": seg_fmt} for j in jobs], tenant)
+        jobs = [{**j, "format": seg_fmt, "job_id": uuid.uuid4().hex} for j in jobs]
+        ids = [j["job_id"] for j in jobs]
         content_type = _content_type(fmt)
         # The jobs behind the audio, for GET /v1/jobs/{id} (spoken_text, the stored copy).
         headers = {"X-Job-Ids": ",".join(ids)}
         if streaming:
-            return StreamingResponse(_stream(gw, ids, fmt), media_type=content_type, headers=headers)
+            # The first (short) segment alone first: the rest, sent once a worker has
+            # taken it, cannot end up in its batch and hold its audio back.
+            await gw.submit(jobs[:1], tenant)
+            return StreamingResponse(_stream(gw, jobs, tenant, fmt), media_type=content_type, headers=headers)
+        await gw.submit(jobs, tenant)
         metas = await asyncio.gather(*(_wait(gw, job_id) for job_id in ids))
         blobs = await asyncio.gather(*(gw.audio_of(m) for m in metas))
         if seg_fmt == fmt:
@@ -304,10 +310,21 @@ def _assemble(blobs: list[bytes], fmt: str) -> bytes:
     return encode(pcm, 24_000, fmt)[0]
 
 
-async def _stream(gw: Gateway, ids: list[str], fmt: str) -> AsyncIterator[bytes]:
+async def _stream(gw: Gateway, jobs: list[dict[str, Any]], tenant: str | None, fmt: str) -> AsyncIterator[bytes]:
     """Each segment as soon as it and those before it are done, in order."""
     if fmt == "wav":
         yield wav_stream_header(24_000)
+    ids = [j["job_id"] for j in jobs]
+    if len(jobs) > 1:
+        for _ in range(200):  # up to 10 s; a busy pool may hold the first one longer
+            meta = await gw.waiter.get(ids[0])
+            if meta is not None and meta.get("status") != JobState.PENDING:
+                break
+            await asyncio.sleep(0.05)
+        # Taken (STARTED) is not yet running: an idle worker waits TTSPOOL_MAX_WAIT_MS
+        # for company first, one scheduler tick (at most 50 ms) at a time.
+        await asyncio.sleep(gw.settings.max_wait_ms / 1000 + 0.1)
+        await gw.submit(jobs[1:], tenant)
     waits = [asyncio.ensure_future(gw.waiter.wait(job_id, WAIT_S)) for job_id in ids]
     try:
         for fut in waits:

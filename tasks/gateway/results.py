@@ -1,11 +1,12 @@
 """Waiting for job results without a thread (or a poll loop) per waiting request.
 
 Celery's Redis result backend PUBLISHes every result on a channel named after its key
-as it stores it. One listener task owns one pub/sub connection: requests register the
-ids they wait for, the listener subscribes, reads back any result that was stored
-before the subscription took, and resolves each request's future when its result
-arrives. A periodic MGET of every awaited key covers messages lost while Redis was
-being reconnected to.
+as it stores it. One listener task holds one pub/sub connection with one pattern
+subscription to every result key (no subscribe and unsubscribe per request, whose
+churn is where listeners get stuck), and resolves the futures of the requests that
+wait for a key as its result arrives. A request's key is also read once when it starts
+waiting (the result may be there already), and every awaited key is read again every
+few seconds (messages published while Redis was being reconnected to).
 """
 
 from __future__ import annotations
@@ -24,16 +25,18 @@ log = logging.getLogger(__name__)
 
 _TERMINAL = (JobState.SUCCESS, JobState.FAILURE)
 _RESYNC_S = 2.0
+_TICK_S = 0.05
 
 
 class ResultWaiter:
-    def __init__(self, url: str, key_for: Callable[[str], str], decode: Callable[[bytes], dict[str, Any]]) -> None:
+    def __init__(self, url: str, key_prefix: str, key_for: Callable[[str], str],
+                 decode: Callable[[bytes], dict[str, Any]]) -> None:
         self._redis = aioredis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
         self._key_for = key_for
         self._decode = decode
+        self._pattern = key_prefix + "*"  # every result key
         self._waiting: dict[str, list[asyncio.Future[dict[str, Any]]]] = {}
-        self._subscribed: set[str] = set()
-        self._wake = asyncio.Event()
+        self._new: set[str] = set()
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -63,7 +66,7 @@ class ResultWaiter:
         key = self._key_for(job_id)
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(key, []).append(fut)
-        self._wake.set()
+        self._new.add(key)
         try:
             return await asyncio.wait_for(fut, timeout)
         finally:
@@ -72,14 +75,14 @@ class ResultWaiter:
                 futures.remove(fut)
             if not futures:
                 self._waiting.pop(key, None)
-                self._wake.set()
 
     def _resolve(self, key: str, raw: bytes | None) -> None:
-        if raw is None:
+        futures = self._waiting.get(key)
+        if raw is None or not futures:
             return
         meta = self._decode(raw)
         if meta.get("status") in _TERMINAL:
-            for fut in self._waiting.get(key, []):
+            for fut in futures:
                 if not fut.done():
                     fut.set_result(meta)
 
@@ -89,41 +92,32 @@ class ResultWaiter:
                 self._resolve(key, raw)
 
     async def _run(self) -> None:
-        pubsub = self._redis.pubsub()
+        pubsub = None
         last_sync = 0.0
         while True:
             try:
-                wanted = set(self._waiting)
-                new, gone = wanted - self._subscribed, self._subscribed - wanted
-                if new:
-                    await pubsub.subscribe(*new)
-                    self._subscribed |= new
-                    # A result stored before the subscription took is only in the key.
-                    await self._fetch(sorted(new))
-                if gone:
-                    await pubsub.unsubscribe(*gone)
-                    self._subscribed -= gone
-                if time.monotonic() - last_sync > _RESYNC_S:
-                    await self._fetch(sorted(wanted))
-                    last_sync = time.monotonic()
-                if not self._subscribed:
-                    self._wake.clear()
-                    try:
-                        await asyncio.wait_for(self._wake.wait(), _RESYNC_S)
-                    except asyncio.TimeoutError:
-                        pass
-                    continue
-                msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.05)
-                if msg is not None and msg.get("type") == "message":
+                if pubsub is None:
+                    pubsub = self._redis.pubsub()
+                    await pubsub.psubscribe(self._pattern)
+                    last_sync = 0.0  # anything stored while nobody listened is read below
+                msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=_TICK_S)
+                if msg is not None and msg.get("type") == "pmessage":
                     channel = msg["channel"]
                     self._resolve(channel.decode() if isinstance(channel, bytes) else channel, msg["data"])
+                if self._new:
+                    new, self._new = self._new, set()
+                    await self._fetch(sorted(k for k in new if k in self._waiting))
+                if time.monotonic() - last_sync > _RESYNC_S:
+                    await self._fetch(sorted(self._waiting))
+                    last_sync = time.monotonic()
             except asyncio.CancelledError:
-                await pubsub.aclose()
+                if pubsub is not None:
+                    await pubsub.aclose()
                 raise
             except (RedisError, OSError) as err:
                 # Redis restarting: start over on a new connection; the futures wait on.
                 log.warning("result listener: %s; reconnecting", err)
-                await pubsub.aclose()
-                pubsub = self._redis.pubsub()
-                self._subscribed.clear()
+                if pubsub is not None:
+                    await pubsub.aclose()
+                pubsub = None
                 await asyncio.sleep(0.5)

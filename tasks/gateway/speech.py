@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from ..schema import MAX_VOICE_CHARS
+from ..text.lengths import STEPS_PER_SECOND
 from ..text.segments import split_text
 
 MAX_INPUT_CHARS = 4096  # OpenAI's limit
@@ -70,8 +71,15 @@ def voice_of(voice: str | int) -> int | str:
     return name
 
 
-def segment_jobs(req: SpeechRequest, tenant: str | None, segment_format: str) -> list[dict[str, Any]]:
-    """One job per segment of the input; raises ValueError for a bad model or voice."""
+# A streamed request's first segment is at most this long, so its audio comes early.
+FIRST_SEGMENT_S = 6.0
+
+
+def segment_jobs(req: SpeechRequest, tenant: str | None, segment_format: str,
+                 short_first: bool = False) -> list[dict[str, Any]]:
+    """One job per segment of the input; raises ValueError for a bad model or voice.
+    `short_first`: the first segment is cut at the first sentence end within
+    FIRST_SEGMENT_S, the rest as usual."""
     if req.model not in MODELS:
         raise ValueError(f"unknown model {req.model[:40]!r}: use one of {', '.join(sorted(MODELS))}")
     speed = chattts_speed(float(req.speed))
@@ -83,7 +91,13 @@ def segment_jobs(req: SpeechRequest, tenant: str | None, segment_format: str) ->
             common[name] = value
     if tenant is not None:
         common["tenant"] = tenant
-    texts = [s.text for s in split_text(req.input, speed=speed)] or [req.input]
+    start, texts = 0, []
+    if short_first:
+        head = split_text(req.input, speed=speed, max_steps=round(FIRST_SEGMENT_S * STEPS_PER_SECOND))
+        if len(head) > 1:
+            texts, start = [head[0].text], head[0].end
+    texts += [s.text for s in split_text(req.input[start:], speed=speed)]
+    texts = texts or [req.input]
     return [{**common, "text": t} for t in texts]
 
 
