@@ -226,6 +226,9 @@ def test_operations_routes(gateway: Gateway) -> None:
     assert re.search(r'ttspool_gateway_requests_total\{route="/v1/audio/speech",status="200"\} [1-9]', text), text
     assert "ttspool_gateway_in_flight_requests" in text and "ttspool_gateway_request_seconds_bucket" in text
     assert KEY_A not in gateway.log.read_text()  # no secret in the log
+    # Torch-free: no GPU stack in the gateway's address space.
+    maps = Path(f"/proc/{gateway.proc.pid}/maps").read_text()
+    assert "libtorch" not in maps and "libcuda" not in maps
 
 
 def test_speed_mapping() -> None:

@@ -15,6 +15,7 @@ from kombu.utils.functional import retry_over_time
 from scheduler.keys import content_key, object_key
 from scheduler.planner import PlanItem, Policy, next_batch
 from storage import Storage, StorageError
+from tasks.audio import FORMATS, duration_of, encode
 from tasks.errors import JobExpired, JobFailed, RedeliveryLimit
 from tasks.schema import MAX_STEPS, JobSpec, JobValidationError, parse_job
 from tasks.settings import DEAD_LETTER_KEY, TASK_NAME, Settings
@@ -22,7 +23,6 @@ from tasks.states import JobState
 from tasks.text.frontend import FrontEnd
 from tasks.text.lengths import predicted_steps
 
-from tasks.audio import FORMATS, duration_of, encode
 from .batching import GpuBatches, Outcome
 from .books import BookTracker
 from .engine import Engine, SynthRequest
