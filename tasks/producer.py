@@ -140,7 +140,7 @@ class Client:
             kind = result.get("exc_type") if isinstance(result, dict) else type(result).__name__
             expired = kind == "JobExpired"
             return JobStatus(id=job_id, status=JobState.EXPIRED if expired else JobState.FAILURE,
-                             error=_error_text(result))
+                             error=error_text(result))
         # RECEIVED is Celery's; ttspool's worker records STARTED.
         if state in (JobState.STARTED, "RECEIVED"):
             return JobStatus(id=job_id, status=JobState.STARTED)
@@ -164,7 +164,7 @@ class Client:
         self.app.close()
 
 
-def _error_text(result: Any) -> str:
+def error_text(result: Any) -> str:
     if isinstance(result, dict):
         msg = result.get("exc_message")
         if isinstance(msg, (list, tuple)):

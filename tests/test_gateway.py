@@ -205,6 +205,9 @@ def test_bad_requests_get_clear_errors(gateway: Gateway) -> None:
         gateway.sdk().audio.speech.create(model="whisper-1", voice="alloy", input="hi")
     with pytest.raises(openai.BadRequestError, match="speed"):
         gateway.sdk().audio.speech.create(model="tts-1", voice="alloy", input="hi", speed=9)
+    # A job that fails in the worker: 502 with its reason, not a hang or an empty file.
+    with pytest.raises(openai.InternalServerError, match="synthesis failed: JobFailed: text is empty"):
+        gateway.sdk().audio.speech.create(model="tts-1", voice="alloy", input="☃☃☃")
     status, _, body = gateway.request("POST", "/v1/jobs", raw=b"{" + b" " * 70000 + b"}")
     assert status == 413
     status, _, _ = gateway.request("POST", "/v1/jobs", raw=b"{not json")

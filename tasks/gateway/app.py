@@ -22,7 +22,7 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
 
 from ..app import make_app
 from ..errors import RateLimited
-from ..producer import Client, JobStatus
+from ..producer import Client, JobStatus, error_text
 from ..schema import JobValidationError
 from ..settings import Settings
 from ..states import JobState
@@ -90,7 +90,7 @@ class Gateway:
     async def audio_of(self, meta: dict[str, Any]) -> bytes:
         result = meta.get("result")
         if meta.get("status") != JobState.SUCCESS or not isinstance(result, dict):
-            raise HTTPException(502, f"synthesis failed: {_failure_text(result)}")
+            raise HTTPException(502, f"synthesis failed: {error_text(result)}")
         return await anyio.to_thread.run_sync(self.storage.get_bytes, result["key"])
 
     async def owned(self, job_id: str, tenant: str | None) -> None:
@@ -100,12 +100,6 @@ class Gateway:
         owner = await anyio.to_thread.run_sync(self.client.redis.get, _OWNER + job_id)
         if owner is None or owner.decode() != tenant:
             raise HTTPException(404, f"no job {job_id!r}")
-
-
-def _failure_text(result: Any) -> str:
-    if isinstance(result, dict):
-        return f"{result.get('exc_type', 'Error')}: {' '.join(map(str, result.get('exc_message') or []))}"
-    return str(result)
 
 
 def create_app(settings: Settings, storage: Storage) -> FastAPI:
