@@ -59,3 +59,7 @@ class Storage(Protocol):
     def delete(self, key: str) -> None:
         """Remove the object; removing one that is not there is not an error."""
         ...
+
+    def list_keys(self, prefix: str) -> list[str]:
+        """Every key under the folder `prefix` (ending in '/'), sorted; none is not an error."""
+        ...

@@ -59,6 +59,16 @@ class LocalStorage:
         except OSError as exc:
             raise StorageError(f"cannot delete {path}: {exc.strerror or exc}") from exc
 
+    def list_keys(self, prefix: str) -> list[str]:
+        folder = self._path(prefix.rstrip("/"))
+        try:
+            files = [p for p in folder.rglob("*") if p.is_file()]
+        except OSError as exc:
+            raise StorageError(f"cannot list {folder}: {exc.strerror or exc}") from exc
+        # Temporary files of writes in progress start with '.', which no key may.
+        return sorted(k for k in (p.relative_to(self._root).as_posix() for p in files)
+                      if all(seg[:1] != "." for seg in k.split("/")))
+
     def _path(self, key: str) -> Path:
         path = (self._root / safe_key(key)).resolve()
         # safe_key already forbids "..", but a symlink planted inside the root

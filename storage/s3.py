@@ -107,6 +107,15 @@ class S3Storage:
         with self._errors("delete", name):
             self._client.delete_object(Bucket=self._bucket, Key=name)
 
+    def list_keys(self, prefix: str) -> list[str]:
+        name = self._name(prefix.rstrip("/")) + "/"
+        skip = len(self._prefix) + 1 if self._prefix else 0
+        keys: list[str] = []
+        with self._errors("list", name):
+            for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self._bucket, Prefix=name):
+                keys += [obj["Key"][skip:] for obj in page.get("Contents", [])]
+        return sorted(keys)
+
     def _name(self, key: str) -> str:
         return f"{self._prefix}/{safe_key(key)}" if self._prefix else safe_key(key)
 

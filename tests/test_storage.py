@@ -91,6 +91,15 @@ def test_delete_removes_the_object_and_tolerates_a_missing_one(store: Storage) -
         store.delete("../escape")
 
 
+def test_list_keys_under_a_folder(store: Storage) -> None:
+    folder = f"list-{uuid.uuid4().hex[:8]}"
+    assert store.list_keys(f"{folder}/") == []
+    for key in (f"{folder}/b.json", f"{folder}/a.json", f"{folder}/a/v1.wav", f"{folder}x/other"):
+        store.put_bytes(key, b"x")
+    assert store.list_keys(f"{folder}/") == [f"{folder}/a.json", f"{folder}/a/v1.wav", f"{folder}/b.json"]
+    assert store.list_keys(f"{folder}/a/") == [f"{folder}/a/v1.wav"]
+
+
 def test_missing_object_read_is_storage_error(store: Storage) -> None:
     with pytest.raises(StorageError):
         store.get_bytes("nope/missing.wav")
