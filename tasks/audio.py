@@ -106,3 +106,24 @@ def duration_of(data: bytes, fmt: str = "wav", model_rate: int = 24_000) -> tupl
             return samples / stream.rate, stream.rate
     info = sf.info(io.BytesIO(data))
     return info.frames / info.samplerate, info.samplerate
+
+
+def decode(data: bytes) -> tuple[np.ndarray, int]:
+    """Any common audio file -> (float32 mono samples, their rate); channels are averaged.
+    libsndfile reads WAV, FLAC, Ogg and MP3; PyAV (FFmpeg) the rest (M4A, AAC, WebM...).
+    Raises ValueError when neither can read it."""
+    try:
+        pcm, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError):
+        import av
+
+        try:
+            with av.open(io.BytesIO(data)) as src:
+                stream = src.streams.audio[0]
+                resampler = av.AudioResampler(format="flt", layout="mono", rate=stream.rate)
+                frames = [f.to_ndarray().reshape(-1) for frame in src.decode(stream) for f in resampler.resample(frame)]
+                rate = stream.rate
+                pcm = np.concatenate(frames or [np.zeros(0, np.float32)])[:, None]
+        except (av.FFmpegError, IndexError, ValueError) as err:
+            raise ValueError(f"not a readable audio file ({type(err).__name__})") from None
+    return np.ascontiguousarray(pcm.mean(axis=1), dtype=np.float32), int(rate)

@@ -15,9 +15,10 @@ from redis.retry import Retry
 from . import polling
 from .app import make_app
 from .ratelimit import Limit, RateLimiter, parse_limits
-from .schema import JobSpec, parse_job
+from .schema import JobSpec, JobValidationError, parse_job
 from .settings import QUEUE_BULK, QUEUE_REALTIME, TASK_NAME, Settings
 from .states import TERMINAL, JobState
+from .voices import Store, VoiceLibrary, VoiceNotFound
 
 # EXPIRED is recorded in Celery as a FAILURE (so plain Celery clients see it end) whose
 # reason is JobExpired; this API reports it under its own name.
@@ -51,7 +52,7 @@ class Client:
     """Submit jobs and read results; one per process is enough (it is thread-safe)."""
 
     def __init__(self, settings: Settings | None = None, app: Celery | None = None,
-                 rate_limits: Mapping[str, Limit] | None = None) -> None:
+                 rate_limits: Mapping[str, Limit] | None = None, storage: Store | None = None) -> None:
         self.settings = settings or Settings.from_env()
         self.app = app or make_app(self.settings)
         # Retries for about as long as a publish does (task_publish_retry_policy), so a
@@ -61,6 +62,9 @@ class Client:
         if rate_limits is None:
             rate_limits = parse_limits(self.settings.rate_limits)
         self.limiter = RateLimiter(rate_limits, self.redis)
+        # Voice names are checked against the library's Redis index, and against the
+        # store itself when one is handed in (tasks/voices.py).
+        self.voices = VoiceLibrary(storage, self.redis)
 
     def submit(self, job: Mapping[str, Any] | JobSpec) -> str:
         """Validate and enqueue one job; returns its id. Raises JobValidationError."""
@@ -77,6 +81,7 @@ class Client:
         # The broker first, through our own client: when it is down, a redis.ConnectionError
         # that names it, not Celery's result-backend message from inside send_task.
         self.redis.ping()
+        self.check_voices(specs)
         self.limiter.take(spec.tenant for spec in specs)
         claimed = self._claim([spec.job_id for spec in specs if spec.job_id is not None])
         ids = []
@@ -104,6 +109,14 @@ class Client:
                 claimed.discard(job_id)
                 ids.append(job_id)
         return ids
+
+    def check_voices(self, specs: Iterable[JobSpec]) -> None:
+        """Every voice name the jobs use is in the library, or JobValidationError."""
+        for name in sorted({s.voice_name for s in specs if s.voice_name is not None}):
+            try:
+                self.voices.require(name)
+            except VoiceNotFound as err:
+                raise JobValidationError(f"invalid job: voice: {err}") from None
 
     def _claim(self, job_ids: list[str]) -> set[str]:
         """Atomically claim each id (SET NX); returns the ids this call claimed first."""

@@ -30,7 +30,8 @@ AudioFormatName = Literal["wav", "flac", "mp3", "opus", "aac", "pcm", "wav-ulaw-
 # SSML-like markup (<speak>, <break time="1s"/>) is stripped rather than refused, so
 # pipelines that template their prompts still work; ChatTTS' own [tags] are kept.
 _MARKUP = re.compile(r"</?[A-Za-z][^<>]{0,200}>")
-_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# Job ids and voice names: they end up in Redis keys and storage paths.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MAX_TTL_S = 7 * 86400
 
@@ -41,7 +42,7 @@ class JobValidationError(UsageError):
     """A job that must not run; the message names each offending field."""
 
 
-def _decode_speaker(value: str) -> int:
+def check_speaker(value: str) -> int:
     """Return the dimension of a ChatTTS speaker string (base16384 + raw LZMA of float16)."""
     decoder = lzma.LZMADecompressor(
         format=lzma.FORMAT_RAW,
@@ -108,14 +109,22 @@ class JobSpec(BaseModel):
         if isinstance(v, str):
             if v.strip().isdigit():
                 raise ValueError("voice seeds must be JSON integers, not strings")
-            _decode_speaker(v)
+            # A name of the voice library (tasks/voices.py) or a speaker string: the two
+            # cannot be confused, since base16384 text has no ASCII letters or digits.
+            if not NAME.fullmatch(v):
+                check_speaker(v)
         return v
+
+    @property
+    def voice_name(self) -> str | None:
+        """The voice library name the job asks for, if it names one."""
+        return self.voice if isinstance(self.voice, str) and NAME.fullmatch(self.voice) else None
 
     @field_validator("job_id", "tenant")
     @classmethod
     def _check_name(cls, v: str | None, info: ValidationInfo) -> str | None:
         # Both end up in Redis keys and storage paths: a safe charset, bounded length.
-        pattern, limit = (_JOB_ID, 128) if info.field_name == "job_id" else (_TENANT, 64)
+        pattern, limit = (NAME, 128) if info.field_name == "job_id" else (_TENANT, 64)
         if v is not None and not pattern.fullmatch(v):
             raise ValueError(
                 f"{info.field_name} must be 1-{limit} characters of letters, digits, '.', '_' "
@@ -167,7 +176,7 @@ def _describe(err: ValidationError) -> str:
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
         elif field == "voice" and e["type"] in ("int_type", "string_type"):
-            msg = "must be an integer seed or a ChatTTS speaker string"
+            msg = "must be an integer seed, a voice name or a ChatTTS speaker string"
         reasons.setdefault(field, f"{field}: {msg}")
     parts = list(reasons.values())
     if len(parts) > 12:  # a message with thousands of unknown fields gets a bounded reason

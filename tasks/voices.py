@@ -1,0 +1,381 @@
+"""The voice library: named, durable, versioned voices (docs/VOICES.md).
+
+A voice is one of:
+- `seed`: the speaker a seed draws (the same as `voice: <seed>` in a job);
+- `speaker`: a ChatTTS speaker string (a 768-d embedding);
+- `mix`: a weighted blend of embedding voices, as they were when it was made;
+- `recording`: a short reference recording with its transcript; the worker's DVAE turns
+  it into audio codes that go into the row's prompt (ChatTTS' `spk_smp` + `txt_smp`).
+
+The object store is the truth: `voices/<name>.json` holds the current version's record,
+`voices/<name>/v<version>.wav` a recording (24 kHz mono PCM16, checked on the way in).
+Redis holds an index (`ttspool:voices`, name -> record) that producers check names
+against; a deployment may flush it, and every read from the store refills it. OpenAI's
+voice names are built-in seed voices (version 0) that a deployment replaces by adding
+a voice of the same name with `replace`; removing that brings the built-in back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from typing import Annotated, Any, Literal, Protocol, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError
+
+from .errors import TtspoolError, UsageError
+from .schema import NAME, Seed, check_speaker
+
+PREFIX = "voices/"
+INDEX_KEY = "ttspool:voices"
+SAMPLE_RATE = 24_000
+# A reference recording long enough to carry a voice and short enough that its codes
+# (46.875 per second) stay a modest share of a row's prompt and KV cache.
+MIN_RECORDING_S = 1.0
+MAX_RECORDING_S = 15.0
+MAX_RECORDING_BYTES = 16 << 20
+MAX_TRANSCRIPT_CHARS = 300
+MAX_DESCRIPTION_CHARS = 500
+MAX_MIX_PARTS = 8
+# OpenAI's speech voice names, as fixed seeds chosen once and kept (the gateway maps
+# OpenAI requests onto these names).
+OPENAI_VOICES: dict[str, int] = {
+    "alloy": 1111, "ash": 2222, "ballad": 3333, "coral": 4444, "echo": 5555, "fable": 6666, "nova": 7777,
+    "onyx": 8888, "sage": 9999, "shimmer": 1234, "verse": 2345, "marin": 3456, "cedar": 4567,
+}
+
+Kind = Literal["seed", "speaker", "mix", "recording"]
+
+
+class VoiceError(UsageError):
+    """A voice operation the caller must change: bad input, an unknown or taken name."""
+
+
+class VoiceNotFound(VoiceError):
+    pass
+
+
+class Embedding(BaseModel):
+    """What a speaker embedding is made from: exactly one of seed, speaker, mix."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seed: Seed | None = None
+    speaker: StrictStr | None = None
+    mix: tuple["MixPart", ...] | None = None
+
+
+class MixPart(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    weight: Annotated[Union[StrictFloat, StrictInt], Field(gt=0, le=1000)]
+    source: StrictStr  # "name@version" the part was taken from, for people reading it
+    voice: Embedding
+
+
+class Recording(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    key: StrictStr  # the 24 kHz mono WAV in the store
+    sha256: StrictStr
+    transcript: StrictStr
+    duration_s: StrictFloat
+
+
+class Voice(BaseModel):
+    """One version of a named voice: the record stored at voices/<name>.json."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: StrictStr
+    version: StrictInt
+    kind: Kind
+    embedding: Embedding | None = None
+    recording: Recording | None = None
+    description: StrictStr = ""
+    created_at: StrictFloat | StrictInt = 0
+    builtin: bool = False
+
+    @property
+    def digest(self) -> str:
+        """sha256 of what makes the sound (not the name, version or description): the
+        content key's voice, so a replaced voice never serves audio made with the old one."""
+        what = self.model_dump(include={"kind", "embedding", "recording"}, exclude_none=True)
+        if "recording" in what:
+            what["recording"] = {k: what["recording"][k] for k in ("sha256", "transcript")}
+        return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+    def summary(self) -> dict[str, Any]:
+        """The record as `voice list --json` and the gateway show it (a speaker string is
+        long: shown by `export`, not here)."""
+        out: dict[str, Any] = {"name": self.name, "version": self.version, "kind": self.kind,
+                               "description": self.description, "builtin": self.builtin,
+                               "created_at": self.created_at, "digest": self.digest}
+        if self.embedding is not None and self.embedding.seed is not None:
+            out["seed"] = self.embedding.seed
+        if self.embedding is not None and self.embedding.mix is not None:
+            out["mix"] = [{"source": p.source, "weight": p.weight} for p in self.embedding.mix]
+        if self.recording is not None:
+            out["transcript"] = self.recording.transcript
+            out["duration_s"] = self.recording.duration_s
+        return out
+
+
+Embedding.model_rebuild()  # MixPart, which Embedding names, is defined after it
+
+
+def check_name(name: Any) -> str:
+    if not isinstance(name, str) or not NAME.fullmatch(name) or name.isdigit():
+        raise VoiceError(
+            f"voice name {str(name)[:40]!r} must be 1-128 characters of letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit, and not all digits (those are seeds)"
+        )
+    return name
+
+
+def builtin(name: str) -> Voice | None:
+    seed = OPENAI_VOICES.get(name)
+    if seed is None:
+        return None
+    return Voice(name=name, version=0, kind="seed", embedding=Embedding(seed=seed), builtin=True,
+                 description="OpenAI voice name; a fixed ChatTTS seed")
+
+
+class Store(Protocol):
+    """What the library needs of an object store (storage.Storage, handed in)."""
+
+    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str: ...
+    def get_bytes(self, key: str) -> bytes: ...
+    def exists(self, key: str) -> bool: ...
+    def delete(self, key: str) -> None: ...
+    def list_keys(self, prefix: str) -> list[str]: ...
+
+
+class Index(Protocol):
+    """The Redis calls the index needs (a redis.Redis)."""
+
+    def hget(self, name: str, key: str) -> Any: ...
+    def hset(self, name: str, key: str, value: str) -> Any: ...
+    def hdel(self, name: str, *keys: Any) -> Any: ...
+    def hkeys(self, name: str) -> Any: ...
+    def hgetall(self, name: str) -> Any: ...
+
+
+class VoiceLibrary:
+    """Voices in the object store, indexed in Redis. Without a store (a producer that has
+    no storage credentials) names are checked against the index and the built-ins only."""
+
+    def __init__(self, store: Store | None, index: Index | None) -> None:
+        self.store = store
+        self.index = index
+
+    # -- reading ------------------------------------------------------------------
+
+    def get(self, name: str, fresh: bool = False) -> Voice | None:
+        """The voice's current version, or None. `fresh` reads the store, not the index."""
+        check_name(name)
+        if not fresh and self.index is not None:
+            raw = self.index.hget(INDEX_KEY, name)
+            if raw is not None:
+                return _parse(raw, f"index entry {name}")
+        if self.store is not None:
+            voice = self._read(name)
+            if voice is not None:
+                if self.index is not None:
+                    self.index.hset(INDEX_KEY, name, voice.model_dump_json())
+                return voice
+            if self.index is not None and not fresh:
+                self.index.hdel(INDEX_KEY, name)
+        return builtin(name)
+
+    def require(self, name: str, fresh: bool = False) -> Voice:
+        voice = self.get(name, fresh)
+        if voice is None:
+            raise VoiceNotFound(f"unknown voice {name!r}: add it with `ttspool voice add {name} ...` "
+                                "(see `ttspool voice list`)")
+        return voice
+
+    def list(self) -> list[Voice]:
+        """Every voice, the built-ins included, from the store (and the index rebuilt from it)."""
+        voices = {n: v for n in OPENAI_VOICES if (v := builtin(n)) is not None}
+        if self.store is None:
+            if self.index is not None:
+                voices.update({(k.decode() if isinstance(k, bytes) else k): _parse(v, "index entry")
+                               for k, v in self.index.hgetall(INDEX_KEY).items()})
+            return sorted(voices.values(), key=lambda v: v.name)
+        stored = [self._read(k[len(PREFIX):-5]) for k in self.store.list_keys(PREFIX)
+                  if k.endswith(".json") and "/" not in k[len(PREFIX):]]
+        found = {v.name: v for v in stored if v is not None}
+        if self.index is not None:
+            for name, voice in found.items():
+                self.index.hset(INDEX_KEY, name, voice.model_dump_json())
+            gone = [k for k in self.index.hkeys(INDEX_KEY) if (k.decode() if isinstance(k, bytes) else k) not in found]
+            if gone:
+                self.index.hdel(INDEX_KEY, *gone)
+        voices.update(found)
+        return sorted(voices.values(), key=lambda v: v.name)
+
+    def recording_audio(self, voice: Voice) -> bytes:
+        if voice.recording is None:
+            raise VoiceError(f"voice {voice.name!r} is not a recording")
+        return self._store().get_bytes(voice.recording.key)
+
+    # -- writing ------------------------------------------------------------------
+
+    def add(self, name: str, *, seed: int | None = None, speaker: str | None = None,
+            recording: bytes | None = None, transcript: str | None = None, mix: str | None = None,
+            description: str = "", replace: bool = False) -> Voice:
+        """Add a voice, or with `replace` its next version. Exactly one of seed, speaker,
+        recording (with transcript) or mix ("name:weight,name:weight")."""
+        check_name(name)
+        given = [x for x in (seed, speaker, recording, mix) if x is not None]
+        if len(given) != 1:
+            raise VoiceError("a voice is made from exactly one of a seed, a speaker string, a recording "
+                             "(with its transcript) or a mix")
+        if len(description) > MAX_DESCRIPTION_CHARS:
+            raise VoiceError(f"description is longer than {MAX_DESCRIPTION_CHARS} characters")
+        if transcript is not None and recording is None:
+            raise VoiceError("a transcript goes with a recording")
+        store = self._store()
+        current = self._read(name) or builtin(name)
+        if current is not None and not replace:
+            raise VoiceError(f"voice {name!r} exists (version {current.version}); add it with replace to "
+                             "make a new version")
+        version = current.version + 1 if current is not None else 1
+        fields: dict[str, Any] = {}
+        if seed is not None:
+            fields = {"kind": "seed", "embedding": _embedding({"seed": seed})}
+        elif speaker is not None:
+            try:
+                check_speaker(speaker)
+            except ValueError as err:
+                raise VoiceError(f"speaker: {err}") from None
+            fields = {"kind": "speaker", "embedding": Embedding(speaker=speaker)}
+        elif mix is not None:
+            fields = {"kind": "mix", "embedding": Embedding(mix=self._mix_parts(name, mix))}
+        elif recording is not None:
+            wav, seconds = prepare_recording(recording)
+            text = check_transcript(transcript)
+            key = f"{PREFIX}{name}/v{version}.wav"
+            store.put_bytes(key, wav, "audio/wav")
+            fields = {"kind": "recording", "recording": Recording(
+                key=key, sha256=hashlib.sha256(wav).hexdigest(), transcript=text, duration_s=round(seconds, 3))}
+        voice = Voice(name=name, version=version, description=description, created_at=round(time.time(), 3),
+                      **fields)
+        store.put_bytes(_record_key(name), voice.model_dump_json(indent=1).encode(), "application/json")
+        if self.index is not None:
+            self.index.hset(INDEX_KEY, name, voice.model_dump_json())
+        return voice
+
+    def remove(self, name: str) -> Voice:
+        """Remove a stored voice and its recordings; a replaced built-in comes back."""
+        store = self._store()
+        voice = self._read(name)
+        if voice is None:
+            if builtin(name) is not None:
+                raise VoiceError(f"{name!r} is a built-in voice: replace it instead of removing it")
+            raise VoiceNotFound(f"unknown voice {name!r}")
+        store.delete(_record_key(name))
+        if self.index is not None:
+            self.index.hdel(INDEX_KEY, name)
+        for key in store.list_keys(f"{PREFIX}{name}/"):
+            store.delete(key)
+        return voice
+
+    # -- internals ----------------------------------------------------------------
+
+    def _store(self) -> Store:
+        if self.store is None:
+            raise VoiceError("the voice library needs the object store (TTSPOOL_STORAGE_URL)")
+        return self.store
+
+    def _read(self, name: str) -> Voice | None:
+        store = self._store()
+        key = _record_key(name)
+        if not store.exists(key):
+            return None
+        voice = _parse(store.get_bytes(key), key)
+        if voice.name != name:
+            raise VoiceError(f"{key} holds voice {voice.name!r}, not {name!r}")
+        return voice
+
+    def _mix_parts(self, name: str, spec: str) -> tuple[MixPart, ...]:
+        parts: list[MixPart] = []
+        items = [p.strip() for p in spec.split(",") if p.strip()]
+        if not 2 <= len(items) <= MAX_MIX_PARTS:
+            raise VoiceError(f"a mix names 2-{MAX_MIX_PARTS} voices as name:weight,name:weight")
+        for item in items:
+            part, _, raw_weight = item.rpartition(":")
+            if not part:
+                part, raw_weight = raw_weight, "1"
+            try:
+                weight = float(raw_weight)
+            except ValueError:
+                raise VoiceError(f"mix weight {raw_weight[:20]!r} of {part[:40]!r} is not a number") from None
+            if not 0 < weight <= 1000:
+                raise VoiceError(f"mix weight of {part[:40]!r} must be above 0 (and at most 1000), got {weight}")
+            if part == name:
+                raise VoiceError("a mix cannot contain the voice it replaces")
+            source = self.require(check_name(part))
+            if source.embedding is None:
+                raise VoiceError(f"voice {part!r} is a recording: only seed, speaker and mix voices can be mixed")
+            parts.append(MixPart(weight=weight, source=f"{part}@{source.version}", voice=source.embedding))
+        return tuple(parts)
+
+
+def _record_key(name: str) -> str:
+    return f"{PREFIX}{name}.json"
+
+
+def _embedding(data: dict[str, Any]) -> Embedding:
+    try:
+        return Embedding.model_validate(data)
+    except ValidationError as err:
+        raise VoiceError(f"invalid voice: {err.errors()[0]['msg']}") from None
+
+
+def _parse(raw: bytes | str, where: str) -> Voice:
+    try:
+        return Voice.model_validate_json(raw)
+    except ValidationError:
+        raise TtspoolError(f"{where} is not a valid voice record") from None
+
+
+def check_transcript(text: str | None) -> str:
+    text = " ".join((text or "").split())
+    if not text:
+        raise VoiceError("a recording needs its transcript (what is said in it)")
+    if len(text) > MAX_TRANSCRIPT_CHARS:
+        raise VoiceError(f"transcript is longer than {MAX_TRANSCRIPT_CHARS} characters")
+    return text
+
+
+def prepare_recording(data: bytes) -> tuple[bytes, float]:
+    """A reference recording as the model hears it: mono, 24 kHz, PCM16 WAV. Raises
+    VoiceError for what cannot carry a voice (unreadable, too short or long, silent)."""
+    import numpy as np
+    import soundfile as sf
+
+    from .audio import decode
+
+    if len(data) > MAX_RECORDING_BYTES:
+        raise VoiceError(f"recording is over {MAX_RECORDING_BYTES >> 20} MiB")
+    try:
+        pcm, rate = decode(data)
+    except ValueError as err:
+        raise VoiceError(f"recording: {err}") from None
+    seconds = len(pcm) / rate if rate else 0.0
+    if not MIN_RECORDING_S <= seconds <= MAX_RECORDING_S:
+        raise VoiceError(f"recording is {seconds:.1f} s long; a voice needs {MIN_RECORDING_S:.0f}-"
+                         f"{MAX_RECORDING_S:.0f} s of speech")
+    if not np.isfinite(pcm).all() or float(np.abs(pcm).max()) < 1e-3:
+        raise VoiceError("recording is silent (or holds non-finite samples)")
+    if rate != SAMPLE_RATE:
+        import soxr
+
+        pcm = soxr.resample(pcm, rate, SAMPLE_RATE, quality="HQ")
+    out = io.BytesIO()
+    sf.write(out, np.clip(pcm, -1.0, 1.0), SAMPLE_RATE, format="WAV", subtype="PCM_16")
+    return out.getvalue(), len(pcm) / SAMPLE_RATE
