@@ -159,3 +159,45 @@ def test_cpu_engine_packs_the_gpt_linears(engine: Engine) -> None:
         pytest.skip("this torch build has no oneDNN")
     assert not [m for m in engine.gpt.modules() if type(m) is torch.nn.Linear]
     assert [m for m in engine.gpt.modules() if isinstance(m, PackedLinear)]
+
+
+def _recording(seconds: float = 3.0, rate: int = 24_000) -> bytes:
+    import io
+
+    import soundfile as sf
+
+    t = np.arange(int(seconds * rate)) / rate
+    wav = 0.3 * np.sin(2 * np.pi * 220 * t) + 0.05 * np.random.default_rng(0).standard_normal(len(t))
+    out = io.BytesIO()
+    sf.write(out, wav.astype(np.float32), rate, format="WAV", subtype="PCM_16")
+    return out.getvalue()
+
+
+def test_recording_voice_runs_batched_with_seed_voices(engine: Engine) -> None:
+    from workers.engine.requests import Blend, Reference
+
+    codes = engine.reference_codes(_recording())
+    assert codes.shape == (141, engine.num_vq) and codes.dtype == torch.long  # 46.875 codes a second
+    ref = Reference("digest", engine.normalize("Hello there, this is my voice."), codes)
+    job = _req(engine, SHORT, voice=ref, seed=3, temperature=0.7)
+    # The recording's transcript is in the prompt, and no speaker embedding slot is.
+    prompt = engine.tokenizer._tokenizer.decode(engine._prompt_ids(job))
+    assert "hello there" in prompt.lower() and "[empty_spk]" in prompt and "[spk_emb]" not in prompt
+    alone = engine.generate([job])[0]
+    batch = engine.generate([_req(engine, LONG, voice=4, seed=1), job,
+                             _req(engine, SHORT, voice=Blend(((1, 0.7), (2, 0.3))), seed=3, temperature=0.7),
+                             _req(engine, SHORT, voice=1, seed=3, temperature=0.7)])
+    assert all(r.error is None for r in batch)
+    assert np.array_equal(batch[1].codes, alone.codes) and np.abs(batch[1].audio - alone.audio).max() < 1e-3
+    # The recording conditions the row: the same job with a seed voice gives other audio.
+    assert not np.array_equal(batch[3].audio, alone.audio)
+
+
+def test_mix_voice_is_the_normalized_blend(engine: Engine) -> None:
+    from workers.engine.requests import Blend
+
+    a, b = engine.speaker(1).float(), engine.speaker(2).float()
+    mixed = engine.speaker(Blend(((1, 0.7), (2, 0.3)))).float()
+    want = 0.7 * a + 0.3 * b
+    assert torch.allclose(mixed, want / want.norm(), atol=1e-6) and abs(float(mixed.norm()) - 1) < 1e-5
+    assert torch.allclose(engine.speaker(Blend(((1, 7.0), (2, 3.0)))).float(), mixed, atol=1e-6)  # relative weights

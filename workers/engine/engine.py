@@ -14,12 +14,14 @@ calls.
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from functools import lru_cache
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
+import soundfile as sf
 import torch
 import torch.nn.functional as F
 
@@ -31,7 +33,8 @@ from .random_models import build_config
 from .dtypes import pick_device, pick_dtype
 from .errors import EngineError
 from .parts import ModelParts
-from .requests import Refill, SynthRequest, SynthResult
+from .requests import Blend, Reference, Refill, SynthRequest, SynthResult, Voice
+from .speakers import blend, seed_vector
 from .running_batch import RunningBatch
 
 log = logging.getLogger(__name__)
@@ -104,7 +107,8 @@ class Engine:
         self.parts = ModelParts(
             device=self.device, dtype=self.dtype, gpt=self.gpt, head_w=self.head_w, code_emb=self.code_emb,
             text_emb=self.text_emb, num_vq=self.num_vq, eos=self.eos, spk_emb_id=self.tokenizer.spk_emb_ids,
-            prompt_ids=self._prompt_ids, speaker=self.speaker, target_steps=self.target_steps,
+            prompt_ids=self._prompt_ids, prompt_codes=_prompt_codes, speaker=self.speaker,
+            target_steps=self.target_steps,
         )
         self.load_seconds = time.perf_counter() - t0
         t1 = time.perf_counter()
@@ -130,21 +134,40 @@ class Engine:
         return None
 
     @lru_cache(maxsize=256)
-    def speaker(self, voice: int | str) -> torch.Tensor:
+    def speaker(self, voice: Voice) -> torch.Tensor:
         """Unit-norm speaker embedding; an int is a seed, as `torch.manual_seed(s); sample_random_speaker()`."""
         spk = self.chat.speaker
-        if isinstance(voice, int):
-            gen = torch.Generator(device="cpu").manual_seed(voice)
-            vec = torch.randn(spk.dim, generator=gen, dtype=spk.std.dtype).to(spk.std.device)
-            vec = vec.mul_(spk.std).add_(spk.mean)
+        if isinstance(voice, Reference):
+            # Never read: a recording's row has no [spk_emb] position (ChatTTS' [empty_spk]).
+            return torch.zeros(spk.dim, device=self.device, dtype=self.dtype)
+        if isinstance(voice, Blend):
+            vec = blend([(self.speaker(v), w) for v, w in voice.parts])
+        elif isinstance(voice, int):
+            vec = seed_vector(voice, spk.std, spk.mean)
         else:
             vec = torch.from_numpy(spk._decode(voice))
         if vec.numel() != spk.dim:
             raise ValueError(f"voice has {vec.numel()} dimensions; this model's speakers have {spk.dim}")
         return F.normalize(vec.float(), p=2.0, dim=0).to(self.device, self.dtype)
 
+    def reference_codes(self, wav: bytes) -> torch.Tensor:
+        """A 24 kHz mono recording -> its audio codes [positions, num_vq] (the DVAE encoder,
+        as `Chat.sample_audio_speaker`), on the engine's device."""
+        pcm, rate = sf.read(io.BytesIO(wav), dtype="float32")
+        if rate != self.sample_rate or pcm.ndim != 1:
+            raise ValueError(f"a reference recording must be {self.sample_rate} Hz mono")
+        dvae = self.chat.dvae
+        device = next(dvae.parameters()).device
+        with torch.inference_mode():
+            codes = dvae.sample_audio(torch.from_numpy(pcm).to(device))
+        return codes.to(self.device, torch.long).t().contiguous()
+
     def _prompt_ids(self, req: SynthRequest) -> list[int]:
-        prompt = self.chat.speaker.decorate_code_prompts([req.text], f"[speed_{req.speed}]", None, "spk")[0]
+        if isinstance(req.voice, Reference):
+            prompt = self.chat.speaker.decorate_code_prompts(
+                [req.text], f"[speed_{req.speed}]", req.voice.transcript, None)[0]
+        else:
+            prompt = self.chat.speaker.decorate_code_prompts([req.text], f"[speed_{req.speed}]", None, "spk")[0]
         return self.tokenizer._tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
     # -- generation ---------------------------------------------------------------
@@ -240,3 +263,7 @@ class Engine:
                     continue
                 results[i] = SynthResult(wav, steps, codes=rows[i][1].cpu().numpy())
         return [r for r in results if r is not None]
+
+
+def _prompt_codes(req: SynthRequest) -> torch.Tensor | None:
+    return req.voice.codes if isinstance(req.voice, Reference) else None

@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import torch
 
-from .requests import SynthRequest
+from .requests import SynthRequest, Voice
 
 
 @dataclass(frozen=True)
@@ -22,5 +22,6 @@ class ModelParts:
     eos: int
     spk_emb_id: int  # the token whose embedding is replaced by the row's speaker
     prompt_ids: Callable[[SynthRequest], list[int]]
-    speaker: Callable[[int | str], torch.Tensor]
+    prompt_codes: Callable[[SynthRequest], torch.Tensor | None]  # a recording voice's [positions, num_vq]
+    speaker: Callable[[Voice], torch.Tensor]
     target_steps: Callable[[SynthRequest], int | None]  # random weights: the forced length

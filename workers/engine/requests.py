@@ -2,18 +2,40 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Sequence, Union
 
 import numpy as np
+import torch
 
 from tasks.schema import MAX_STEPS
 
 
 @dataclass(frozen=True)
+class Blend:
+    """A weighted blend of speaker embeddings (a library `mix` voice)."""
+
+    parts: tuple[tuple["Voice", float], ...]
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A voice from a recording: its audio codes and transcript go into the row's prompt
+    (ChatTTS' spk_smp + txt_smp). Equal (and cached) by the recording's digest."""
+
+    digest: str
+    transcript: str  # already normalized, like a job's text
+    codes: torch.Tensor = field(compare=False, repr=False)  # [positions, num_vq] on the engine's device
+
+
+# An int is a seed, a str a ChatTTS speaker string.
+Voice = Union[int, str, Blend, Reference]
+
+
+@dataclass(frozen=True)
 class SynthRequest:
     text: str  # already normalized (Engine.normalize)
-    voice: int | str = 2
+    voice: Voice = 2
     seed: int = 0
     speed: int = 5
     temperature: float = 0.3

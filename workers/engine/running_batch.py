@@ -80,23 +80,33 @@ class RunningBatch:
         if check is not None:
             check(self.texts + [r.text for r in requests])
         prompts = [e.prompt_ids(r) for r in requests]
+        # A recording voice's audio codes follow its text, as in ChatTTS' tokenizer.
+        codes = [e.prompt_codes(r) for r in requests]
+        n_codes = [0 if c is None else int(c.shape[0]) for c in codes]
+        lens = [len(p) + k for p, k in zip(prompts, n_codes)]
         speakers = [e.speaker(r.voice) for r in requests]
         targets = [e.target_steps(r) for r in requests]
         caps = [t if t is not None else r.max_tokens for r, t in zip(requests, targets)]
-        width = max(map(len, prompts))
+        width = max(lens)
 
         # Left padding, so every row's next position is the last column.
         ids = torch.zeros(n, width, dtype=torch.long)
         mask = torch.zeros(n, width, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
+        for i, (p, k) in enumerate(zip(prompts, n_codes)):
+            ids[i, width - k - len(p):width - k] = torch.tensor(p)
+            mask[i, width - lens[i]:] = 1
         ids, mask = ids.to(dev), mask.to(dev)
         emb = e.text_emb[ids]
         spk_pos = ids.eq(e.spk_emb_id)
         emb[spk_pos] = torch.stack(speakers).unsqueeze(1).expand(-1, width, -1)[spk_pos]
+        heads = torch.arange(e.num_vq, device=dev)
+        for i, c in enumerate(codes):
+            if c is not None:
+                # An audio position's input is the sum of its codes' embeddings, as for
+                # the codes the model samples (forward()).
+                emb[i, width - n_codes[i]:] = e.code_emb[heads, c].sum(dim=1)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache, hidden = self._prefill(emb, mask, pos, [len(p) for p in prompts])
+        cache, hidden = self._prefill(emb, mask, pos, lens)
 
         slots = [self.free_slots.pop(0) for _ in range(n)]
         self._reserve(max(caps))
