@@ -127,8 +127,15 @@ def submit_book(
         except JobValidationError as err:
             raise JobValidationError(f"segment {i} ({seg[:40]!r}): {err}") from None
         jobs.append(kwargs)
-    spec = {"id": book_id, "pause_ms": pause_ms, "format": out_format, "job": common,
-            "segments": texts, "created_at": time.time()}
+    spec: dict[str, Any] = {"id": book_id, "pause_ms": pause_ms, "format": out_format, "job": common,
+                            "segments": texts, "created_at": time.time()}
+    first = parse_job(jobs[0])
+    client.check_voices([first])
+    name = first.voice_name
+    if name is not None:
+        # The version the book was submitted with; each segment's result says which
+        # version it was made with (a replacement mid-book shows there).
+        spec["voice"] = {"name": name, "version": client.voices.require(name).version}
     # The book exists before its first segment can finish, or that segment's end would
     # not be counted.
     pipe = client.redis.pipeline()

@@ -22,11 +22,13 @@ from tasks.settings import DEAD_LETTER_KEY, TASK_NAME, Settings
 from tasks.states import JobState
 from tasks.text.frontend import FrontEnd
 from tasks.text.lengths import predicted_steps
+from tasks.voices import VoiceLibrary
 
 from .batching import GpuBatches, Outcome
 from .books import BookTracker
 from .engine import Engine, SynthRequest
 from .metrics import Metrics
+from .voices import VoiceResolver
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,8 @@ class Job:
     spoken_text: str | None = None  # what the model is given, once normalized
     request: SynthRequest | None = None
     steps: int = 0  # predicted GPT steps, once normalized
+    voice: dict[str, Any] | None = None  # the library voice's name and version, once resolved
+    voice_wait: bool = False  # its library voice could not be read yet (logged once)
     cache_checked: bool = False
     suspect: bool = False  # was in a GPU batch that never returned: runs alone (planner)
 
@@ -87,6 +91,8 @@ class BatchRunner:
         self.redis = redis.Redis.from_url(settings.broker_url, socket_timeout=10, socket_connect_timeout=5)
         self.books = BookTracker(app, self.redis)
         self.frontend = FrontEnd.from_settings(settings)
+        self.voices = VoiceResolver(VoiceLibrary(storage, self.redis), engine, self._read_text,
+                                    ttl_s=settings.voice_cache_s)
         self.policy = Policy(
             max_batch=settings.max_batch,
             # Steps one GPU batch may hold (sum of predicted lengths): half the rows at
@@ -108,7 +114,7 @@ class BatchRunner:
     def _succeed(self, job: Job, record: dict[str, Any], cached: bool) -> None:
         self.app.backend.mark_as_done(
             job.id, {"id": job.id, "status": JobState.SUCCESS, **record, "spoken_text": job.spoken_text,
-                     "cached": cached}
+                     "cached": cached, **({"voice": job.voice} if job.voice is not None else {})}
         )
         self.books.job_finished(job.id, duration_s=record["duration_s"])
         self.metrics.job_succeeded(job.spec, cached)
@@ -213,22 +219,33 @@ class BatchRunner:
                     text = self.engine.normalize(self._spoken(job))
                     if not text.strip():
                         raise JobFailed("text is empty after normalization (no speakable characters)", reason="empty_text")
-                    if isinstance(s.voice, str):
-                        self.engine.speaker(s.voice)
-                except (JobFailed, ValueError) as err:
-                    self._fail(job.id, err if isinstance(err, JobFailed) else JobFailed(str(err), reason="voice"))
+                    voice = self.voices.resolve(s.voice, s.voice_name)
+                except JobFailed as err:
+                    self._fail(job.id, err)
                     out.finished.add(job.id)
                     continue
+                except StorageError as err:
+                    # The voice library is unreadable just now: the job waits (held) and is
+                    # looked at again next tick, like an upload that waits for storage.
+                    if not job.voice_wait:
+                        log.warning("job %s waits for its voice %r: %s", job.id, s.voice_name, err)
+                    job.voice_wait = True
+                    continue
                 job.spoken_text = text
-                job.key = object_key(content_key(self.engine.model_id, text, s.sampling_params()),
+                job.voice = voice.label
+                job.key = object_key(content_key(self.engine.model_id, text, {**s.sampling_params(), "voice": voice.key}),
                                      FORMATS[s.format].extension)
-                job.request = SynthRequest(text=text, voice=s.voice, seed=s.seed, speed=s.speed,
+                job.request = SynthRequest(text=text, voice=voice.voice, seed=s.seed, speed=s.speed,
                                            temperature=float(s.temperature), top_p=float(s.top_p),
                                            top_k=s.top_k, max_tokens=s.max_tokens)
                 # Predicted once: the scheduler asks for it on every tick.
                 job.steps = predicted_steps(text, s.speed, s.max_tokens)
             works.setdefault(job.key, Work(job.key, job.request)).jobs.append(job)
         return list(works.values())
+
+    def _read_text(self, text: str) -> str:
+        """A text as the model is given it (a recording voice's transcript)."""
+        return self.engine.normalize(self.frontend.speak(text, "auto", True).spoken_text)
 
     def _spoken(self, job: Job) -> str:
         """The text front-end: numbers, money, dates ... as words (tasks/text/frontend.py)."""

@@ -167,14 +167,17 @@ def assemble(app: Celery, r: redis.Redis, storage: Storage, book_id: str) -> dic
                 cursor += len(pause)
             segments.append({"index": i, "text": texts[i], "start_s": round(cursor / rate, 6),
                              "end_s": round((cursor + len(audio)) / rate, 6), "job_id": jobs[i],
-                             "url": records[i].get("url"), "spoken_text": records[i].get("spoken_text")})
+                             "url": records[i].get("url"), "spoken_text": records[i].get("spoken_text"),
+                             **({"voice_version": records[i]["voice"]["version"]} if "voice" in records[i] else {})})
             _write(out, audio)
             cursor += len(audio)
     base = f"books/{book_id}/{book_id}"
     duration_s = round(cursor / rate, 6)
     url = storage.put_bytes(f"{base}.{spec['format']}", buf.getvalue(), content_type)
     manifest = {"id": book_id, "url": url, "format": spec["format"], "sample_rate": rate,
-                "duration_s": duration_s, "pause_ms": spec["pause_ms"], "job": spec["job"], "segments": segments}
+                "duration_s": duration_s, "pause_ms": spec["pause_ms"], "job": spec["job"], "segments": segments,
+                **({"voice": {**spec["voice"], "versions_used": sorted({s["voice_version"] for s in segments if "voice_version" in s})}}
+                   if "voice" in spec else {})}
     manifest_url = storage.put_bytes(f"{base}.manifest.json", json.dumps(manifest, ensure_ascii=False, indent=1).encode(),
                                      "application/json")
     srt_url = storage.put_bytes(f"{base}.srt", srt_text(segments).encode(), "application/x-subrip")

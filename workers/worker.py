@@ -38,6 +38,12 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
     app.conf.broker_transport = "workers.transport:Transport"
     runner = batch_task.BatchRunner(app, engine, storage, settings, metrics)
     batch_task.register(app, runner, settings)
+    try:
+        # Producers check voice names against the Redis index: rebuilt from the store
+        # here, so a flushed Redis does not make them refuse the library's voices.
+        log.info("voice library: %d voices", len(runner.voices.library.list()))
+    except Exception as err:  # noqa: BLE001 - a worker serves seeds and speakers without it
+        log.warning("could not index the voice library: %s", err)
     books.register(app, storage, runner.redis)
     worker = app.Worker(
         pool="threads",
