@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from ..schema import JobSpec
 from ..settings import Settings
 from ..states import JobState
-from .common import voice_arg
+from .common import producer, voice_arg
 
 if TYPE_CHECKING:
     from storage import Storage
@@ -24,7 +24,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("book", help="synthesize a long text file as one audio file (+ manifest, SRT)")
     b.add_argument("file", type=Path, help="UTF-8 text file")
     b.add_argument("--voice", type=voice_arg, default=JobSpec.model_fields["voice"].default,
-                   help="speaker seed or ChatTTS speaker string")
+                   help="voice name (ttspool voice list), speaker seed, or ChatTTS speaker string")
     b.add_argument("--seed", type=int, default=JobSpec.model_fields["seed"].default)
     b.add_argument("--speed", type=int, default=JobSpec.model_fields["speed"].default)
     b.add_argument("--pause-ms", type=int, default=300, help="silence between segments")
@@ -80,13 +80,12 @@ class _Presigner:
 
 def _book(args: argparse.Namespace, settings: Settings) -> int:
     from ..book import submit_book
-    from ..producer import Client
 
     text = args.file.read_text(encoding="utf-8")
     presign = _Presigner(settings, args.presign)
     job = {k: v for k, v in (("max_tokens", args.max_tokens), ("tenant", args.tenant), ("lang", args.lang))
            if v is not None}
-    client = Client(settings)
+    client = producer(settings)
     try:
         book_id = submit_book(client, text, voice=args.voice, seed=args.seed, speed=args.speed,
                               pause_ms=args.pause_ms, out_format=args.out_format, job=job,
@@ -166,7 +165,6 @@ def read_jobs(path: Path) -> tuple[list[tuple[int, Any]], list[str]]:
 
 
 def _submit_file(args: argparse.Namespace, settings: Settings) -> int:
-    from ..producer import Client
 
     jobs, errors = read_jobs(args.file)
     for err in errors:
@@ -175,7 +173,7 @@ def _submit_file(args: argparse.Namespace, settings: Settings) -> int:
         print(f"ttspool: {len(errors)} invalid line(s); --strict: nothing enqueued", file=sys.stderr)
         return 2
     presign = _Presigner(settings, args.presign)
-    client = Client(settings)
+    client = producer(settings)
     try:
         ids = client.submit_many([spec for _, spec in jobs])
         print(f"ttspool: enqueued {len(ids)} job(s), {len(errors)} invalid line(s)", file=sys.stderr)

@@ -11,6 +11,15 @@ def voice_arg(raw: str) -> int | str:
     return int(raw) if raw.isdigit() else raw
 
 
+def producer(settings: Any) -> Any:
+    """A producer Client that checks voice names against the store as well as the index."""
+    from storage import storage_for
+
+    from ..producer import Client
+
+    return Client(settings, storage=storage_for(settings))
+
+
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="chattts | random-tiny | random-full | /path/to/assets (TTSPOOL_MODEL)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (TTSPOOL_DEVICE)")

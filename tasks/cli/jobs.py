@@ -8,13 +8,13 @@ import json
 from ..schema import AUDIO_FORMATS
 from ..settings import Settings
 from ..states import JobState
-from .common import print_status, voice_arg
+from .common import print_status, producer, voice_arg
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("submit", help="enqueue one job and print its id")
     s.add_argument("text")
-    s.add_argument("--voice", type=voice_arg, help="integer speaker seed, or a ChatTTS speaker string")
+    s.add_argument("--voice", type=voice_arg, help="voice name (ttspool voice list), integer speaker seed, or ChatTTS speaker string")
     s.add_argument("--seed", type=int)
     s.add_argument("--speed", type=int)
     s.add_argument("--temperature", type=float)
@@ -40,7 +40,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _submit(args: argparse.Namespace, settings: Settings) -> int:
-    from ..producer import Client
 
     job = {
         "text": args.text, "voice": args.voice, "seed": args.seed, "speed": args.speed,
@@ -49,7 +48,7 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
         "ttl_s": args.ttl_s, "lang": args.lang, "normalize": args.normalize,
         "format": args.format,
     }
-    client = Client(settings)
+    client = producer(settings)
     try:
         job_id = client.submit({k: v for k, v in job.items() if v is not None})
         if not args.wait:
@@ -63,10 +62,9 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _status(args: argparse.Namespace, settings: Settings) -> int:
-    from ..producer import Client
     from .bulk import print_book_status
 
-    client = Client(settings)
+    client = producer(settings)
     try:
         if not print_book_status(client, args.job_id, args.json):
             print_status(client.status(args.job_id), args.json)
