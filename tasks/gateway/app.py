@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import logging
 import time
 import uuid
@@ -21,14 +23,15 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
                                generate_latest)
 
 from ..app import make_app
-from ..errors import RateLimited
+from ..errors import RateLimited, TtspoolError
 from ..producer import Client, JobStatus, error_text
 from ..schema import JobValidationError
 from ..settings import Settings
 from ..states import JobState
 from .keys import ApiKeys
 from .results import ResultWaiter
-from .speech import OPENAI_VOICES, STREAMABLE, SpeechRequest, segment_jobs, wav_stream_header
+from ..voices import Store, VoiceError, VoiceLibrary, VoiceNotFound
+from .speech import STREAMABLE, SpeechRequest, VoiceRequest, segment_jobs, wav_stream_header
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +43,9 @@ _PAGE = Path(__file__).with_name("page.html")
 _LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, float("inf"))
 
 
-class Storage(Protocol):
+class Storage(Store, Protocol):
     """What the gateway needs of a store (storage.Storage, handed in by the CLI)."""
 
-    def get_bytes(self, key: str) -> bytes: ...
     def presigned_url(self, key: str, expires_s: int) -> str: ...
     def url_for(self, key: str) -> str: ...
 
@@ -59,7 +61,8 @@ class Gateway:
         self.settings = settings
         self.storage = storage
         self.keys = ApiKeys(settings.api_keys)
-        self.client = Client(settings)
+        self.client = Client(settings, storage=storage)
+        self.voices = VoiceLibrary(storage, self.client.redis)
         celery = make_app(settings)
         self.waiter = ResultWaiter(
             settings.backend_url, celery.backend.task_keyprefix.decode(),
@@ -158,6 +161,17 @@ def create_app(settings: Settings, storage: Storage) -> FastAPI:
     async def invalid(request: Request, exc: JobValidationError) -> JSONResponse:
         return _error(400, str(exc))
 
+    @app.exception_handler(VoiceError)
+    async def bad_voice(request: Request, exc: VoiceError) -> JSONResponse:
+        return _error(404 if isinstance(exc, VoiceNotFound) else 400, str(exc))
+
+    @app.exception_handler(TtspoolError)
+    async def backend_failed(request: Request, exc: TtspoolError) -> JSONResponse:
+        # What is left after the handlers above: the object store failed (StorageError,
+        # whose message names the object, never credentials).
+        log.warning("%s: %s", request.url.path, exc)
+        return _error(503, str(exc), "server_error", headers={"Retry-After": "5"})
+
     @app.exception_handler(RateLimited)
     async def limited(request: Request, exc: RateLimited) -> JSONResponse:
         return _error(429, str(exc), "rate_limit_error", headers={"Retry-After": str(max(1, round(exc.retry_after_s + 0.5)))})
@@ -210,9 +224,38 @@ def create_app(settings: Settings, storage: Storage) -> FastAPI:
 
     @app.get("/v1/voices")
     @app.get("/v1/audio/voices")
-    async def voices() -> dict[str, Any]:
-        return {"voices": sorted(OPENAI_VOICES), "seeds": OPENAI_VOICES,
-                "other": "an integer seed, or a ChatTTS speaker string"}
+    async def voices(tenant: str | None = Depends(tenant_of)) -> dict[str, Any]:
+        """The voice library: `voices` lists the names (as Kokoro-FastAPI's route does),
+        `data` their records."""
+        found = await anyio.to_thread.run_sync(gw.voices.list)
+        return {"voices": [v.name for v in found], "data": [v.summary() for v in found]}
+
+    @app.get("/v1/voices/{name}")
+    async def voice(name: str, tenant: str | None = Depends(tenant_of)) -> dict[str, Any]:
+        found = await anyio.to_thread.run_sync(gw.voices.get, name, True)
+        if found is None:
+            raise HTTPException(404, f"no voice {name[:40]!r}")
+        summary: dict[str, Any] = found.summary()
+        return summary
+
+    @app.post("/v1/voices", status_code=201)
+    async def add_voice(req: VoiceRequest, tenant: str | None = Depends(tenant_of)) -> dict[str, Any]:
+        """Add a voice from a seed, a speaker string, a mix ("a:0.7,b:0.3") or a recording
+        (`audio`: the file, base64) with its `transcript`; `replace` makes a new version."""
+        try:
+            audio = base64.b64decode(req.audio, validate=True) if req.audio is not None else None
+        except binascii.Error:
+            raise HTTPException(400, "audio: not base64") from None
+        added = await anyio.to_thread.run_sync(lambda: gw.voices.add(
+            req.name, seed=req.seed, speaker=req.speaker, recording=audio, transcript=req.transcript, mix=req.mix,
+            description=req.description, replace=req.replace))
+        summary: dict[str, Any] = added.summary()
+        return summary
+
+    @app.delete("/v1/voices/{name}")
+    async def remove_voice(name: str, tenant: str | None = Depends(tenant_of)) -> dict[str, Any]:
+        gone = await anyio.to_thread.run_sync(gw.voices.remove, name)
+        return {"name": gone.name, "version": gone.version, "removed": True}
 
     # -- jobs ---------------------------------------------------------------------
 

@@ -1,8 +1,9 @@
 """OpenAI's `POST /v1/audio/speech` request, mapped onto ttspool jobs.
 
 - `model`: "chattts" and OpenAI's speech model names all mean the pool.
-- `voice`: OpenAI's voice names are fixed ChatTTS speaker seeds (OPENAI_VOICES); a
-  number is a seed; anything longer is a ChatTTS speaker string.
+- `voice`: a name of the voice library (tasks/voices.py; OpenAI's voice names are
+  built-in entries there, in any letter case); a number is a seed; anything else a
+  ChatTTS speaker string.
 - `speed`: OpenAI's 0.25-4.0 is a rate factor; ChatTTS has ten speed prompts, each
   about 10 % apart (speed 5 = 1.0), so the factor is mapped to the nearest one and
   clamped: 0.5 and below are [speed_0], 1.4 and above [speed_9].
@@ -16,18 +17,13 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
-from ..schema import MAX_VOICE_CHARS
+from ..schema import NAME
 from ..text.lengths import STEPS_PER_SECOND
 from ..text.segments import split_text
+from ..voices import OPENAI_VOICES
 
 MAX_INPUT_CHARS = 4096  # OpenAI's limit
 MODELS = frozenset({"chattts", "tts-1", "tts-1-hd", "gpt-4o-mini-tts"})
-# Fixed seeds, chosen once and kept: a deployment that wants other voices for these
-# names replaces them (the voice library, when it exists, is where).
-OPENAI_VOICES: dict[str, int] = {
-    "alloy": 1111, "ash": 2222, "ballad": 3333, "coral": 4444, "echo": 5555, "fable": 6666, "nova": 7777,
-    "onyx": 8888, "sage": 9999, "shimmer": 1234, "verse": 2345, "marin": 3456, "cedar": 4567,
-}
 ResponseFormat = Literal["wav", "mp3", "opus", "aac", "flac", "pcm"]
 # Formats whose segments can be sent one after another as they are made.
 STREAMABLE = frozenset({"wav", "pcm", "mp3", "aac", "opus"})
@@ -53,20 +49,36 @@ class SpeechRequest(BaseModel):
     lang: Literal["auto", "en", "zh"] | None = None
 
 
+class VoiceRequest(BaseModel):
+    """POST /v1/voices: exactly one of seed, speaker, mix or audio (with transcript)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: StrictStr
+    seed: Annotated[StrictInt, Field(ge=0, le=2**31 - 1)] | None = None
+    speaker: StrictStr | None = None
+    mix: StrictStr | None = None
+    audio: StrictStr | None = None  # the recording file, base64
+    transcript: StrictStr | None = None
+    description: StrictStr = ""
+    replace: StrictBool = False
+
+
 def chattts_speed(factor: float) -> int:
     return max(0, min(9, round(5 + (factor - 1.0) * 10)))
 
 
 def voice_of(voice: str | int) -> int | str:
+    """The job's voice; an unknown library name is refused when the jobs are submitted."""
     if isinstance(voice, int):
         return voice
     name = voice.strip()
     if name.lower() in OPENAI_VOICES:
-        return OPENAI_VOICES[name.lower()]
+        return name.lower()
     if name.isdigit():
         return int(name)
-    if len(name) > MAX_VOICE_CHARS or len(name) < 32:
-        raise ValueError(f"unknown voice {name[:40]!r}: use one of {', '.join(OPENAI_VOICES)}, "
+    if not NAME.fullmatch(name) and len(name) < 32:
+        raise ValueError(f"unknown voice {name[:40]!r}: use a voice name (GET /v1/voices), "
                          "an integer seed, or a ChatTTS speaker string")
     return name
 
