@@ -74,9 +74,12 @@ class GpuBatches(Batches):
         self._inflight.set()
         for req in requests:
             old = self._held.get(req.id)
-            if old is not None and old is not req:
-                # A second delivery of a held job (Redis put it back after the visibility
-                # timeout): the new one stands in; acking the old frees its prefetch slot.
+            if old is not None and old is not req and old.message.delivery_tag != req.message.delivery_tag:
+                # A second copy of a held job under another delivery tag (a producer sent
+                # it again): the new one stands in; acking the old frees its prefetch slot.
+                # Redis restores a message past the visibility timeout under its own tag:
+                # acking that would delete the broker's only record of the job, and a crash
+                # from then on would lose it, so the new delivery just stands in.
                 old.acknowledge()
             self._held[req.id] = req
         held = list(self._held.values())
