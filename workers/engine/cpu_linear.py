@@ -34,9 +34,14 @@ _PACKED_FOR_ROWS = 16
 
 
 def can_pack(dtype: torch.dtype) -> bool:
-    # oneDNN packs float32 and bfloat16 weights everywhere, float16 only on CPUs with
-    # AVX-NE-CONVERT or AVX512-FP16 (which these hosts lack): float16 keeps nn.Linear.
-    return torch.backends.mkldnn.is_available() and dtype in (torch.float32, torch.bfloat16)
+    # oneDNN packs float32 weights everywhere; bfloat16 only where its bf16 path runs
+    # (AVX-512 BW/VL/DQ or AVX-NE-CONVERT: an AVX2-only host refuses to pack them), and
+    # float16 only with AVX-NE-CONVERT or AVX512-FP16. Elsewhere nn.Linear stays.
+    if not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return dtype == torch.float32
 
 
 class PackedLinear(nn.Module):
