@@ -112,11 +112,19 @@ class Client:
 
     def check_voices(self, specs: Iterable[JobSpec]) -> None:
         """Every voice name the jobs use is in the library, or JobValidationError."""
-        for name in sorted({s.voice_name for s in specs if s.voice_name is not None}):
+        unknown = self.unknown_voices(specs)
+        if unknown:
+            raise JobValidationError(f"invalid job: voice: {unknown[min(unknown)]}")
+
+    def unknown_voices(self, specs: Iterable[JobSpec]) -> dict[str, str]:
+        """The voice names the jobs use that the library does not have, each with why."""
+        unknown = {}
+        for name in {s.voice_name for s in specs if s.voice_name is not None}:
             try:
                 self.voices.require(name)
             except VoiceNotFound as err:
-                raise JobValidationError(f"invalid job: voice: {err}") from None
+                unknown[name] = str(err)
+        return unknown
 
     def _claim(self, job_ids: list[str]) -> set[str]:
         """Atomically claim each id (SET NX); returns the ids this call claimed first."""

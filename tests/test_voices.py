@@ -182,6 +182,23 @@ def test_unknown_name_is_refused_by_the_producer(worker: WorkerProc, client: Cli
     assert cli.returncode == 2 and "unknown voice 'no-such-voice'" in cli.stderr
 
 
+def test_submit_file_takes_names_and_refuses_unknown_ones_line_by_line(worker: WorkerProc, library: VoiceLibrary,
+                                                                        tmp_path: Path) -> None:
+    name = _name("bulk")
+    library.add(name, seed=5)
+    lines = [{"text": "First line.", "voice": name}, {"text": "Second line.", "voice": "no-such-voice"},
+             {"text": "Third line.", "voice": "alloy"}]
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    strict = run_cli(worker.env, "submit-file", str(jobs), "--strict")
+    assert strict.returncode == 2 and "line 2: invalid job: voice: unknown voice 'no-such-voice'" in strict.stderr
+    done = run_cli(worker.env, "submit-file", str(jobs), "--wait", "--json")
+    rows = [json.loads(r) for r in done.stdout.splitlines()]
+    assert done.returncode == 1 and [(r["line"], r["status"]) for r in rows] == [(1, "SUCCESS"), (3, "SUCCESS")]
+    assert "enqueued 2 job(s), 1 invalid line(s)" in done.stderr
+    library.remove(name)
+
+
 def test_voice_removed_after_sending_fails_the_job_at_the_worker(worker: WorkerProc, client: Client,
                                                                   library: VoiceLibrary) -> None:
     name = _name("gone")

@@ -165,16 +165,21 @@ def read_jobs(path: Path) -> tuple[list[tuple[int, Any]], list[str]]:
 
 
 def _submit_file(args: argparse.Namespace, settings: Settings) -> int:
-
     jobs, errors = read_jobs(args.file)
-    for err in errors:
-        print(f"ttspool: {args.file}: {err}", file=sys.stderr)
-    if errors and args.strict:
-        print(f"ttspool: {len(errors)} invalid line(s); --strict: nothing enqueued", file=sys.stderr)
-        return 2
-    presign = _Presigner(settings, args.presign)
     client = producer(settings)
     try:
+        # A line naming a voice the library does not have is an invalid line like any other.
+        unknown = client.unknown_voices(spec for _, spec in jobs)
+        errors += [f"line {n}: invalid job: voice: {unknown[spec.voice_name]}" for n, spec in jobs
+                   if spec.voice_name in unknown]
+        jobs = [(n, spec) for n, spec in jobs if spec.voice_name not in unknown]
+        errors.sort(key=lambda e: int(e.split(":", 1)[0].removeprefix("line ")))
+        for err in errors:
+            print(f"ttspool: {args.file}: {err}", file=sys.stderr)
+        if errors and args.strict:
+            print(f"ttspool: {len(errors)} invalid line(s); --strict: nothing enqueued", file=sys.stderr)
+            return 2
+        presign = _Presigner(settings, args.presign)
         ids = client.submit_many([spec for _, spec in jobs])
         print(f"ttspool: enqueued {len(ids)} job(s), {len(errors)} invalid line(s)", file=sys.stderr)
         if args.wait:
