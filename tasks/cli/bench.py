@@ -36,12 +36,15 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--frontend", action="store_true",
                    help="instead: the text front-end's time per 200-character job, and its share of one "
                         "batch of the largest --batch-sizes rows")
+    p.add_argument("--voices", action="store_true",
+                   help="instead: a recording voice's cost (DVAE encoding, and a batch of the largest "
+                        "--batch-sizes rows with a quarter on recording voices against seed voices only)")
     p.add_argument("--gateway", metavar="URL",
                    help="instead: latency the HTTP gateway at URL adds over the Python client (a running stack)")
     p.add_argument("--key", help="with --gateway: an API key")
     p.add_argument("--concurrency", type=int, default=300, help="with --gateway: requests open at once")
     p.add_argument("--row-steps", type=int, default=256,
-                   help="with --frontend: cut each batch row at this many steps (0: full length)")
+                   help="with --frontend or --voices: cut each batch row at this many steps (0: full length)")
     p.add_argument("--json-out", type=Path, help="write the results as JSON")
     p.add_argument("--plot", type=Path, help="write a PNG bar chart")
     p.set_defaults(handler=_bench)
@@ -55,8 +58,6 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
         return _gateway(args, settings, Console(stderr=True))
 
     from workers.bench.engine_bench import Run, bench, plot, write_json
-    from workers.engine import Engine
-    from workers.engine.assets import ModelFetch
 
     if not 1 <= args.jobs <= 4096:
         raise ValueError("--jobs must be between 1 and 4096")
@@ -67,9 +68,9 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
         return _precision(args, settings, console)
     if args.frontend:
         return _frontend(args, settings, console)
-    with console.status("loading the model"):
-        engine = Engine(settings.model, settings.model_dir, settings.device, settings.dtype, settings.compile,
-                        ModelFetch.from_settings(settings)).load()
+    if args.voices:
+        return _voices(args, settings, console)
+    engine = _engine(settings, console)
 
     def progress(run: Run) -> None:
         console.log(f"{run.name}: {run.audio_s_per_s:.2f} audio s/s in {run.wall_s:.1f} s")
@@ -133,12 +134,8 @@ def _frontend(args: argparse.Namespace, settings: Settings, console: Any) -> int
 
     from workers.bench.engine_bench import write_json
     from workers.bench.frontend_bench import bench_frontend
-    from workers.engine import Engine
-    from workers.engine.assets import ModelFetch
 
-    with console.status("loading the model"):
-        engine = Engine(settings.model, settings.model_dir, settings.device, settings.dtype, settings.compile,
-                        ModelFetch.from_settings(settings)).load()
+    engine = _engine(settings, console)
     result = bench_frontend(engine, rows=args.batch_sizes[-1], row_steps=args.row_steps, log=console.log)
     table = Table(title="text front-end per job (about 200 characters of text full of numbers)")
     for col in ("language", "texts", "median ms", "p99 ms"):
@@ -183,3 +180,37 @@ def _gateway(args: argparse.Namespace, settings: Settings, console: Any) -> int:
     if args.json_out:
         args.json_out.write_text(json.dumps(result, indent=2) + "\n")  # torch-free: not engine_bench's writer
     return 0 if result["errors"] == 0 else 1
+
+
+def _engine(settings: Settings, console: Any) -> Any:
+    from workers.engine import Engine
+    from workers.engine.assets import ModelFetch
+
+    with console.status("loading the model"):
+        return Engine(settings.model, settings.model_dir, settings.device, settings.dtype, settings.compile,
+                      ModelFetch.from_settings(settings)).load()
+
+
+def _voices(args: argparse.Namespace, settings: Settings, console: Any) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from workers.bench.engine_bench import write_json
+    from workers.bench.voice_bench import bench_voices
+
+    engine = _engine(settings, console)
+    result = bench_voices(engine, rows=args.batch_sizes[-1], row_steps=args.row_steps, log=console.log)
+    cut = f", rows cut at {result['row_steps_cap']} steps" if result["row_steps_cap"] else ""
+    table = Table(title=f"one batch of {result['rows']} rows{cut} on {engine.model_id} ({engine.device}, "
+                        f"{str(engine.dtype).removeprefix('torch.')})")
+    for col in ("voices", "wall s", "row-steps/s", "vs seed voices"):
+        table.add_column(col, justify="left" if col == "voices" else "right")
+    for label, r in result["batches"].items():
+        table.add_row(label, f"{r['wall_s']:.1f}", f"{r['row_steps_per_s']:.1f}", f"{r['vs_seed_voices']:.3f}x")
+    Console(width=120).print(table)
+    for length, e in result["encode"].items():
+        print(f"DVAE encoding of a {length} recording: {e['median_ms']:.1f} ms ({e['codes']} codes), "
+              "once per recording and worker")
+    if args.json_out:
+        write_json(result, args.json_out)
+    return 0
