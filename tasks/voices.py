@@ -23,9 +23,9 @@ import json
 import time
 from typing import Annotated, Any, Literal, Protocol, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError, model_validator
 
-from .errors import TtspoolError, UsageError
+from .errors import UsageError
 from .schema import NAME, Seed, check_speaker
 
 PREFIX = "voices/"
@@ -65,6 +65,12 @@ class Embedding(BaseModel):
     seed: Seed | None = None
     speaker: StrictStr | None = None
     mix: tuple["MixPart", ...] | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "Embedding":
+        if sum(x is not None for x in (self.seed, self.speaker, self.mix)) != 1:
+            raise ValueError("an embedding is made from exactly one of seed, speaker, mix")
+        return self
 
 
 class MixPart(BaseModel):
@@ -182,12 +188,13 @@ class VoiceLibrary:
                 return _parse(raw, f"index entry {name}")
         if self.store is not None:
             voice = self._read(name)
-            if voice is not None:
-                if self.index is not None:
+            if self.index is not None:
+                if voice is not None:
                     self.index.hset(INDEX_KEY, name, voice.model_dump_json())
+                else:
+                    self.index.hdel(INDEX_KEY, name)
+            if voice is not None:
                 return voice
-            if self.index is not None and not fresh:
-                self.index.hdel(INDEX_KEY, name)
         return builtin(name)
 
     def require(self, name: str, fresh: bool = False) -> Voice:
@@ -340,7 +347,7 @@ def _parse(raw: bytes | str, where: str) -> Voice:
     try:
         return Voice.model_validate_json(raw)
     except ValidationError:
-        raise TtspoolError(f"{where} is not a valid voice record") from None
+        raise VoiceError(f"{where} is not a valid voice record") from None
 
 
 def check_transcript(text: str | None) -> str:

@@ -10,7 +10,6 @@ worker's own DVAE: they belong to the model, not to the voice.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -41,9 +40,9 @@ class VoiceResolver:
         self.engine = engine
         self.normalize = normalize  # a transcript is read like a job's text
         self.ttl_s = ttl_s
+        # One batch function call at a time (celery-batches): no locking needed.
         self._voices: dict[str, tuple[float, Voice | None]] = {}
         self._references: dict[str, Reference] = {}
-        self._lock = threading.Lock()
 
     def resolve(self, voice: int | str, name: str | None) -> Resolved:
         """Raises JobFailed (reason "voice") for a name that is not in the library or a
@@ -65,13 +64,11 @@ class VoiceResolver:
 
     def _lookup(self, name: str) -> Voice | None:
         now = time.monotonic()
-        with self._lock:
-            hit = self._voices.get(name)
-            if hit is not None and now - hit[0] < self.ttl_s:
-                return hit[1]
+        hit = self._voices.get(name)
+        if hit is not None and now - hit[0] < self.ttl_s:
+            return hit[1]
         record = self.library.get(name, fresh=True)
-        with self._lock:
-            self._voices[name] = (now, record)
+        self._voices[name] = (now, record)
         return record
 
     def _engine_voice(self, record: Voice) -> EngineVoice:

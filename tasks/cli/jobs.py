@@ -40,7 +40,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _submit(args: argparse.Namespace, settings: Settings) -> int:
-
     job = {
         "text": args.text, "voice": args.voice, "seed": args.seed, "speed": args.speed,
         "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
@@ -62,9 +61,10 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _status(args: argparse.Namespace, settings: Settings) -> int:
+    from ..producer import Client
     from .bulk import print_book_status
 
-    client = producer(settings)
+    client = Client(settings)
     try:
         if not print_book_status(client, args.job_id, args.json):
             print_status(client.status(args.job_id), args.json)

@@ -28,9 +28,9 @@ from ..producer import Client, JobStatus, error_text
 from ..schema import JobValidationError
 from ..settings import Settings
 from ..states import JobState
+from ..voices import Store, VoiceError, VoiceLibrary, VoiceNotFound
 from .keys import ApiKeys
 from .results import ResultWaiter
-from ..voices import Store, VoiceError, VoiceLibrary, VoiceNotFound
 from .speech import STREAMABLE, SpeechRequest, VoiceRequest, segment_jobs, wav_stream_header
 
 log = logging.getLogger(__name__)
