@@ -18,7 +18,6 @@ a voice of the same name with `replace`; removing that brings the built-in back.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import time
 from typing import Annotated, Any, Literal, Protocol, Union
@@ -166,7 +165,6 @@ class Index(Protocol):
     def hset(self, name: str, key: str, value: str) -> Any: ...
     def hdel(self, name: str, *keys: Any) -> Any: ...
     def hkeys(self, name: str) -> Any: ...
-    def hgetall(self, name: str) -> Any: ...
 
 
 class VoiceLibrary:
@@ -186,16 +184,17 @@ class VoiceLibrary:
             raw = self.index.hget(INDEX_KEY, name)
             if raw is not None:
                 return _parse(raw, f"index entry {name}")
-        if self.store is not None:
-            voice = self._read(name)
-            if self.index is not None:
-                if voice is not None:
-                    self.index.hset(INDEX_KEY, name, voice.model_dump_json())
-                else:
-                    self.index.hdel(INDEX_KEY, name)
+        if self.store is None:
+            return builtin(name)
+        # A built-in that nobody replaced is indexed too: OpenAI's names come with most
+        # gateway requests, which would otherwise each ask the store for a missing object.
+        voice = self._read(name) or builtin(name)
+        if self.index is not None:
             if voice is not None:
-                return voice
-        return builtin(name)
+                self.index.hset(INDEX_KEY, name, voice.model_dump_json())
+            else:
+                self.index.hdel(INDEX_KEY, name)
+        return voice
 
     def require(self, name: str, fresh: bool = False) -> Voice:
         voice = self.get(name, fresh)
@@ -207,12 +206,7 @@ class VoiceLibrary:
     def list(self) -> list[Voice]:
         """Every voice, the built-ins included, from the store (and the index rebuilt from it)."""
         voices = {n: v for n in OPENAI_VOICES if (v := builtin(n)) is not None}
-        if self.store is None:
-            if self.index is not None:
-                voices.update({(k.decode() if isinstance(k, bytes) else k): _parse(v, "index entry")
-                               for k, v in self.index.hgetall(INDEX_KEY).items()})
-            return sorted(voices.values(), key=lambda v: v.name)
-        stored = [self._read(k[len(PREFIX):-5]) for k in self.store.list_keys(PREFIX)
+        stored = [self._read(k[len(PREFIX):-5]) for k in self._store().list_keys(PREFIX)
                   if k.endswith(".json") and "/" not in k[len(PREFIX):]]
         found = {v.name: v for v in stored if v is not None}
         if self.index is not None:
@@ -363,9 +357,8 @@ def prepare_recording(data: bytes) -> tuple[bytes, float]:
     """A reference recording as the model hears it: mono, 24 kHz, PCM16 WAV. Raises
     VoiceError for what cannot carry a voice (unreadable, too short or long, silent)."""
     import numpy as np
-    import soundfile as sf
 
-    from .audio import decode
+    from .audio import decode, encode
 
     if len(data) > MAX_RECORDING_BYTES:
         raise VoiceError(f"recording is over {MAX_RECORDING_BYTES >> 20} MiB")
@@ -383,6 +376,5 @@ def prepare_recording(data: bytes) -> tuple[bytes, float]:
         import soxr
 
         pcm = soxr.resample(pcm, rate, SAMPLE_RATE, quality="HQ")
-    out = io.BytesIO()
-    sf.write(out, np.clip(pcm, -1.0, 1.0), SAMPLE_RATE, format="WAV", subtype="PCM_16")
-    return out.getvalue(), len(pcm) / SAMPLE_RATE
+    wav, _, seconds = encode(pcm, SAMPLE_RATE, "wav")
+    return wav, seconds
