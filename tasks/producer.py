@@ -15,7 +15,7 @@ from redis.retry import Retry
 from . import polling
 from .app import make_app
 from .ratelimit import Limit, RateLimiter, parse_limits
-from .schema import JobSpec, JobValidationError, parse_job
+from .schema import NAME, JobSpec, JobValidationError, parse_job
 from .settings import QUEUE_BULK, QUEUE_REALTIME, TASK_NAME, Settings
 from .states import TERMINAL, JobState
 from .voices import Store, VoiceLibrary, VoiceNotFound
@@ -39,6 +39,8 @@ class JobStatus:
     # What the model was given: the text after the front-end read its numbers and symbols.
     spoken_text: str | None = None
     format: str | None = None  # the output format (tasks.schema.AUDIO_FORMATS)
+    # Characters of the text the front-end had no reading for and left out (each once).
+    dropped: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -144,6 +146,9 @@ class Client:
         return won
 
     def status(self, job_id: str) -> JobStatus:
+        """Raises JobValidationError for a string that cannot be a job id."""
+        if not isinstance(job_id, str) or not NAME.fullmatch(job_id):
+            raise JobValidationError("a job id is 1-128 characters of letters, digits, '.', '_' or '-'")
         meta = self.app.backend.get_task_meta(job_id)
         state = meta.get("status", JobState.PENDING)
         result = meta.get("result")
@@ -156,6 +161,7 @@ class Client:
                 sample_rate=result.get("sample_rate"),
                 spoken_text=result.get("spoken_text"),
                 format=result.get("format", "wav"),
+                dropped=result.get("dropped"),
             )
         if state == JobState.FAILURE:
             kind = result.get("exc_type") if isinstance(result, dict) else type(result).__name__

@@ -59,7 +59,9 @@ def check_speaker(value: str) -> int:
 
 
 class JobSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and infinities are refused everywhere: `expires_at: NaN` would compare false
+    # against every clock and never expire.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     text: StrictStr
     voice: Union[Seed, Annotated[StrictStr, Field(max_length=MAX_VOICE_CHARS)]] = 2

@@ -105,10 +105,10 @@ def test_worker_and_exporter_follow_real_jobs(s3: S3Endpoint, aws_env: dict[str,
             assert value(s, "ttspool_audio_seconds_total") == pytest.approx(stored, abs=1e-4)
 
             status, body = fetch(base + "/healthz")
-            assert status == 200 and json.loads(body) == {"model_loaded": True, "broker": True}
+            assert status == 200 and json.loads(body) == {"model_loaded": True, "broker": True, "scheduler": "ok"}
             broker.stop()
             status, body = fetch(base + "/healthz")
-            assert status == 503 and json.loads(body) == {"model_loaded": True, "broker": False}
+            assert status == 503 and json.loads(body) == {"model_loaded": True, "broker": False, "scheduler": "ok"}
             broker.start()  # same port, so the worker can stop cleanly
             status, _ = fetch(base + "/healthz")
             assert status == 200

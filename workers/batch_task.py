@@ -50,6 +50,7 @@ class Job:
     request: SynthRequest | None = None
     steps: int = 0  # predicted GPT steps, once normalized
     voice: dict[str, Any] | None = None  # the library voice's name and version, once resolved
+    dropped: str = ""  # characters the front-end had no reading for, once normalized
     voice_wait: bool = False  # its library voice could not be read yet (logged once)
     cache_checked: bool = False
     suspect: bool = False  # was in a GPU batch that never returned: runs alone (planner)
@@ -102,6 +103,7 @@ class BatchRunner:
             aging_s=settings.aging_ms / 1000.0,
         )
         self._jobs: dict[str, Job] = {}
+        self._refused_since: float | None = None  # Redis has refused writes since then
 
     # -- results ------------------------------------------------------------------
 
@@ -140,12 +142,40 @@ class BatchRunner:
                 self._expire(item.payload, now, out)
             if decision.batch:
                 self._run([item.payload for item in decision.batch], out)
+            self._refused_since = None
+        except redis.exceptions.OutOfMemoryError as err:
+            # The broker is at maxmemory: results, strikes and requeues are refused. What
+            # is recorded stays recorded (acked below); everything else stays held and is
+            # tried again after a pause. Audio already uploaded is found in storage then.
+            self._back_off(err)
         finally:
             for job_id in out.finished | out.requeue:
                 self._jobs.pop(job_id, None)
         if out.requeue:
             log.warning("requeueing %d unfinished job(s)", len(out.requeue))
+            self._mark_queued(out.requeue)
         return out
+
+    def _mark_queued(self, job_ids: set[str]) -> None:
+        """Back to the queue: the job's state says so (not STARTED) while it waits again."""
+        try:
+            for job_id in job_ids:
+                self.app.backend.store_result(job_id, {"id": job_id}, JobState.PENDING)
+        except redis.RedisError as err:
+            log.warning("could not mark requeued jobs as queued: %s", err)
+
+    def _back_off(self, err: Exception) -> None:
+        now = time.monotonic()
+        if self._refused_since is None:
+            self._refused_since = now
+            log.error("the broker refuses writes (%s); holding %d job(s) and retrying", err, len(self._jobs))
+        self.metrics.broker_refusals.inc()
+        for job in self._jobs.values():
+            # A batch may have stored its audio before the refusal: look in storage again
+            # rather than synthesize it a second time.
+            job.cache_checked = False
+        # Growing pauses, up to 10 s, while the batch counts as in flight (no new flush).
+        time.sleep(min(10.0, 0.5 + (now - self._refused_since) / 4))
 
     def _admit(self, requests: Sequence[Any], out: Outcome) -> list[Job]:
         """Validate every message; count deliveries; a bad one fails alone."""
@@ -258,6 +288,7 @@ class BatchRunner:
             raise JobFailed(f"the text front-end failed on this text ({type(err).__name__})",
                             reason="text_frontend") from None
         self.metrics.frontend_seconds.observe(time.perf_counter() - t0)
+        job.dropped = spoken.dropped
         if spoken.dropped:
             log.warning("job %s: left out %d character(s) with no reading: %s", job.id, spoken.dropped_count,
                         ascii(spoken.dropped))
@@ -341,7 +372,7 @@ class BatchRunner:
         return True
 
 
-def register(app: Celery, runner: BatchRunner, settings: Settings) -> None:
+def register(app: Celery, runner: BatchRunner, settings: Settings) -> GpuBatches:
     @app.task(
         name=TASK_NAME,
         base=GpuBatches,
@@ -353,3 +384,6 @@ def register(app: Celery, runner: BatchRunner, settings: Settings) -> None:
     )
     def synthesize(requests: Sequence[Any]) -> Outcome:
         return runner(requests)
+
+    task: GpuBatches = app.tasks[TASK_NAME]
+    return task

@@ -12,17 +12,23 @@ when the batch function returns. Here:
   from the whole window: realtime jobs that arrive while a bulk batch runs go next,
   and a job waits for company at most `max_wait_ms`;
 - if the batch function raises, every held message is requeued: a job is never acked
-  without a recorded result.
+  without a recorded result. A requeue Redis refuses (out of memory) leaves the job held,
+  to be tried again on a later flush, instead of stopping the worker.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Collection
 
 from celery.exceptions import InvalidTaskError
 from celery_batches import Batches, SimpleRequest, apply_batches_task, consume_queue
+from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -36,6 +42,20 @@ class GpuBatches(Batches):
         super().__init__()
         self._inflight = threading.Event()
         self._held: dict[str, Any] = {}
+        # For /healthz: the scheduler's last tick, and since when the batch in flight runs.
+        self.last_tick = time.monotonic()
+        self.inflight_since: float | None = None
+
+    def stalled(self, tick_s: float, batch_s: float) -> str | None:
+        """Why this worker is stuck, or None: no scheduler tick for `tick_s`, or one batch
+        running for longer than `batch_s`."""
+        now = time.monotonic()
+        if now - self.last_tick > tick_s:
+            return f"no scheduler tick for {now - self.last_tick:.0f} s"
+        since = self.inflight_since
+        if since is not None and now - since > batch_s:
+            return f"one batch has run for {now - since:.0f} s"
+        return None
 
     def Strategy(self, task: Any, app: Any, consumer: Any) -> Any:  # noqa: N802 - Celery's name
         # Celery calls this again when the consumer restarts after a lost broker
@@ -62,6 +82,7 @@ class GpuBatches(Batches):
         return checked
 
     def _do_flush(self) -> None:
+        self.last_tick = time.monotonic()
         if self._inflight.is_set():
             return
         if self._buffer.empty() and self._held:
@@ -72,6 +93,20 @@ class GpuBatches(Batches):
 
     def flush(self, requests: Collection[Any]) -> Any:
         self._inflight.set()
+        self.inflight_since = time.monotonic()
+        try:
+            return self._dispatch(requests)
+        except BaseException:
+            # Whatever broke here must not leave a batch marked in flight that never
+            # runs: nothing would be served again.
+            self._clear_inflight()
+            raise
+
+    def _clear_inflight(self) -> None:
+        self.inflight_since = None
+        self._inflight.clear()
+
+    def _dispatch(self, requests: Collection[Any]) -> Any:
         for req in requests:
             old = self._held.get(req.id)
             if old is not None and old is not req and old.message.delivery_tag != req.message.delivery_tag:
@@ -90,13 +125,18 @@ class GpuBatches(Batches):
                 for req in held:
                     if self._held.get(req.id) is not req:
                         continue  # replaced by a newer delivery, or gone with its connection
-                    if outcome is None or req.id in outcome.requeue:
-                        self._held.pop(req.id, None)
-                        req.reject(requeue=True)
-                    elif req.id in outcome.finished:
-                        self._held.pop(req.id, None)
-                        req.acknowledge()
+                    try:
+                        if outcome is None or req.id in outcome.requeue:
+                            req.reject(requeue=True)
+                            self._held.pop(req.id, None)
+                        elif req.id in outcome.finished:
+                            req.acknowledge()
+                            self._held.pop(req.id, None)
+                    except RedisError as err:
+                        # Redis refused (out of memory, or gone): the message is still the
+                        # broker's, unacked; it stays held and is settled on a later flush.
+                        log.warning("could not settle job %s with the broker, kept: %s", req.id, err)
             finally:
-                self._inflight.clear()
+                self._clear_inflight()
 
         return self._pool.apply_async(apply_batches_task, (self, simple, 0, None), callback=on_return)

@@ -1,8 +1,9 @@
 """Celery's consumer, plus a recorded FAILURE for messages it cannot decode.
 
-Celery logs and drops a message it cannot decode or will not accept (a pickle body
-when only JSON is accepted, malformed JSON); without this the job would stay PENDING
-forever for its producer.
+The transport (workers/transport.py) refuses what breaks the envelope contract before
+Celery sees it; what Celery still refuses (a body its serializer cannot load, a request
+it cannot build) is recorded the same way (workers/rejections.py). Without this the job
+would stay PENDING forever for its producer.
 """
 
 from __future__ import annotations
@@ -11,19 +12,20 @@ from typing import Any
 
 from celery.worker.consumer import Consumer as CeleryConsumer
 
-from tasks.errors import MessageRejected
+from tasks.envelope import Rejection
+from tasks.schema import NAME
+
+from . import rejections
 
 
 class Consumer(CeleryConsumer):
     def _record_rejection(self, message: Any, exc: Exception) -> None:
         headers = message.headers if isinstance(message.headers, dict) else {}
         task_id = headers.get("id")
-        if isinstance(task_id, str) and task_id:
-            reason = MessageRejected(
-                f"message rejected ({type(exc).__name__}: {str(exc)[:200]!r}, content type "
-                f"{message.content_type!r}): ttspool accepts JSON protocol-2 task messages only"
-            )
-            self.app.backend.mark_as_failure(task_id, reason)
+        detail = (f"message rejected ({type(exc).__name__}: {str(exc)[:200]!r}, content type "
+                  f"{message.content_type!r}): ttspool accepts JSON protocol-2 task messages only")
+        job_id = task_id if isinstance(task_id, str) and NAME.fullmatch(task_id) else None
+        rejections.record(Rejection("celery", detail, job_id), getattr(message, "body", None))
 
     def on_decode_error(self, message: Any, exc: Exception) -> None:
         super().on_decode_error(message, exc)

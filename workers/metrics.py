@@ -11,7 +11,7 @@ import threading
 import time
 from collections import deque
 from importlib.metadata import PackageNotFoundError, version
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 from wsgiref.simple_server import WSGIServer
 
 import redis
@@ -93,6 +93,10 @@ class Metrics:
                                          "Jobs whose text lost at least one character with no reading", registry=r)
         self.frontend_seconds = Histogram("ttspool_text_frontend_seconds", "Text front-end time per job",
                                           buckets=_FRONTEND_BUCKETS, registry=r)
+        self.rejected = Counter("ttspool_rejected_messages", "Queue items refused without running, by reason "
+                                "(tasks/envelope.py: no_id, bad_id, eta, body, undecodable ...)", ["reason"], registry=r)
+        self.broker_refusals = Counter("ttspool_broker_refused_writes",
+                                       "Scheduler ticks the broker's Redis refused a write in (out of memory)", registry=r)
         self.steps = Counter("ttspool_steps", "GPT steps generated (46.875 per second of audio)", registry=r)
         self.audio = Counter("ttspool_audio_seconds", "Seconds of audio synthesized", registry=r)
         recent = Gauge("ttspool_recent_audio_seconds_per_second",
@@ -103,6 +107,8 @@ class Metrics:
         self.model_loaded = Gauge("ttspool_model_loaded", "1 once the model is loaded and warmed up", registry=r)
         self.info = Info("ttspool_worker", "Model, dtype, device and ttspool version of this worker", registry=r)
         self.ready = False  # model loaded and warmed up
+        # Why the worker is stuck (its scheduler loop), or None: set once it serves jobs.
+        self.stalled: Callable[[], str | None] = lambda: None
         self._recent: deque[tuple[float, float]] = deque()
         self._lock = threading.Lock()
 
@@ -250,8 +256,9 @@ def serve(metrics: Metrics, settings: Settings) -> WSGIServer | None:
             broker_ok = bool(broker.ping())
         except (redis.RedisError, OSError):
             broker_ok = False
-        body = {"model_loaded": metrics.ready, "broker": broker_ok}
-        return (200 if metrics.ready and broker_ok else 503), body
+        stalled = metrics.stalled()
+        body: dict[str, Any] = {"model_loaded": metrics.ready, "broker": broker_ok, "scheduler": stalled or "ok"}
+        return (200 if metrics.ready and broker_ok and stalled is None else 503), body
 
     server = start_server(metrics.registry, settings.metrics_addr, settings.metrics_port, {"/healthz": healthz})
     log.info("metrics on http://%s:%d/metrics, health on /healthz", settings.metrics_addr, server.server_port)

@@ -10,7 +10,7 @@ from storage import storage_for
 from tasks.app import make_app
 from tasks.settings import WORKER_QUEUES, Settings, redact_url
 
-from . import batch_task, books, faults
+from . import batch_task, books, faults, rejections
 from .engine import Engine
 from .engine.assets import ModelFetch
 from .metrics import Metrics, serve as serve_metrics
@@ -37,7 +37,12 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
     # instead of stopping the worker (workers/transport.py).
     app.conf.broker_transport = "workers.transport:Transport"
     runner = batch_task.BatchRunner(app, engine, storage, settings, metrics)
-    batch_task.register(app, runner, settings)
+    task = batch_task.register(app, runner, settings)
+    rejections.install(rejections.Rejections(app, runner.redis, lambda reason: metrics.rejected.labels(reason).inc()))
+    # A worker whose scheduler stopped ticking, or whose batch never returns, fails
+    # /healthz so that its orchestrator restarts it. A batch past the visibility timeout
+    # has been handed to another worker already.
+    metrics.stalled = lambda: task.stalled(tick_s=60.0, batch_s=float(settings.visibility_timeout))
     try:
         # Producers check voice names against the Redis index: rebuilt from the store
         # here, so a flushed Redis does not make them refuse the library's voices.
