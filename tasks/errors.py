@@ -45,6 +45,12 @@ class JobExpired(TtspoolError):
     """The job's deadline (expires_at, or enqueued_at + ttl_s) passed before it ran."""
 
 
+class BrokerFull(TtspoolError, RuntimeError):
+    """The broker's Redis refuses writes (maxmemory): new jobs cannot be enqueued now."""
+
+    exit_code = 75  # EX_TEMPFAIL: try again later
+
+
 class RateLimited(TtspoolError, RuntimeError):
     """A tenant asked for more jobs than its token bucket holds; nothing was enqueued."""
 

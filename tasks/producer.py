@@ -14,6 +14,8 @@ from redis.retry import Retry
 
 from . import polling
 from .app import make_app
+from .claims import CLAIM_TTL_S, Claim, claim_key, digest_of, taken_error
+from .errors import BrokerFull
 from .ratelimit import Limit, RateLimiter, parse_limits
 from .schema import NAME, JobSpec, JobValidationError, parse_job
 from .settings import QUEUE_BULK, QUEUE_REALTIME, TASK_NAME, Settings
@@ -22,10 +24,16 @@ from .voices import Store, VoiceLibrary, VoiceNotFound
 
 # EXPIRED is recorded in Celery as a FAILURE (so plain Celery clients see it end) whose
 # reason is JobExpired; this API reports it under its own name.
-# A client-chosen job_id is claimed here (SET NX) before its message is sent; kept as
-# long as results are (result_expires), so a retried submit finds the first job.
-CLAIM_PREFIX = "ttspool:jobid:"
-_CLAIM_TTL = 7 * 86400
+
+
+@dataclass(frozen=True)
+class Submitted:
+    ids: list[str]  # one per job, in order
+    new: list[str]  # the ids this call enqueued; the others existed already
+
+    @property
+    def existing(self) -> int:
+        return len(set(self.ids)) - len(self.new)
 
 
 @dataclass(frozen=True)
@@ -75,42 +83,51 @@ class Client:
     def submit_many(self, jobs: Iterable[Mapping[str, Any] | JobSpec]) -> list[str]:
         """Validate every job first, then enqueue them all: one bad job enqueues nothing.
 
-        A job whose client-chosen job_id was submitted before is not enqueued again: its
-        existing id is returned. Raises RateLimited (nothing enqueued) when a tenant's
-        bucket is short.
+        A job submitted before under the same job_id (the same job: same fields, same
+        tenant) is not enqueued again: its existing id is returned. An id taken by a
+        different job raises JobValidationError. Raises RateLimited (nothing enqueued) when
+        a tenant's bucket is short, and BrokerFull when the broker refuses writes.
         """
+        return self.submit_many_report(jobs).ids
+
+    def submit_many_report(self, jobs: Iterable[Mapping[str, Any] | JobSpec]) -> Submitted:
+        """submit_many, saying which ids were new and which existed already."""
         specs = [parse_job(dict(j) if not isinstance(j, JobSpec) else j) for j in jobs]
         # The broker first, through our own client: when it is down, a redis.ConnectionError
         # that names it, not Celery's result-backend message from inside send_task.
         self.redis.ping()
         self.check_voices(specs)
-        self.limiter.take(spec.tenant for spec in specs)
-        claimed = self._claim([spec.job_id for spec in specs if spec.job_id is not None])
-        ids = []
-        with self.app.producer_or_acquire() as producer:
-            for spec in specs:
-                if spec.job_id is not None and spec.job_id not in claimed:
-                    ids.append(spec.job_id)
-                    continue
-                job_id = spec.job_id or uuid.uuid4().hex
-                kwargs = spec.model_copy(update={"enqueued_at": time.time()}).task_kwargs()
-                try:
-                    self.app.send_task(
-                        TASK_NAME,
-                        kwargs=kwargs,
-                        task_id=job_id,
-                        queue=QUEUE_REALTIME if spec.priority == "realtime" else QUEUE_BULK,
-                        producer=producer,
-                    )
-                except BaseException:
-                    # Unsent claims would make a retry return ids of jobs that never ran.
-                    if claimed:
-                        self.redis.delete(*(CLAIM_PREFIX + j for j in claimed))
-                    raise
-                # Sent: a second copy of this id later in the same call is a duplicate.
-                claimed.discard(job_id)
-                ids.append(job_id)
-        return ids
+        ids = [spec.job_id or uuid.uuid4().hex for spec in specs]
+        token = uuid.uuid4().hex
+        wanted = {job_id: Claim(digest_of(spec), spec.tenant, token) for job_id, spec in zip(ids, specs)}
+        for job_id, spec in zip(ids, specs):
+            if not wanted[job_id].same_job(Claim(digest_of(spec), spec.tenant, token)):
+                raise JobValidationError(f"invalid job: job_id: {taken_error(job_id)}")
+        try:
+            self.limiter.take(spec.tenant for spec in specs)
+            won = self._claim(wanted)
+            new: list[str] = []
+            with self.app.producer_or_acquire() as producer:
+                for job_id, spec in zip(ids, specs):
+                    if job_id not in won:
+                        continue  # submitted before, or earlier in this call
+                    kwargs = spec.model_copy(update={"enqueued_at": time.time()}).task_kwargs()
+                    try:
+                        self.app.send_task(TASK_NAME, kwargs=kwargs, task_id=job_id,
+                                           queue=QUEUE_REALTIME if spec.priority == "realtime" else QUEUE_BULK,
+                                           producer=producer)
+                    except BaseException:
+                        # Unsent claims would make a retry return ids of jobs that never ran.
+                        unsent = won - set(new)
+                        if unsent:
+                            self.redis.delete(*(claim_key(j) for j in unsent))
+                        raise
+                    won.discard(job_id)
+                    new.append(job_id)
+        except redis.exceptions.OutOfMemoryError as err:
+            raise BrokerFull("the broker's Redis is full (maxmemory) and refuses new jobs: nothing more was "
+                             f"enqueued from this call ({err})") from None
+        return Submitted(ids, new)
 
     def check_voices(self, specs: Iterable[JobSpec]) -> None:
         """Every voice name the jobs use is in the library, or JobValidationError."""
@@ -128,22 +145,31 @@ class Client:
                 unknown[name] = str(err)
         return unknown
 
-    def _claim(self, job_ids: list[str]) -> set[str]:
-        """Atomically claim each id (SET NX); returns the ids this call claimed first."""
-        if not job_ids:
-            return set()
-        # A token per call: when a SET NX is retried after its reply was lost, the key
-        # already holds our own token, which still counts as our claim.
-        token = uuid.uuid4().hex
+    def _claim(self, wanted: Mapping[str, Claim]) -> set[str]:
+        """Claim each id (SET NX); returns the ids this call claimed first. An id held by a
+        different job raises JobValidationError, and this call's claims are given back."""
         pipe = self.redis.pipeline(transaction=False)
-        for job_id in job_ids:
-            pipe.set(CLAIM_PREFIX + job_id, token, nx=True, ex=_CLAIM_TTL)
-        won = {j for j, ok in zip(job_ids, pipe.execute()) if ok}
-        lost = sorted(set(job_ids) - won)
-        if lost:
-            holders = self.redis.mget([CLAIM_PREFIX + j for j in lost])
-            won.update(j for j, h in zip(lost, holders) if h == token.encode())
+        for job_id, claim in wanted.items():
+            pipe.set(claim_key(job_id), claim.encode(), nx=True, ex=CLAIM_TTL_S)
+        won = {j for j, ok in zip(wanted, pipe.execute()) if ok}
+        lost = sorted(set(wanted) - won)
+        holders = self.redis.mget([claim_key(j) for j in lost]) if lost else []
+        for job_id, raw in zip(lost, holders):
+            if raw is None:
+                continue  # expired in between: an old job, nothing to return but the id
+            held = Claim.decode(raw)
+            if held.token == wanted[job_id].token:
+                won.add(job_id)  # a SET NX retried after its reply was lost: ours
+            elif not held.same_job(wanted[job_id]):
+                if won:
+                    self.redis.delete(*(claim_key(j) for j in won))
+                raise JobValidationError(f"invalid job: job_id: {taken_error(job_id)}")
         return won
+
+    def owner(self, job_id: str) -> Claim | None:
+        """The claim on a job id (its tenant), or None for an id nobody submitted."""
+        raw = self.redis.get(claim_key(job_id))
+        return Claim.decode(raw) if raw is not None else None
 
     def status(self, job_id: str) -> JobStatus:
         """Raises JobValidationError for a string that cannot be a job id."""

@@ -68,7 +68,7 @@ def test_jsonl_500_lines_5_invalid_all_valid_ones_complete(worker: WorkerProc, s
     reported = [line for line in out.stderr.splitlines() if ": line " in line]
     assert [int(line.split(": line ")[1].split(":")[0]) for line in reported] == sorted(INVALID)
     assert "not JSON" in reported[0] and "text" in reported[1] and "speed" in reported[2] and "volume" in reported[3]
-    assert "enqueued 495 job(s), 5 invalid line(s)" in out.stderr
+    assert "enqueued 495 job(s), 0 already submitted, 5 invalid line(s)" in out.stderr
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     assert [r["line"] for r in rows] == valid and len(rows) == 495
     assert all(r["status"] == "SUCCESS" and r["duration_s"] > 0 and r["error"] is None for r in rows)

@@ -201,7 +201,7 @@ def test_submit_file_takes_names_and_refuses_unknown_ones_line_by_line(worker: W
     done = run_cli(worker.env, "submit-file", str(jobs), "--wait", "--json")
     rows = [json.loads(r) for r in done.stdout.splitlines()]
     assert done.returncode == 1 and [(r["line"], r["status"]) for r in rows] == [(1, "SUCCESS"), (3, "SUCCESS")]
-    assert "enqueued 2 job(s), 1 invalid line(s)" in done.stderr
+    assert "enqueued 2 job(s), 0 already submitted, 1 invalid line(s)" in done.stderr
     library.remove(name)
 
 

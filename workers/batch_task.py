@@ -16,6 +16,8 @@ from scheduler.keys import content_key, object_key
 from scheduler.planner import PlanItem, Policy, next_batch
 from storage import Storage, StorageError
 from tasks.audio import FORMATS, duration_of, encode
+from tasks.claims import CLAIM_TTL_S, Claim, claim_key, digest_of, taken_error
+from tasks.envelope import Rejection
 from tasks.errors import JobExpired, JobFailed, RedeliveryLimit
 from tasks.schema import MAX_STEPS, JobSpec, JobValidationError, parse_job
 from tasks.settings import DEAD_LETTER_KEY, TASK_NAME, Settings
@@ -24,6 +26,7 @@ from tasks.text.frontend import FrontEnd
 from tasks.text.lengths import predicted_steps
 from tasks.voices import VoiceLibrary
 
+from . import rejections
 from .batching import GpuBatches, Outcome
 from .books import BookTracker
 from .engine import Engine, SynthRequest
@@ -178,7 +181,7 @@ class BatchRunner:
         time.sleep(min(10.0, 0.5 + (now - self._refused_since) / 4))
 
     def _admit(self, requests: Sequence[Any], out: Outcome) -> list[Job]:
-        """Validate every message; count deliveries; a bad one fails alone."""
+        """Validate every message; check its id's owner; count deliveries; a bad one fails alone."""
         jobs: list[Job] = []
         for req in requests:
             try:
@@ -189,7 +192,14 @@ class BatchRunner:
                 self._fail(req.id, err)
                 out.finished.add(req.id)
                 continue
+            if spec.job_id is not None and spec.job_id != req.id:
+                # Recorded under one id, the other would stay PENDING forever.
+                rejections.record(Rejection("id_mismatch", f"kwargs job_id {spec.job_id!r} differs from the "
+                                                           f"message id {req.id!r}", req.id), json.dumps(req.kwargs))
+                out.finished.add(req.id)
+                continue
             jobs.append(Job(req.id, spec, dict(req.kwargs)))
+        jobs = self._owned(jobs, out)
         if not jobs:
             return []
         pipe = self.redis.pipeline()
@@ -220,6 +230,39 @@ class BatchRunner:
                 self.app.backend.store_result(job.id, {"id": job.id}, JobState.STARTED)
                 admitted.append(job)
         return admitted
+
+    def owns(self, job_id: str, kwargs: Any) -> bool:
+        """Whether this job is the one its id's claim names (an unclaimed id: yes)."""
+        try:
+            spec = parse_job(kwargs)
+            raw = self.redis.get(claim_key(job_id))
+        except (JobValidationError, redis.RedisError):
+            return False
+        return raw is None or Claim.decode(raw).same_job(Claim(digest_of(spec), spec.tenant, "worker"))
+
+    def refuse(self, request: Any) -> None:
+        """A message that lost its id to a different job: dead-lettered, the owner untouched."""
+        rejections.record(Rejection("id_taken", taken_error(request.id), None), json.dumps(request.kwargs, default=str))
+
+    def _owned(self, jobs: list[Job], out: Outcome) -> list[Job]:
+        """Jobs whose id is theirs: claimed here when unclaimed (a plain Celery client),
+        refused when claimed by a different job, without touching that job's record."""
+        if not jobs:
+            return jobs
+        pipe = self.redis.pipeline(transaction=False)
+        claims = [Claim(digest_of(job.spec), job.spec.tenant, "worker") for job in jobs]
+        for job, claim in zip(jobs, claims):
+            pipe.set(claim_key(job.id), claim.encode(), nx=True, ex=CLAIM_TTL_S)
+            pipe.get(claim_key(job.id))
+        replies = pipe.execute()
+        owned = []
+        for job, claim, raw in zip(jobs, claims, replies[1::2]):
+            if raw is None or Claim.decode(raw).same_job(claim):
+                owned.append(job)
+                continue
+            self.refuse(job)
+            out.finished.add(job.id)
+        return owned
 
     def _has_result(self, job_id: str) -> bool:
         return self.app.backend.get_task_meta(job_id).get("status") in (JobState.SUCCESS, JobState.FAILURE)
@@ -386,4 +429,6 @@ def register(app: Celery, runner: BatchRunner, settings: Settings) -> GpuBatches
         return runner(requests)
 
     task: GpuBatches = app.tasks[TASK_NAME]
+    task.owns = runner.owns
+    task.refuse = runner.refuse
     return task

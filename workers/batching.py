@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Collection
+from typing import Any, Callable, Collection
 
 from celery.exceptions import InvalidTaskError
 from celery_batches import Batches, SimpleRequest, apply_batches_task, consume_queue
@@ -45,6 +45,10 @@ class GpuBatches(Batches):
         # For /healthz: the scheduler's last tick, and since when the batch in flight runs.
         self.last_tick = time.monotonic()
         self.inflight_since: float | None = None
+        # Set by the batch function's owner (workers.batch_task.register): whether a job
+        # (id, kwargs) is the one its id's claim names, and how to refuse one that is not.
+        self.owns: Callable[[str, Any], bool] = lambda job_id, kwargs: True
+        self.refuse: Callable[[Any], None] = lambda request: None
 
     def stalled(self, tick_s: float, batch_s: float) -> str | None:
         """Why this worker is stuck, or None: no scheduler tick for `tick_s`, or one batch
@@ -102,6 +106,14 @@ class GpuBatches(Batches):
             self._clear_inflight()
             raise
 
+    @staticmethod
+    def _same_job(a: Any, b: Any) -> bool:
+        def fields(req: Any) -> Any:
+            kwargs = req.kwargs if isinstance(req.kwargs, dict) else {}
+            return req.args, {k: v for k, v in kwargs.items() if k != "enqueued_at"}
+
+        return bool(fields(a) == fields(b))
+
     def _clear_inflight(self) -> None:
         self.inflight_since = None
         self._inflight.clear()
@@ -109,7 +121,15 @@ class GpuBatches(Batches):
     def _dispatch(self, requests: Collection[Any]) -> Any:
         for req in requests:
             old = self._held.get(req.id)
-            if old is not None and old is not req and old.message.delivery_tag != req.message.delivery_tag:
+            if old is not None and old is not req and not self._same_job(old, req):
+                # A different job under a held job's id (a forged message, or a client that
+                # reuses ids): the one its id's claim names keeps it, the other is refused.
+                loser = old if self.owns(req.id, req.kwargs) else req
+                self.refuse(loser)
+                loser.acknowledge()
+                if loser is req:
+                    continue
+            elif old is not None and old is not req and old.message.delivery_tag != req.message.delivery_tag:
                 # A second copy of a held job under another delivery tag (a producer sent
                 # it again): the new one stands in; acking the old frees its prefetch slot.
                 # Redis restores a message past the visibility timeout under its own tag:

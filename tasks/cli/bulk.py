@@ -180,13 +180,18 @@ def _submit_file(args: argparse.Namespace, settings: Settings) -> int:
             print(f"ttspool: {len(errors)} invalid line(s); --strict: nothing enqueued", file=sys.stderr)
             return 2
         presign = _Presigner(settings, args.presign)
-        ids = client.submit_many([spec for _, spec in jobs])
-        print(f"ttspool: enqueued {len(ids)} job(s), {len(errors)} invalid line(s)", file=sys.stderr)
+        submitted = client.submit_many_report([spec for _, spec in jobs])
+        ids = submitted.ids
+        # Ids submitted before (a rerun of the same file) are not enqueued again.
+        print(f"ttspool: enqueued {len(submitted.new)} job(s), {submitted.existing} already submitted, "
+              f"{len(errors)} invalid line(s)", file=sys.stderr)
         if args.wait:
             rows = [{"line": n, **st.to_dict(), "url": presign(st.url)}
                     for (n, _), st in zip(jobs, client.wait(ids, timeout=args.timeout))]
         else:
-            rows = [{"line": n, "id": job_id, "status": JobState.PENDING} for (n, _), job_id in zip(jobs, ids)]
+            fresh = set(submitted.new)
+            rows = [{"line": n, "id": job_id, "status": JobState.PENDING, "new": job_id in fresh}
+                    for (n, _), job_id in zip(jobs, ids)]
     finally:
         client.close()
     if args.results:

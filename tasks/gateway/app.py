@@ -37,8 +37,6 @@ log = logging.getLogger(__name__)
 
 # How long a request waits for its audio before answering 504.
 WAIT_S = 600.0
-_OWNER = "ttspool:gateway:owner:"
-_OWNER_TTL_S = 7 * 86400
 _PAGE = Path(__file__).with_name("page.html")
 _LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, float("inf"))
 
@@ -79,15 +77,11 @@ class Gateway:
 
     # -- helpers --------------------------------------------------------------------
 
-    async def submit(self, jobs: list[dict[str, Any]], tenant: str | None) -> list[str]:
+    async def submit(self, jobs: list[dict[str, Any]]) -> list[str]:
         # Enqueueing is a few quick Redis calls through the sync client: a worker thread
         # for those only. Waiting for the audio holds no thread (ResultWaiter).
+        # Each job carries the key's tenant, which its id's claim records (tasks/claims.py).
         ids: list[str] = await anyio.to_thread.run_sync(self.client.submit_many, jobs)
-        if tenant is not None:
-            pipe = self.client.redis.pipeline(transaction=False)
-            for job_id in ids:
-                pipe.set(_OWNER + job_id, tenant, ex=_OWNER_TTL_S)
-            await anyio.to_thread.run_sync(pipe.execute)
         return ids
 
     async def audio_of(self, meta: dict[str, Any]) -> bytes:
@@ -97,11 +91,12 @@ class Gateway:
         return await anyio.to_thread.run_sync(self.storage.get_bytes, result["key"])
 
     async def owned(self, job_id: str, tenant: str | None) -> None:
-        """With API keys, a tenant sees only the jobs it submitted here."""
+        """With API keys, a tenant sees only its own jobs: those submitted with its tenant,
+        through this gateway or any other producer."""
         if tenant is None:
             return
-        owner = await anyio.to_thread.run_sync(self.client.redis.get, _OWNER + job_id)
-        if owner is None or owner.decode() != tenant:
+        claim = await anyio.to_thread.run_sync(self.client.owner, job_id)
+        if claim is None or claim.tenant != tenant:
             raise HTTPException(404, f"no job {job_id!r}")
 
 
@@ -212,9 +207,9 @@ def create_app(settings: Settings, storage: Storage) -> FastAPI:
         if streaming:
             # The first (short) segment alone first: the rest, sent once a worker has
             # taken it, cannot end up in its batch and hold its audio back.
-            await gw.submit(jobs[:1], tenant)
+            await gw.submit(jobs[:1])
             return StreamingResponse(_stream(gw, jobs, tenant, fmt), media_type=content_type, headers=headers)
-        await gw.submit(jobs, tenant)
+        await gw.submit(jobs)
         metas = await asyncio.gather(*(_wait(gw, job_id) for job_id in ids))
         blobs = await asyncio.gather(*(gw.audio_of(m) for m in metas))
         if seg_fmt == fmt:
@@ -270,7 +265,7 @@ def create_app(settings: Settings, storage: Storage) -> FastAPI:
             if any(j.get("tenant") not in (None, tenant) for j in jobs):
                 raise HTTPException(403, "a job's tenant must be the API key's own")
             jobs = [{**j, "tenant": tenant} for j in jobs]
-        return {"ids": await gw.submit(jobs, tenant)}
+        return {"ids": await gw.submit(jobs)}
 
     @app.get("/v1/jobs/{job_id}")
     async def job_status(job_id: str, request: Request, tenant: str | None = Depends(tenant_of)) -> dict[str, Any]:
@@ -361,7 +356,7 @@ async def _stream(gw: Gateway, jobs: list[dict[str, Any]], tenant: str | None, f
         # Taken (STARTED) is not yet running: an idle worker waits TTSPOOL_MAX_WAIT_MS
         # for company first, one scheduler tick (at most 50 ms) at a time.
         await asyncio.sleep(gw.settings.max_wait_ms / 1000 + 0.1)
-        await gw.submit(jobs[1:], tenant)
+        await gw.submit(jobs[1:])
     waits = [asyncio.ensure_future(gw.waiter.wait(job_id, WAIT_S)) for job_id in ids]
     try:
         for fut in waits:

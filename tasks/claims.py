@@ -1,0 +1,61 @@
+"""Who a job id belongs to: each id is claimed once, with a digest of its job and tenant.
+
+Job ids are one namespace in the broker, so without an owner a second submission of
+`order-1` by another tenant would get the first tenant's job back, and a hand-made
+message reusing a queued job's id would replace it. The producer claims every id it
+sends (SET NX) before sending; the worker claims ids that arrive unclaimed (plain Celery
+clients) and refuses a message whose id is claimed by a different job. The same job
+submitted again (same digest) is idempotent: its existing id is returned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from .schema import JobSpec
+
+CLAIM_PREFIX = "ttspool:jobid:"
+# As long as results are kept (result_expires): a retried submit finds the first job.
+CLAIM_TTL_S = 7 * 86400
+
+
+def digest_of(spec: JobSpec) -> str:
+    """The job as submitted, minus when it was sent: equal for a resubmission of it."""
+    kwargs: dict[str, Any] = spec.task_kwargs()
+    kwargs.pop("enqueued_at", None)
+    kwargs.pop("job_id", None)
+    return hashlib.sha256(json.dumps(kwargs, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class Claim:
+    digest: str  # "" for a claim written before claims carried one: it matches any job
+    tenant: str | None
+    token: str  # who wrote it: a producer call (to recognise its own retried SET NX), or "worker"
+
+    def encode(self) -> str:
+        return json.dumps({"d": self.digest, "t": self.tenant, "k": self.token}, separators=(",", ":"))
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> "Claim":
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        try:
+            data = json.loads(text)
+            return cls(str(data["d"]), data.get("t"), str(data["k"]))
+        except (ValueError, TypeError, KeyError):
+            return cls("", None, text)  # the bare token of an older producer
+
+    def same_job(self, other: "Claim") -> bool:
+        return not self.digest or not other.digest or (self.digest == other.digest and self.tenant == other.tenant)
+
+
+def claim_key(job_id: str) -> str:
+    return CLAIM_PREFIX + job_id
+
+
+def taken_error(job_id: str) -> str:
+    return (f"job_id {job_id!r} is already taken by a different job (another submission or tenant): "
+            "choose another id, or resubmit the same job to get its status")

@@ -1,0 +1,73 @@
+"""Jobs belong to whoever submitted them (tasks/claims.py): a second tenant, a reused id or
+a forged Celery message cannot read or replace another's job."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Iterator
+
+import pytest
+import redis
+
+from tasks.cli.local_redis import LocalRedis
+from tasks.producer import Client
+from tasks.schema import JobValidationError
+from tasks.settings import DEAD_LETTER_KEY, QUEUE_BULK, TASK_NAME, Settings
+
+from .conftest import WorkerProc
+
+
+@pytest.fixture()
+def idle(redis_server: LocalRedis) -> Iterator[Client]:
+    """A producer on a broker database no worker reads."""
+    url = redis_server.url.rsplit("/", 1)[0] + "/6"
+    c = Client(Settings(broker_url=url))
+    c.redis.flushdb()
+    yield c
+    c.redis.flushdb()
+    c.close()
+
+
+def test_an_id_is_its_first_submitters(idle: Client) -> None:
+    job = {"text": "Your order ships today.", "job_id": "order-1", "tenant": "alpha"}
+    assert idle.submit(job) == "order-1"
+    # The same job again is idempotent: its id back, nothing enqueued twice.
+    again = idle.submit_many_report([job])
+    assert again.ids == ["order-1"] and again.new == [] and again.existing == 1
+    for other in ({**job, "tenant": "beta"}, {**job, "text": "Your order is cancelled."}, {**job, "tenant": None}):
+        with pytest.raises(JobValidationError, match="'order-1' is already taken by a different job"):
+            idle.submit_many([{"text": "an innocent bystander"}, {k: v for k, v in other.items() if v is not None}])
+    assert idle.redis.llen(QUEUE_BULK) == 1  # neither the bystander nor the intruders went in
+    assert idle.owner("order-1").tenant == "alpha" and idle.owner("no-such-job") is None
+    with pytest.raises(JobValidationError, match="already taken"):
+        idle.submit_many([{"text": "one", "job_id": "twice"}, {"text": "two", "job_id": "twice"}])
+
+
+def _forge(client: Client, task_id: str, text: str, **kwargs: object) -> None:
+    """A plain Celery client, as any program that can reach the broker could send it."""
+    client.app.send_task(TASK_NAME, kwargs={"text": text, **kwargs}, task_id=task_id, queue=QUEUE_BULK)
+
+
+def test_a_forged_message_cannot_replace_a_job(worker: WorkerProc, client: Client, redis_server) -> None:
+    r = redis.Redis.from_url(redis_server.url)
+    dead = r.llen(DEAD_LETTER_KEY)
+    queued, done = "victim-queued-" + uuid.uuid4().hex, "victim-done-" + uuid.uuid4().hex
+    client.wait([client.submit({"text": "The finished original.", "job_id": done})], timeout=120)
+    before = client.app.backend.get_task_meta(done)
+    client.submit({"text": "The queued original.", "job_id": queued})
+    _forge(client, queued, "Forged words.")
+    _forge(client, done, "Forged words.")
+    assert client.wait([queued], timeout=120)[0].spoken_text == "The queued original."
+    plain = "plain-" + uuid.uuid4().hex  # an id no producer claimed: the worker claims it
+    _forge(client, plain, "A plain Celery job.")
+    mismatch = "mismatch-" + uuid.uuid4().hex
+    _forge(client, mismatch, "Two names.", job_id="another-name")
+    ok, refused = client.wait([plain, mismatch], timeout=120)
+    assert ok.status == "SUCCESS" and client.owner(plain) is not None
+    assert refused.status == "FAILURE" and "differs from the message id" in (refused.error or "")
+    assert client.status("another-name").status == "PENDING"
+    assert client.app.backend.get_task_meta(done) == before
+    entries = [json.loads(e) for e in r.lrange(DEAD_LETTER_KEY, 0, r.llen(DEAD_LETTER_KEY) - dead - 1)]
+    assert sorted(e["reason"].split(":")[0] for e in entries) == ["id_taken", "id_taken"]
+    assert all("Forged words." in e["raw"] for e in entries)
