@@ -62,7 +62,7 @@ class QueueCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         up = GaugeMetricFamily("ttspool_broker_up", "1 if the exporter could read the Redis broker in this scrape")
         try:
-            depth, unacked, oldest, dead = self._read()
+            depth, unacked, oldest, dead, memory = self._read()
         except (redis.RedisError, OSError) as err:
             self._transition(False, err)
             up.add_metric([], 0)
@@ -76,8 +76,13 @@ class QueueCollector(Collector):
         yield _per_queue("ttspool_queue_oldest_age_seconds",
                          "Age of the oldest waiting message (0 when empty; absent when no message says)", oldest)
         yield GaugeMetricFamily("ttspool_dead_letters", "Jobs in the dead-letter list", value=dead)
+        yield GaugeMetricFamily("ttspool_broker_memory_used_bytes", "Memory the broker's Redis uses",
+                                value=float(memory.get("used_memory", 0)))
+        yield GaugeMetricFamily("ttspool_broker_memory_max_bytes",
+                                "The broker's maxmemory (0: no limit); at it, Redis refuses writes",
+                                value=float(memory.get("maxmemory", 0)))
 
-    def _read(self) -> tuple[dict[str, float], dict[str, float], dict[str, float], float]:
+    def _read(self) -> tuple[dict[str, float], dict[str, float], dict[str, float], float, dict[str, Any]]:
         pipe = self.client.pipeline(transaction=False)
         for q in self.queues:
             for key in self.lists(q):
@@ -87,6 +92,7 @@ class QueueCollector(Collector):
         # Bounded by workers x prefetch, so reading it whole each scrape is cheap.
         pipe.hvals(self.unacked_key)
         pipe.llen(DEAD_LETTER_KEY)
+        pipe.info("memory")
         replies = pipe.execute()
         now = time.time()
         depth: dict[str, float] = {}
@@ -114,7 +120,7 @@ class QueueCollector(Collector):
             queue = _unacked_queue(raw)
             if queue in unacked:
                 unacked[queue] += 1
-        return depth, unacked, oldest, replies[i + 1]
+        return depth, unacked, oldest, replies[i + 1], replies[i + 2]
 
     def _transition(self, up: bool, err: Exception | None) -> None:
         # Log changes only: a Redis outage would otherwise log once per scrape.

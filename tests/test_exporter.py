@@ -49,6 +49,12 @@ def test_depth_sums_priority_lists_and_counts_unacked_and_age(broker: LocalRedis
 
         s = exporter.scrape()
         assert value(s, "ttspool_broker_up") == 1
+        assert value(s, "ttspool_broker_memory_used_bytes") > 0 and value(s, "ttspool_broker_memory_max_bytes") == 0
+        client.redis.config_set("maxmemory", 512 * 1024 * 1024)
+        try:
+            assert value(exporter.scrape(), "ttspool_broker_memory_max_bytes") == 512 * 1024 * 1024
+        finally:
+            client.redis.config_set("maxmemory", 0)
         assert value(s, "ttspool_queue_depth", queue=QUEUE_BULK) == 5
         assert value(s, "ttspool_queue_depth", queue=QUEUE_REALTIME) == 2
         assert value(s, "ttspool_queue_unacked", queue=QUEUE_BULK) == 0

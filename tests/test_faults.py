@@ -21,6 +21,7 @@ import pytest
 import redis
 
 from tasks.cli.local_redis import LocalRedis, free_port
+from tasks.errors import BrokerFull
 from tasks.producer import Client, JobStatus
 from tasks.settings import QUEUE_BULK, Settings
 
@@ -350,4 +351,64 @@ def test_injected_gpu_oom_splits_the_batch_and_fails_only_the_row(broker: LocalR
         _assert_stored(s3, list(done.values()))
         assert "failed (OutOfMemoryError); retrying in halves" in log.read_text()
         after = client.wait([client.submit({"text": "Still serving after an OOM."})], timeout=120)[0]
+        assert after.status == "SUCCESS" and proc.poll() is None
+
+
+def test_a_hung_batch_fails_healthz(broker: LocalRedis, s3: S3Endpoint, aws_env, tmp_path: Path) -> None:
+    """A batch wedged past the visibility timeout (its jobs go to other workers by then)
+    makes /healthz answer 503, so the orchestrator restarts the worker."""
+    port = free_port()
+    env = _env(broker, s3, aws_env, TTSPOOL_METRICS_PORT=str(port), TTSPOOL_FAULT_HANG_ON_TEXT="wedged")
+    log = tmp_path / "worker.log"
+    proc = start_worker(env, log)
+    client = Client(Settings.from_env(env))
+    try:
+        wait_ready(client, proc, log)
+        assert _health(port)[0] == 200
+        client.submit({"text": "This one gets wedged."})
+        status, body = _until("/healthz to fail", lambda: (h := _health(port))[0] == 503 and h, 90, proc, log, poll=0.5)
+        assert body["model_loaded"] and body["broker"] and "one batch has run for" in body["scheduler"], body
+    finally:
+        client.close()
+        stop_process(proc, timeout=5)
+
+
+def _health(port: int) -> tuple[int, dict[str, object]]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_broker_at_maxmemory_keeps_the_worker_and_the_audio(broker: LocalRedis, s3: S3Endpoint, aws_env,
+                                                            tmp_path: Path) -> None:
+    """Redis at maxmemory (noeviction) refuses every write: the worker keeps running and
+    keeps the audio it made; producers get BrokerFull; all ends well once memory is free."""
+    env = _env(broker, s3, aws_env, TTSPOOL_MAX_BATCH="8")
+    log = tmp_path / "worker.log"
+    r = redis.Redis.from_url(broker.url)
+    with running_worker(env, log) as (proc, client):
+        ids = client.submit_many(_jobs(4, "full", words=150))  # long rows: seconds of generation
+        # The batch has started (its strikes are written): it will upload its audio and then
+        # find its results refused.
+        _until("the batch to start", lambda: r.get("ttspool:strikes:full-0") == b"1", 30, proc, log, poll=0.002)
+        r.config_set("maxmemory-policy", "noeviction")
+        r.config_set("maxmemory", 1)  # below what Redis uses: every write is refused from here
+        try:
+            with pytest.raises(BrokerFull, match="maxmemory"):
+                client.submit({"text": "No room for this one."})
+            _until("the refusal", lambda: "the broker refuses writes" in log.read_text(), 60, proc, log)
+            time.sleep(10)  # refused writes, retried with pauses, do not stop the worker
+            assert proc.poll() is None and all(client.status(i).status == "STARTED" for i in ids)
+        finally:
+            r.config_set("maxmemory", 0)
+        done = _wait_all(client, ids, r, log, timeout=120)
+        _assert_stored(s3, done)
+        # Served from the audio stored before the refusal, not synthesized a second time.
+        assert all(client.app.backend.get_task_meta(i)["result"]["cached"] for i in ids), _tail(log)
+        after = client.wait([client.submit({"text": "Still serving after a full broker."})], timeout=120)[0]
         assert after.status == "SUCCESS" and proc.poll() is None

@@ -346,7 +346,15 @@ class BatchRunner:
         timer = self.metrics.batch_started([j.spec for w in batch for j in w.jobs])
         results = self.engine.generate([w.request for w in batch])
         timer.generated(results, self.engine.sample_rate)
-        self._strike(batch, -1)
+        try:
+            self._strike(batch, -1)
+        except redis.exceptions.OutOfMemoryError as err:
+            # The audio is made: store it before anything else, or it is lost with the
+            # refusal. The strike stays; the job would run alone if it came back.
+            log.warning("could not take back the batch's strikes (%s); storing its audio first", err)
+        # Every row's audio is stored before any result is recorded: when Redis refuses
+        # the records (maxmemory), what was made is in storage and served from there later.
+        stored: list[tuple[Work, dict[str, Any]]] = []
         for work, res in zip(batch, results, strict=True):
             ids = {job.id for job in work.jobs}
             if res.audio is None:
@@ -355,14 +363,14 @@ class BatchRunner:
                 out.finished |= ids
                 continue
             try:
-                record = self._store_patiently(work.key, res.audio, work.jobs[0].spec.format)
+                stored.append((work, self._store_patiently(work.key, res.audio, work.jobs[0].spec.format)))
             except StorageError as err:
                 log.warning("upload failed, will retry: %s", err)
                 out.requeue |= ids
-                continue
+        for work, record in stored:
             for job in work.jobs:
                 self._succeed(job, record, cached=False)
-            out.finished |= ids
+            out.finished |= {job.id for job in work.jobs}
         timer.finished()
 
     def _store_patiently(self, key: str, audio: Any, fmt: str) -> dict[str, Any]:
@@ -386,7 +394,10 @@ class BatchRunner:
         with self.metrics.upload_seconds.time():
             url = self.storage.put_bytes(key, data, FORMATS[fmt].content_type)
         record = {"url": url, "key": key, "duration_s": round(seconds, 6), "sample_rate": rate, "format": fmt}
-        self.redis.set(_OBJECTS + key, json.dumps(record), ex=_RECORD_TTL)
+        try:
+            self.redis.set(_OBJECTS + key, json.dumps(record), ex=_RECORD_TTL)
+        except redis.exceptions.OutOfMemoryError:
+            pass  # only an index: a cache lookup without it asks storage
         return record
 
     def _serve_cached(self, work: Work, out: Outcome) -> bool:

@@ -10,12 +10,15 @@ outside the engine (`Engine.on_admit`), only when one is set.
   torch.cuda.OutOfMemoryError, as a too-large batch does on a real GPU.
 - TTSPOOL_FAULT_OOM_ON_TEXT=<substring>: any GPU batch holding such a job raises
   torch.cuda.OutOfMemoryError, even alone (a job too large for the GPU).
+- TTSPOOL_FAULT_HANG_ON_TEXT=<substring>: any GPU batch holding such a job hangs (a
+  wedged driver call) for an hour, while the rest of the process runs on.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Callable, Sequence
 
 import torch
@@ -23,7 +26,7 @@ import torch
 log = logging.getLogger(__name__)
 
 CRASH_EXIT_CODE = 86
-KNOWN = frozenset({"CRASH_ON_TEXT", "OOM_ABOVE", "OOM_ON_TEXT"})
+KNOWN = frozenset({"CRASH_ON_TEXT", "OOM_ABOVE", "OOM_ON_TEXT", "HANG_ON_TEXT"})
 
 
 def hook(faults: Sequence[tuple[str, str]]) -> Callable[[Sequence[str]], None] | None:
@@ -35,7 +38,7 @@ def hook(faults: Sequence[tuple[str, str]]) -> Callable[[Sequence[str]], None] |
     unknown = set(conf) - KNOWN
     if unknown:
         raise ValueError(f"unknown fault(s) {sorted(unknown)}: TTSPOOL_FAULT_ takes {sorted(KNOWN)}")
-    crash, oom = conf.get("CRASH_ON_TEXT"), conf.get("OOM_ON_TEXT")
+    crash, oom, hang = conf.get("CRASH_ON_TEXT"), conf.get("OOM_ON_TEXT"), conf.get("HANG_ON_TEXT")
     above = int(conf["OOM_ABOVE"]) if "OOM_ABOVE" in conf else None
 
     def inject(texts: Sequence[str]) -> None:
@@ -43,6 +46,9 @@ def hook(faults: Sequence[tuple[str, str]]) -> Callable[[Sequence[str]], None] |
             log.error("fault injection: crashing the worker process inside a batch of %d", len(texts))
             logging.shutdown()
             os._exit(CRASH_EXIT_CODE)
+        if hang and any(hang in t for t in texts):
+            log.error("fault injection: hanging inside a batch of %d", len(texts))
+            time.sleep(3600)
         if above is not None and len(texts) > above:
             raise torch.cuda.OutOfMemoryError(f"injected: batch of {len(texts)} rows is above {above}")
         if oom and any(oom in t for t in texts):

@@ -65,7 +65,19 @@ def _admit(item: bytes) -> dict[str, Any] | None:
     return None
 
 
+class QoS(kombu_redis.QoS):
+    def restore_visible(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().restore_visible(*args, **kwargs)
+        except redis.exceptions.OutOfMemoryError:
+            # Its mutex is a write; the scan runs again on the next timer tick.
+            log.debug("unacked restore skipped: the broker refuses writes")
+            return None
+
+
 class Channel(kombu_redis.Channel):
+    QoS = QoS
+
     def _brpop_read(self, **options: Any) -> Any:
         # kombu's own, with the envelope checked between the pop and the delivery.
         try:
