@@ -179,36 +179,59 @@ def test_redis_restart_loses_nothing(broker: LocalRedis, s3: S3Endpoint, aws_env
     assert "Connection to broker lost" in log.read_text()
 
 
-def test_connection_lost_between_pop_and_unacked_record_loses_nothing(broker: LocalRedis, s3: S3Endpoint,
-                                                                       aws_env, tmp_path: Path) -> None:
-    # kombu pops a message (BRPOP), then records it as unacked (MULTI; ZADD unacked_index
-    # ...). The proxy drops the worker's connections at that record, before Redis sees
-    # it: the popped message is then only in the worker, and must go back to the queue.
+def test_connection_lost_with_the_fetched_message_loses_nothing(broker: LocalRedis, s3: S3Endpoint,
+                                                                 aws_env, tmp_path: Path) -> None:
+    # The proxy drops the worker's connections at the reply that carries the message, so
+    # Redis has popped it and the worker never sees it. kombu's BRPOP lost it there; the
+    # fetch script recorded it as unacked in the same step, so it comes back.
     proxy = CuttableProxy(("127.0.0.1", broker.port)).start()
     direct = Client(Settings(broker_url=broker.url))
     try:
-        env = _env(broker, s3, aws_env, TTSPOOL_BROKER_URL=f"redis://127.0.0.1:{proxy.port}/0",
-                   TTSPOOL_VISIBILITY_TIMEOUT="3600")
+        env = _env(broker, s3, aws_env, TTSPOOL_BROKER_URL=f"redis://127.0.0.1:{proxy.port}/0")
         log = tmp_path / "worker.log"
         with running_worker(env, log) as (proc, _):
-            proxy.drop_at(lambda data: b"ZADD" in data and b"unacked_index" in data)
+            proxy.drop_at(lambda data: b"gap-0" in data, replies=True)
             [job] = direct.submit_many(_jobs(1, "gap"))
-            _until("the connection to drop at the unacked record", proxy.dropped.is_set, 120, proc, log)
+            _until("the connection to drop at the fetched message", proxy.dropped.is_set, 120, proc, log)
             final = _wait_all(direct, [job], redis.Redis.from_url(broker.url), log, timeout=120)
             assert proc.poll() is None
         assert [st.status for st in final] == ["SUCCESS"], _tail(log)
-        assert "is back on" in log.read_text()
     finally:
         direct.close()
         proxy.cut()
+
+
+def test_worker_killed_right_after_the_fetch_loses_nothing(broker: LocalRedis, s3: S3Endpoint, aws_env,
+                                                           tmp_path: Path) -> None:
+    """The worker dies between taking a message off the queue and delivering it: the
+    message is the broker's (unacked) all along, and the restarted worker runs it."""
+    env = _env(broker, s3, aws_env)
+    logs = [tmp_path / "worker0.log", tmp_path / "worker1.log"]
+    r = redis.Redis.from_url(broker.url)
+    first = start_worker({**env, "TTSPOOL_FAULT_EXIT_AFTER_FETCH": "fetched-0"}, logs[0])
+    client = Client(Settings.from_env(env))
+    second = None
+    try:
+        wait_ready(client, first, logs[0])
+        [job] = client.submit_many(_jobs(1, "fetched"))
+        _until("the worker to die after the fetch", lambda: first.poll() is not None, 60, log=logs[0])
+        assert first.returncode == 86 and r.llen(QUEUE_BULK) == 0 and r.hlen("unacked") == 1
+        second = start_worker(env, logs[1])  # what a supervisor does
+        final = _wait_all(client, [job], r, logs[1], timeout=180)
+        assert [st.status for st in final] == ["SUCCESS"]
+    finally:
+        client.close()
+        for proc in (first, second):
+            if proc is not None:
+                stop_process(proc)
 
 
 class CuttableProxy:
     """A TCP forwarder whose cut() drops every connection and refuses new ones, as a
     network partition or a dead load balancer does (stopping moto itself is no outage:
     its handler threads keep serving kept-alive connections). After drop_at(match), the
-    next client write that matches is not forwarded: every connection drops right there,
-    and new ones are accepted. Written here because it is a few lines of sockets and no
+    next client write (or server reply) that matches is not forwarded: every connection
+    drops right there, and new ones are accepted. Written here because it is a few lines of sockets and no
     test library offers it."""
 
     def __init__(self, target: tuple[str, int]) -> None:
@@ -217,10 +240,13 @@ class CuttableProxy:
         self._socks: set[socket.socket] = set()
         self._listener: socket.socket | None = None
         self._drop_once: Callable[[bytes], bool] | None = None
+        self._drop_replies = False
         self.dropped = threading.Event()
 
-    def drop_at(self, match: Callable[[bytes], bool]) -> None:
+    def drop_at(self, match: Callable[[bytes], bool], replies: bool = False) -> None:
+        """Drop at the next client write that matches, or server reply with `replies`."""
         self.dropped.clear()
+        self._drop_replies = replies
         self._drop_once = match
 
     def start(self) -> "CuttableProxy":
@@ -242,7 +268,7 @@ class CuttableProxy:
     def _pump(self, src: socket.socket, dst: socket.socket, watch: bool) -> None:
         try:
             while data := src.recv(65536):
-                if watch and self._drop_once and not self.dropped.is_set() and self._drop_once(data):
+                if watch != self._drop_replies and self._drop_once and not self.dropped.is_set() and self._drop_once(data):
                     self.dropped.set()
                     self._drop_all()
                     return

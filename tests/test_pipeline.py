@@ -277,6 +277,8 @@ def test_lang_normalize_fields_and_dropped_characters(worker: WorkerProc, client
     assert raw.spoken_text == f"Pay {tag}."
     # ☃☃ and "$5" had no reading: counted, and logged once per job with the characters.
     assert dropped() - before == 4
+    # ... and named in the results.
+    assert (forced_en.dropped, forced_zh.dropped, raw.dropped) == (None, "☃", "$5")
     assert f"job {ids[1]}: left out 2 character(s) with no reading: '\\u2603'" in worker.log_text()
 
 

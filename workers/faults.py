@@ -10,6 +10,8 @@ outside the engine (`Engine.on_admit`), only when one is set.
   torch.cuda.OutOfMemoryError, as a too-large batch does on a real GPU.
 - TTSPOOL_FAULT_OOM_ON_TEXT=<substring>: any GPU batch holding such a job raises
   torch.cuda.OutOfMemoryError, even alone (a job too large for the GPU).
+- TTSPOOL_FAULT_EXIT_AFTER_FETCH=<substring>: the worker process dies right after it
+  fetches a queue item containing the substring (a job id), before it delivers it.
 - TTSPOOL_FAULT_HANG_ON_TEXT=<substring>: any GPU batch holding such a job hangs (a
   wedged driver call) for an hour, while the rest of the process runs on.
 """
@@ -26,7 +28,7 @@ import torch
 log = logging.getLogger(__name__)
 
 CRASH_EXIT_CODE = 86
-KNOWN = frozenset({"CRASH_ON_TEXT", "OOM_ABOVE", "OOM_ON_TEXT", "HANG_ON_TEXT"})
+KNOWN = frozenset({"CRASH_ON_TEXT", "OOM_ABOVE", "OOM_ON_TEXT", "HANG_ON_TEXT", "EXIT_AFTER_FETCH"})
 
 
 def hook(faults: Sequence[tuple[str, str]]) -> Callable[[Sequence[str]], None] | None:
@@ -53,5 +55,21 @@ def hook(faults: Sequence[tuple[str, str]]) -> Callable[[Sequence[str]], None] |
             raise torch.cuda.OutOfMemoryError(f"injected: batch of {len(texts)} rows is above {above}")
         if oom and any(oom in t for t in texts):
             raise torch.cuda.OutOfMemoryError("injected: this job does not fit in GPU memory")
+
+    return inject
+
+
+def fetch_hook(faults: Sequence[tuple[str, str]]) -> Callable[[bytes], None] | None:
+    """A check for every item the transport fetches, or None when that fault is not set."""
+    needle = dict(faults).get("EXIT_AFTER_FETCH")
+    if not needle:
+        return None
+    marker = needle.encode()
+
+    def inject(item: bytes) -> None:
+        if marker in item:
+            log.error("fault injection: exiting right after fetching a queue item")
+            logging.shutdown()
+            os._exit(CRASH_EXIT_CODE)
 
     return inject

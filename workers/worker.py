@@ -10,7 +10,7 @@ from storage import storage_for
 from tasks.app import make_app
 from tasks.settings import WORKER_QUEUES, Settings, redact_url
 
-from . import batch_task, books, faults, rejections
+from . import batch_task, books, faults, rejections, transport
 from .engine import Engine
 from .engine.assets import ModelFetch
 from .metrics import Metrics, serve as serve_metrics
@@ -33,9 +33,11 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
     engine.load()
     metrics.engine_ready(engine)
     app = make_app(settings, worker_consumer="workers.consumer:Consumer")
-    # kombu's Redis transport, except that a queue item that is not a message is skipped
-    # instead of stopping the worker (workers/transport.py).
+    # kombu's Redis transport, except that a queue item that is not a valid message is
+    # refused instead of stopping the worker, and a fetched message is recorded as unacked
+    # in the same step (workers/transport.py).
     app.conf.broker_transport = "workers.transport:Transport"
+    transport.on_fetch = faults.fetch_hook(settings.faults)
     runner = batch_task.BatchRunner(app, engine, storage, settings, metrics)
     task = batch_task.register(app, runner, settings)
     rejections.install(rejections.Rejections(app, runner.redis, lambda reason: metrics.rejected.labels(reason).inc()))
