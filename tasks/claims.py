@@ -13,26 +13,36 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any
-
-from .schema import JobSpec
+from typing import Any, Mapping
 
 CLAIM_PREFIX = "ttspool:jobid:"
 # As long as results are kept (result_expires): a retried submit finds the first job.
 CLAIM_TTL_S = 7 * 86400
+REJECTED = "rejected"
 
 
-def digest_of(spec: JobSpec) -> str:
-    """The job as submitted, minus when it was sent: equal for a resubmission of it."""
-    kwargs: dict[str, Any] = spec.task_kwargs()
-    kwargs.pop("enqueued_at", None)
-    kwargs.pop("job_id", None)
-    return hashlib.sha256(json.dumps(kwargs, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:32]
+def digest_of(kwargs: Any) -> str:
+    """The job's kwargs as sent (the producer's JobSpec.task_kwargs(), or what a worker
+    received), minus when and under which id: equal for a resubmission of the same job.
+    Taken over the message itself, not a re-parsed spec, so both ends always agree."""
+    fields = {k: v for k, v in kwargs.items() if k not in ("enqueued_at", "job_id")} if isinstance(kwargs, Mapping) else kwargs
+    try:
+        text = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=repr)
+    except (ValueError, TypeError, RecursionError):
+        text = repr(fields)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def tenant_of(kwargs: Any) -> str | None:
+    tenant = kwargs.get("tenant") if isinstance(kwargs, Mapping) else None
+    return tenant if isinstance(tenant, str) else None
 
 
 @dataclass(frozen=True)
 class Claim:
-    digest: str  # "" for a claim written before claims carried one: it matches any job
+    # "" for a claim written before claims carried one: it matches any job. REJECTED for
+    # an id a refused message named first: it matches none.
+    digest: str
     tenant: str | None
     token: str  # who wrote it: a producer call (to recognise its own retried SET NX), or "worker"
 
@@ -49,6 +59,8 @@ class Claim:
             return cls("", None, text)  # the bare token of an older producer
 
     def same_job(self, other: "Claim") -> bool:
+        if REJECTED in (self.digest, other.digest):
+            return False
         return not self.digest or not other.digest or (self.digest == other.digest and self.tenant == other.tenant)
 
 

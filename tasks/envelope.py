@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Collection
 
@@ -28,10 +29,14 @@ _OPTIONAL_STR = (str, type(None))
 _HEADER_TYPES: dict[str, tuple[type, ...]] = {
     "lang": _OPTIONAL_STR, "root_id": _OPTIONAL_STR, "parent_id": _OPTIONAL_STR, "group": _OPTIONAL_STR,
     "group_index": (int, type(None)), "shadow": _OPTIONAL_STR, "origin": _OPTIONAL_STR,
-    "argsrepr": _OPTIONAL_STR, "kwargsrepr": _OPTIONAL_STR, "retries": (int,), "timelimit": (list, type(None)),
+    "argsrepr": _OPTIONAL_STR, "kwargsrepr": _OPTIONAL_STR, "retries": (int,),
     "ignore_result": (bool,), "replaced_task_nesting": (int,), "stamped_headers": (list, type(None)),
     "stamps": (dict,),
 }
+
+
+# kombu keys its unacked records by the tag and Redis encodes it: printable ASCII only.
+_TAG = re.compile(r"[\x21-\x7e]{1,128}")
 
 
 @dataclass(frozen=True)
@@ -48,8 +53,12 @@ def check(message: Any, tasks: Collection[str]) -> Rejection | None:
     headers, props = message.get("headers"), message.get("properties")
     if not isinstance(headers, dict) or not isinstance(props, dict):
         return Rejection("not_envelope", "envelope has no headers or properties object", None)
-    if not isinstance(props.get("delivery_tag"), str) or not isinstance(props.get("delivery_info", {}), dict):
-        return Rejection("not_envelope", "envelope properties have no string delivery_tag", None)
+    tag = props.get("delivery_tag")
+    if not isinstance(tag, str) or not _TAG.fullmatch(tag) or not isinstance(props.get("delivery_info"), dict):
+        return Rejection("not_envelope", "envelope properties need a delivery_tag of 1-128 printable ASCII "
+                                         "characters and a delivery_info object", None)
+    if props.get("body_encoding") not in (None, "base64"):
+        return Rejection("not_envelope", "properties.body_encoding must be base64", None)
     job_id = headers.get("id")
     if job_id is None:
         return Rejection("no_id", "message has no headers.id", None)
@@ -65,6 +74,10 @@ def check(message: Any, tasks: Collection[str]) -> Rejection | None:
     for name, types in _HEADER_TYPES.items():
         if name in headers and not isinstance(headers[name], types):
             return Rejection("bad_header", f"headers.{name} has the wrong type ({type(headers[name]).__name__})", job_id)
+    limits = headers.get("timelimit")
+    if limits is not None and not (isinstance(limits, list) and len(limits) == 2 and all(
+            v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in limits)):
+        return Rejection("bad_header", "headers.timelimit must be [hard, soft] seconds or null", job_id)
     if task == TASK_NAME:
         # A Celery ETA (countdown) would sit in this worker's memory, holding a prefetch
         # slot and a batch window, until it falls due. ttspool schedules by priority and

@@ -99,9 +99,9 @@ class Client:
         self.check_voices(specs)
         ids = [spec.job_id or uuid.uuid4().hex for spec in specs]
         token = uuid.uuid4().hex
-        wanted = {job_id: Claim(digest_of(spec), spec.tenant, token) for job_id, spec in zip(ids, specs)}
+        wanted = {job_id: Claim(digest_of(spec.task_kwargs()), spec.tenant, token) for job_id, spec in zip(ids, specs)}
         for job_id, spec in zip(ids, specs):
-            if not wanted[job_id].same_job(Claim(digest_of(spec), spec.tenant, token)):
+            if not wanted[job_id].same_job(Claim(digest_of(spec.task_kwargs()), spec.tenant, token)):
                 raise JobValidationError(f"invalid job: job_id: {taken_error(job_id)}")
         try:
             self.limiter.take(spec.tenant for spec in specs)

@@ -94,7 +94,10 @@ class JobSpec(BaseModel):
     def _clean_text(cls, v: str) -> str:
         if len(v) > MAX_TEXT_CHARS * 2:
             raise ValueError(f"text is longer than {MAX_TEXT_CHARS} characters")
-        v = _MARKUP.sub(" ", v)
+        # Until nothing changes: removing inner markup can join outer markup ("<a<b>>"), and
+        # the worker, validating again, must read the same text the producer sent.
+        while (stripped := _MARKUP.sub(" ", v)) != v:
+            v = stripped
         bad = sorted({f"U+{ord(c):04X}" for c in v if unicodedata.category(c) in ("Cc", "Cs", "Co") and c not in "\n\r\t"})
         if bad:
             raise ValueError(f"text contains control characters ({', '.join(bad[:5])})")

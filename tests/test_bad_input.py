@@ -72,9 +72,11 @@ def test_broken_broker_messages_fail_with_a_reason_and_the_worker_keeps_serving(
     assert huge_text[:100_000] not in worker.log_text()  # a huge body is not copied into the log
 
 
-def _poison(job_id: Any, **headers: Any) -> str:
+def _poison(job_id: Any, drop: tuple[str, ...] = (), **headers: Any) -> str:
     envelope = json.loads(raw_message("placeholder", _body([], {"text": "poison"}, _EMBED)))
     envelope["headers"].update(id=job_id, **headers)
+    for name in drop:
+        envelope["headers"].pop(name, None)
     return json.dumps(envelope)
 
 
@@ -134,9 +136,11 @@ def test_poison_envelopes_are_dead_lettered_and_hold_no_slot(worker: WorkerProc,
 envelope_ids = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30) | st.lists(st.integers(), max_size=2)
 header_values = st.none() | st.booleans() | st.integers() | st.text(max_size=20) | st.lists(st.none(), max_size=2) | st.dictionaries(st.text(max_size=4), st.none(), max_size=2)
 envelopes = st.one_of(
-    st.builds(lambda i, h: _poison(i, **h), envelope_ids,
+    st.builds(lambda i, d, h: _poison(i, tuple(d), **h), envelope_ids,
+              st.sets(st.sampled_from(["id", "task", "lang", "root_id", "retries", "argsrepr"]), max_size=3),
               st.dictionaries(st.sampled_from(["task", "eta", "expires", "retries", "timelimit", "root_id", "lang", "stamps",
-                                               "group_index", "x-extra"]), header_values, max_size=4)),
+                                               "group_index", "x-extra"]),
+                              header_values | st.integers(1, 5).map(lambda n: "x" * (n * 200_000)), max_size=4)),
     st.binary(max_size=200).map(lambda b: b.decode("latin-1")),
     st.integers(1, 50_000).map(lambda n: "{\"a\":" * n),
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import threading
 import time
 import urllib.request
@@ -113,6 +114,17 @@ def test_presigned_urls(s3: S3Endpoint, tmp_path: Path) -> None:
 
 
 # -- idempotency --------------------------------------------------------------------
+
+
+def test_submit_file_rerun_enqueues_nothing_twice(idle_url: str, tmp_path: Path) -> None:
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("".join(json.dumps({"text": f"Line {i}.", "job_id": f"rerun-{i}"}) + "\n" for i in range(3)))
+    env = {**os.environ, "TTSPOOL_BROKER_URL": idle_url}
+    first, second = (run_cli(env, "submit-file", str(jobs), "--json") for _ in range(2))
+    assert "enqueued 3 job(s), 0 already submitted, 0 invalid line(s)" in first.stderr, first.stderr
+    assert "enqueued 0 job(s), 3 already submitted, 0 invalid line(s)" in second.stderr, second.stderr
+    assert [json.loads(line)["new"] for line in second.stdout.splitlines()] == [False] * 3
+    assert _queued(idle_url) == 3
 
 
 def test_same_job_id_twice_is_one_job_with_one_result(client: Client) -> None:

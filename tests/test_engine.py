@@ -199,5 +199,8 @@ def test_mix_voice_is_the_normalized_blend(engine: Engine) -> None:
     a, b = engine.speaker(1).float(), engine.speaker(2).float()
     mixed = engine.speaker(Blend(((1, 0.7), (2, 0.3)))).float()
     want = 0.7 * a + 0.3 * b
-    assert torch.allclose(mixed, want / want.norm(), atol=1e-6) and abs(float(mixed.norm()) - 1) < 1e-5
-    assert torch.allclose(engine.speaker(Blend(((1, 7.0), (2, 3.0)))).float(), mixed, atol=1e-6)  # relative weights
+    # The vectors are stored in the engine's dtype: bfloat16 (auto on CPUs that have it)
+    # keeps 8 bits of mantissa.
+    tol = 1e-6 if engine.dtype == torch.float32 else 4e-3
+    assert torch.allclose(mixed, want / want.norm(), atol=tol) and abs(float(mixed.norm()) - 1) < 10 * tol
+    assert torch.allclose(engine.speaker(Blend(((1, 7.0), (2, 3.0)))).float(), mixed, atol=tol)  # relative weights

@@ -48,6 +48,8 @@ def test_a_valid_message_passes() -> None:
     (envelope(task="ttspool.synthesise"), "unknown_task", True),
     (envelope(retries="3"), "bad_header", True),
     (envelope(timelimit="soon"), "bad_header", True),
+    (envelope(task=ASSEMBLE_TASK, timelimit=[1]), "bad_header", True),
+    (envelope(timelimit=[None, "x"]), "bad_header", True),
     (envelope(eta="2030-01-01T00:00:00+00:00"), "eta", True),
     (envelope(expires="2030-01-01T00:00:00+00:00"), "expires", True),
     (with_body(b"[" * 100_000), "body", True),
@@ -62,10 +64,13 @@ def test_each_way_to_break_a_worker_is_refused_with_a_reason(message: Any, reaso
     assert "\n" not in rejection.detail and len(rejection.detail) < 400
 
 
-def test_the_delivery_tag_must_be_a_string() -> None:
+@pytest.mark.parametrize("props", [{"delivery_tag": 5}, {"delivery_tag": "\ud800"}, {"delivery_tag": "a b"},
+                                   {"delivery_tag": "x" * 129}, {"delivery_info": None}, {"body_encoding": "zzz"}])
+def test_properties_kombu_relies_on_are_checked(props: dict[str, Any]) -> None:
     message = envelope()
-    message["properties"]["delivery_tag"] = 5
+    message["properties"].update(props)
     assert check(message, TASKS).reason == "not_envelope"
+    assert check(envelope(timelimit=[30, None]), TASKS) is None
 
 
 json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),

@@ -413,28 +413,37 @@ def _health(port: int) -> tuple[int, dict[str, object]]:
 def test_broker_at_maxmemory_keeps_the_worker_and_the_audio(broker: LocalRedis, s3: S3Endpoint, aws_env,
                                                             tmp_path: Path) -> None:
     """Redis at maxmemory (noeviction) refuses every write: the worker keeps running and
-    keeps the audio it made; producers get BrokerFull; all ends well once memory is free."""
+    keeps the audio it made, a worker started meanwhile stays up, producers get
+    BrokerFull; all ends well once memory is free."""
     env = _env(broker, s3, aws_env, TTSPOOL_MAX_BATCH="8")
-    log = tmp_path / "worker.log"
+    log, log2 = tmp_path / "worker.log", tmp_path / "worker2.log"
     r = redis.Redis.from_url(broker.url)
-    with running_worker(env, log) as (proc, client):
-        ids = client.submit_many(_jobs(4, "full", words=150))  # long rows: seconds of generation
-        # The batch has started (its strikes are written): it will upload its audio and then
-        # find its results refused.
-        _until("the batch to start", lambda: r.get("ttspool:strikes:full-0") == b"1", 30, proc, log, poll=0.002)
-        r.config_set("maxmemory-policy", "noeviction")
-        r.config_set("maxmemory", 1)  # below what Redis uses: every write is refused from here
-        try:
-            with pytest.raises(BrokerFull, match="maxmemory"):
-                client.submit({"text": "No room for this one."})
-            _until("the refusal", lambda: "the broker refuses writes" in log.read_text(), 60, proc, log)
-            time.sleep(10)  # refused writes, retried with pauses, do not stop the worker
-            assert proc.poll() is None and all(client.status(i).status == "STARTED" for i in ids)
-        finally:
-            r.config_set("maxmemory", 0)
-        done = _wait_all(client, ids, r, log, timeout=120)
-        _assert_stored(s3, done)
-        # Served from the audio stored before the refusal, not synthesized a second time.
-        assert all(client.app.backend.get_task_meta(i)["result"]["cached"] for i in ids), _tail(log)
-        after = client.wait([client.submit({"text": "Still serving after a full broker."})], timeout=120)[0]
-        assert after.status == "SUCCESS" and proc.poll() is None
+    second = None
+    try:
+        with running_worker(env, log) as (proc, client):
+            ids = client.submit_many(_jobs(4, "full", words=150))  # long rows: seconds of generation
+            # The batch has started (its strikes are written): it will upload its audio and
+            # then find its results refused.
+            _until("the batch to start", lambda: r.get("ttspool:strikes:full-0") == b"1", 30, proc, log, poll=0.002)
+            r.config_set("maxmemory-policy", "noeviction")
+            r.config_set("maxmemory", 1)  # below what Redis uses: every write is refused from here
+            try:
+                with pytest.raises(BrokerFull, match="maxmemory"):
+                    client.submit({"text": "No room for this one."})
+                _until("the refusal", lambda: "the broker refuses writes" in log.read_text(), 60, proc, log)
+                # A worker (re)started while the broker is full, as an orchestrator would.
+                second = start_worker(env, log2)
+                time.sleep(20)  # refused writes, retried with pauses, stop neither worker
+                assert proc.poll() is None and second.poll() is None, _tail(log2)
+                assert all(client.status(i).status == "STARTED" for i in ids)
+            finally:
+                r.config_set("maxmemory", 0)
+            done = _wait_all(client, ids, r, log, timeout=120)
+            _assert_stored(s3, done)
+            # Served from the audio stored before the refusal, not synthesized a second time.
+            assert all(client.app.backend.get_task_meta(i)["result"]["cached"] for i in ids), _tail(log)
+            after = client.wait([client.submit({"text": "Still serving after a full broker."})], timeout=120)[0]
+            assert after.status == "SUCCESS" and proc.poll() is None and second.poll() is None
+    finally:
+        if second is not None:
+            stop_process(second)

@@ -9,10 +9,13 @@ from typing import Iterator
 
 import pytest
 import redis
+from hypothesis import given
+from hypothesis import strategies as st
 
+from tasks.book import book_key, submit_book
 from tasks.cli.local_redis import LocalRedis
 from tasks.producer import Client
-from tasks.schema import JobValidationError
+from tasks.schema import JobValidationError, parse_job
 from tasks.settings import DEAD_LETTER_KEY, QUEUE_BULK, TASK_NAME, Settings
 
 from .conftest import WorkerProc
@@ -44,6 +47,13 @@ def test_an_id_is_its_first_submitters(idle: Client) -> None:
         idle.submit_many([{"text": "one", "job_id": "twice"}, {"text": "two", "job_id": "twice"}])
 
 
+def test_a_books_segments_are_claimed(idle: Client) -> None:
+    book_id = submit_book(idle, "First part. Second part.", segments=["First part.", "Second part."])
+    segment = idle.redis.hget(book_key(book_id, "jobs"), "1").decode()
+    with pytest.raises(JobValidationError, match="already taken"):
+        idle.submit({"text": "Replaced words.", "job_id": segment})
+
+
 def _forge(client: Client, task_id: str, text: str, **kwargs: object) -> None:
     """A plain Celery client, as any program that can reach the broker could send it."""
     client.app.send_task(TASK_NAME, kwargs={"text": text, **kwargs}, task_id=task_id, queue=QUEUE_BULK)
@@ -58,7 +68,10 @@ def test_a_forged_message_cannot_replace_a_job(worker: WorkerProc, client: Clien
     client.submit({"text": "The queued original.", "job_id": queued})
     _forge(client, queued, "Forged words.")
     _forge(client, done, "Forged words.")
-    assert client.wait([queued], timeout=120)[0].spoken_text == "The queued original."
+    # Refused at the envelope (a countdown): its failure must not land on the owner's id.
+    client.app.send_task(TASK_NAME, kwargs={"text": "Forged words."}, task_id=queued, queue=QUEUE_BULK, countdown=60)
+    victim = client.wait([queued], timeout=120)[0]
+    assert victim.status == "SUCCESS" and victim.spoken_text == "The queued original.", victim
     plain = "plain-" + uuid.uuid4().hex  # an id no producer claimed: the worker claims it
     _forge(client, plain, "A plain Celery job.")
     mismatch = "mismatch-" + uuid.uuid4().hex
@@ -69,5 +82,15 @@ def test_a_forged_message_cannot_replace_a_job(worker: WorkerProc, client: Clien
     assert client.status("another-name").status == "PENDING"
     assert client.app.backend.get_task_meta(done) == before
     entries = [json.loads(e) for e in r.lrange(DEAD_LETTER_KEY, 0, r.llen(DEAD_LETTER_KEY) - dead - 1)]
-    assert sorted(e["reason"].split(":")[0] for e in entries) == ["id_taken", "id_taken"]
-    assert all("Forged words." in e["raw"] for e in entries)
+    assert sorted(e["reason"].split(":")[0] for e in entries) == ["eta", "id_taken", "id_taken"]
+    assert all("Forged words." in e["raw"] or e["reason"].startswith("eta") for e in entries)
+
+
+@given(st.text(alphabet="<>ab /", min_size=1, max_size=30))
+def test_a_job_reads_the_same_when_validated_again(text: str) -> None:
+    """The worker validates what the producer sent: the same job, or claims would differ."""
+    try:
+        spec = parse_job({"text": text})
+    except JobValidationError:
+        return
+    assert parse_job(spec.task_kwargs()) == spec

@@ -23,7 +23,7 @@ from tasks.audio import FORMATS
 from .conftest import BUCKET, PREFIX, ROOT, S3Endpoint, WorkerProc, raw_message
 from .scrape import fetch, parse, value
 
-STATUS_FIELDS = {"id", "status", "url", "duration_s", "sample_rate", "error", "spoken_text", "format"}
+STATUS_FIELDS = {"id", "status", "url", "duration_s", "sample_rate", "error", "spoken_text", "format", "dropped"}
 
 
 def _cli(worker: WorkerProc, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:

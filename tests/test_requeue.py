@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import redis
@@ -22,6 +23,9 @@ def test_upload_failure_requeues_until_storage_is_back(redis_server, s3: S3Endpo
     proc = start_worker(env, log)
     client = Client(Settings.from_env(env))
     r = redis.Redis.from_url(broker)
+    # The result backend publishes every state it records: the job's history, in order.
+    events = r.pubsub(ignore_subscribe_messages=True)
+    events.subscribe("celery-task-meta-requeue-1")
     try:
         job = client.submit({"text": "Stored on the second try.", "job_id": "requeue-1"})
         deadline = time.monotonic() + 180
@@ -34,7 +38,16 @@ def test_upload_failure_requeues_until_storage_is_back(redis_server, s3: S3Endpo
         assert st.status == "SUCCESS", st
         key = st.url.removeprefix(f"s3://{bucket}/")
         assert s3.client().head_object(Bucket=bucket, Key=key)["ContentLength"] > 44
+        states = []
+        end = time.monotonic() + 3
+        while time.monotonic() < end:
+            message = events.get_message(timeout=0.5)
+            if message is not None:
+                states.append(json.loads(message["data"])["status"])
+        # Back in the queue after the failed upload, it reads PENDING (queued), not STARTED.
+        assert states[:3] == ["STARTED", "PENDING", "STARTED"] and states[-1] == "SUCCESS", states
     finally:
+        events.close()
         client.close()
         stop_process(proc)
         r.flushdb()

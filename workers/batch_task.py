@@ -16,7 +16,7 @@ from scheduler.keys import content_key, object_key
 from scheduler.planner import PlanItem, Policy, next_batch
 from storage import Storage, StorageError
 from tasks.audio import FORMATS, duration_of, encode
-from tasks.claims import CLAIM_TTL_S, Claim, claim_key, digest_of, taken_error
+from tasks.claims import CLAIM_TTL_S, Claim, claim_key, digest_of, taken_error, tenant_of
 from tasks.envelope import Rejection
 from tasks.errors import JobExpired, JobFailed, RedeliveryLimit
 from tasks.schema import MAX_STEPS, JobSpec, JobValidationError, parse_job
@@ -119,7 +119,8 @@ class BatchRunner:
     def _succeed(self, job: Job, record: dict[str, Any], cached: bool) -> None:
         self.app.backend.mark_as_done(
             job.id, {"id": job.id, "status": JobState.SUCCESS, **record, "spoken_text": job.spoken_text,
-                     "cached": cached, **({"voice": job.voice} if job.voice is not None else {})}
+                     "cached": cached, **({"voice": job.voice} if job.voice is not None else {}),
+                     **({"dropped": job.dropped} if job.dropped else {})}
         )
         self.books.job_finished(job.id, duration_s=record["duration_s"])
         self.metrics.job_succeeded(job.spec, cached)
@@ -129,8 +130,10 @@ class BatchRunner:
     def __call__(self, requests: Sequence[Any]) -> Outcome:
         """Called with every held request; returns which are finished or to requeue."""
         out = Outcome()
-        held = {r.id for r in requests}
-        self._jobs = {k: v for k, v in self._jobs.items() if k in held}
+        held = {r.id: r for r in requests}
+        # A job stays admitted while the same message is held: another message now held
+        # under its id (one that won the id's claim) is admitted afresh.
+        self._jobs = {k: v for k, v in self._jobs.items() if k in held and v.kwargs == held[k].kwargs}
         try:
             new = [r for r in requests if r.id not in self._jobs]
             for job in self._admit(new, out):
@@ -181,9 +184,10 @@ class BatchRunner:
         time.sleep(min(10.0, 0.5 + (now - self._refused_since) / 4))
 
     def _admit(self, requests: Sequence[Any], out: Outcome) -> list[Job]:
-        """Validate every message; check its id's owner; count deliveries; a bad one fails alone."""
+        """Check each message's claim on its id; validate; count deliveries. A bad one
+        fails alone, and only under an id that is its own."""
         jobs: list[Job] = []
-        for req in requests:
+        for req in self._owned(requests, out):
             try:
                 if req.args:
                     raise JobValidationError("ttspool.synthesize takes keyword arguments only")
@@ -195,11 +199,11 @@ class BatchRunner:
             if spec.job_id is not None and spec.job_id != req.id:
                 # Recorded under one id, the other would stay PENDING forever.
                 rejections.record(Rejection("id_mismatch", f"kwargs job_id {spec.job_id!r} differs from the "
-                                                           f"message id {req.id!r}", req.id), json.dumps(req.kwargs))
+                                                           f"message id {req.id!r}", req.id),
+                                  json.dumps(req.kwargs, default=str), owner=True)
                 out.finished.add(req.id)
                 continue
             jobs.append(Job(req.id, spec, dict(req.kwargs)))
-        jobs = self._owned(jobs, out)
         if not jobs:
             return []
         pipe = self.redis.pipeline()
@@ -231,37 +235,41 @@ class BatchRunner:
                 admitted.append(job)
         return admitted
 
+    @staticmethod
+    def _claim_of(kwargs: Any) -> Claim:
+        """The claim a message makes on its id: the digest of its kwargs as received."""
+        return Claim(digest_of(kwargs), tenant_of(kwargs), "worker")
+
     def owns(self, job_id: str, kwargs: Any) -> bool:
         """Whether this job is the one its id's claim names (an unclaimed id: yes)."""
         try:
-            spec = parse_job(kwargs)
             raw = self.redis.get(claim_key(job_id))
-        except (JobValidationError, redis.RedisError):
+        except redis.RedisError:
             return False
-        return raw is None or Claim.decode(raw).same_job(Claim(digest_of(spec), spec.tenant, "worker"))
+        return raw is None or Claim.decode(raw).same_job(self._claim_of(kwargs))
 
     def refuse(self, request: Any) -> None:
         """A message that lost its id to a different job: dead-lettered, the owner untouched."""
         rejections.record(Rejection("id_taken", taken_error(request.id), None), json.dumps(request.kwargs, default=str))
 
-    def _owned(self, jobs: list[Job], out: Outcome) -> list[Job]:
-        """Jobs whose id is theirs: claimed here when unclaimed (a plain Celery client),
+    def _owned(self, requests: Sequence[Any], out: Outcome) -> list[Any]:
+        """Requests whose id is theirs: claimed here when unclaimed (a plain Celery client),
         refused when claimed by a different job, without touching that job's record."""
-        if not jobs:
-            return jobs
+        if not requests:
+            return []
         pipe = self.redis.pipeline(transaction=False)
-        claims = [Claim(digest_of(job.spec), job.spec.tenant, "worker") for job in jobs]
-        for job, claim in zip(jobs, claims):
-            pipe.set(claim_key(job.id), claim.encode(), nx=True, ex=CLAIM_TTL_S)
-            pipe.get(claim_key(job.id))
+        claims = [self._claim_of(req.kwargs) for req in requests]
+        for req, claim in zip(requests, claims):
+            pipe.set(claim_key(req.id), claim.encode(), nx=True, ex=CLAIM_TTL_S)
+            pipe.get(claim_key(req.id))
         replies = pipe.execute()
         owned = []
-        for job, claim, raw in zip(jobs, claims, replies[1::2]):
+        for req, claim, raw in zip(requests, claims, replies[1::2]):
             if raw is None or Claim.decode(raw).same_job(claim):
-                owned.append(job)
+                owned.append(req)
                 continue
-            self.refuse(job)
-            out.finished.add(job.id)
+            self.refuse(req)
+            out.finished.add(req.id)
         return owned
 
     def _has_result(self, job_id: str) -> bool:
@@ -355,18 +363,20 @@ class BatchRunner:
         # Every row's audio is stored before any result is recorded: when Redis refuses
         # the records (maxmemory), what was made is in storage and served from there later.
         stored: list[tuple[Work, dict[str, Any]]] = []
+        failed: list[tuple[Work, str]] = []
         for work, res in zip(batch, results, strict=True):
-            ids = {job.id for job in work.jobs}
             if res.audio is None:
-                for job in work.jobs:
-                    self._fail(job.id, JobFailed(res.error or "synthesis failed"))
-                out.finished |= ids
+                failed.append((work, res.error or "synthesis failed"))
                 continue
             try:
                 stored.append((work, self._store_patiently(work.key, res.audio, work.jobs[0].spec.format)))
             except StorageError as err:
                 log.warning("upload failed, will retry: %s", err)
-                out.requeue |= ids
+                out.requeue |= {job.id for job in work.jobs}
+        for work, error in failed:
+            for job in work.jobs:
+                self._fail(job.id, JobFailed(error))
+            out.finished |= {job.id for job in work.jobs}
         for work, record in stored:
             for job in work.jobs:
                 self._succeed(job, record, cached=False)

@@ -54,7 +54,9 @@ class GpuBatches(Batches):
         """Why this worker is stuck, or None: no scheduler tick for `tick_s`, or one batch
         running for longer than `batch_s`."""
         now = time.monotonic()
-        if now - self.last_tick > tick_s:
+        # celery-batches stops its flush timer while there is nothing to flush (an idle
+        # worker), and starts it with the next message: only a running timer must tick.
+        if self._tref is not None and now - self.last_tick > tick_s:
             return f"no scheduler tick for {now - self.last_tick:.0f} s"
         since = self.inflight_since
         if since is not None and now - since > batch_s:

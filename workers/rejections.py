@@ -3,9 +3,10 @@
 The transport (workers/transport.py) checks every popped item against the envelope
 contract (tasks/envelope.py) before kombu or Celery sees it; Celery's own late refusals
 (workers/consumer.py) end here too. A refusal names the job it can: a FAILURE with the
-reason is recorded under the message's id, unless that id already has a record (it is
-somebody else's job: a forged or replayed message must not overwrite it). Everything
-else goes to the dead-letter list, bounded, with the first bytes of the item.
+reason is recorded under the message's id when the id is the message's own (nobody had
+claimed it, tasks/claims.py; a forged or replayed message must not overwrite another
+job's record). Everything else goes to the dead-letter list, bounded, with the first
+bytes of the item.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from typing import Any, Callable
 import redis
 from celery import Celery
 
+from tasks.claims import CLAIM_TTL_S, REJECTED, Claim, claim_key
 from tasks.envelope import Rejection
 from tasks.errors import MessageRejected
 from tasks.settings import DEAD_LETTER_KEY
-from tasks.states import JobState
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +39,12 @@ class Rejections:
         self.redis = r
         self.count = count
 
-    def record(self, rejection: Rejection, raw: bytes | str | None) -> None:
+    def record(self, rejection: Rejection, raw: bytes | str | None, owner: bool = False) -> None:
+        """`owner`: the caller knows the message holds its id's claim."""
         self.count(rejection.reason)
         log.warning("rejected a queue item (%s): %s", rejection.reason, rejection.detail)
         try:
-            if rejection.job_id is not None and self._unrecorded(rejection.job_id):
+            if rejection.job_id is not None and (owner or self._claim(rejection.job_id)):
                 self.app.backend.mark_as_failure(rejection.job_id, MessageRejected(rejection.detail))
                 return
             text = raw[:_RAW_BYTES].decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw or "")
@@ -50,12 +52,15 @@ class Rejections:
                      "raw": text[:_RAW_BYTES], "at": time.time()}
             self.redis.pipeline().lpush(DEAD_LETTER_KEY, json.dumps(entry)).ltrim(
                 DEAD_LETTER_KEY, 0, DEAD_LETTER_MAX - 1).execute()
-        except redis.RedisError as err:
+        except Exception as err:  # noqa: BLE001 - the backend's own errors after its retries too
             # The item is gone from the queue either way: refusing it must not stop the worker.
             log.error("could not record the rejected item (%s): %s", rejection.reason, err)
 
-    def _unrecorded(self, job_id: str) -> bool:
-        return self.app.backend.get_task_meta(job_id).get("status", JobState.PENDING) == JobState.PENDING
+    def _claim(self, job_id: str) -> bool:
+        """Claim an unclaimed id for the refusal (a claim no job matches): a failure is
+        recorded only under an id no job holds, never over somebody else's."""
+        claim = Claim(REJECTED, None, "worker").encode()
+        return bool(self.redis.set(claim_key(job_id), claim, nx=True, ex=CLAIM_TTL_S))
 
 
 _current: Rejections | None = None
@@ -70,9 +75,9 @@ def install(rejections: Rejections) -> None:
         _current = rejections
 
 
-def record(rejection: Rejection, raw: Any) -> None:
+def record(rejection: Rejection, raw: Any, owner: bool = False) -> None:
     current = _current
     if current is None:
         log.warning("rejected a queue item (%s): %s", rejection.reason, rejection.detail)
         return
-    current.record(rejection, raw)
+    current.record(rejection, raw, owner)

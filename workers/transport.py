@@ -50,7 +50,11 @@ _TASKS = frozenset({TASK_NAME, ASSEMBLE_TASK})
 _IDLE_KEY = "ttspool:idle"  # never written: a blocking pop on it is a pause
 _IDLE_S = 0.05
 # KEYS: the queue lists in the order to try them, then kombu's unacked hash and index.
-# ARGV[1]: the time to index the delivery at (the worker's clock, as kombu's restore reads it).
+# ARGV[1]: the time to index the delivery at (the worker's clock, as kombu's restore reads
+# it); ARGV[1 + i]: the queue KEYS[i] belongs to. The record names that queue as its
+# routing key on the default exchange, so a restore puts the message back where it was,
+# whatever the message says of itself. Returns {list, item, tag}, tag false when the item
+# has no delivery tag to record it under (the worker refuses it).
 _FETCH = """#!lua
 local n = #KEYS - 2
 for i = 1, n do
@@ -58,16 +62,14 @@ for i = 1, n do
   if item then
     local ok, msg = pcall(cjson.decode, item)
     if ok and type(msg) == 'table' and type(msg['properties']) == 'table' then
-      local tag, info = msg['properties']['delivery_tag'], msg['properties']['delivery_info']
-      if type(tag) == 'string' and type(info) == 'table' then
-        local ex, rk = info['exchange'], info['routing_key']
-        if type(ex) ~= 'string' then ex = '' end
-        if type(rk) ~= 'string' then rk = '' end
+      local tag = msg['properties']['delivery_tag']
+      if type(tag) == 'string' and type(msg['properties']['delivery_info']) == 'table' then
         redis.call('ZADD', KEYS[n + 2], ARGV[1], tag)
-        redis.call('HSET', KEYS[n + 1], tag, '[' .. item .. ',' .. cjson.encode(ex) .. ',' .. cjson.encode(rk) .. ']')
+        redis.call('HSET', KEYS[n + 1], tag, '[' .. item .. ',"",' .. cjson.encode(ARGV[1 + i]) .. ']')
+        return {KEYS[i], item, tag}
       end
     end
-    return {KEYS[i], item}
+    return {KEYS[i], item, false}
   end
 end
 return false
@@ -76,10 +78,9 @@ return false
 on_fetch: Callable[[bytes], None] | None = None
 
 
-def _admit(item: bytes) -> tuple[dict[str, Any] | None, Any]:
-    """(the decoded envelope, None) or, when it was refused (and recorded), (None, its
-    delivery tag if it has one: the fetch recorded it as unacked)."""
-    message: Any = None
+def _admit(item: bytes, recorded: bool) -> dict[str, Any] | None:
+    """The decoded envelope, or None when it was refused (and the refusal recorded).
+    `recorded`: the fetch recorded it as unacked (Lua's JSON decoder accepted it too)."""
     try:
         message = loads(bytes_to_str(item))
     except _UNDECODABLE as exc:
@@ -87,17 +88,31 @@ def _admit(item: bytes) -> tuple[dict[str, Any] | None, Any]:
                                        None)
     else:
         rejection = envelope.check(message, _TASKS)
+        if rejection is None and not recorded:
+            rejection = envelope.Rejection("undecodable", "the broker could not read the envelope's delivery tag "
+                                                          "(JSON its decoder refuses)", None)
         if rejection is None:
-            return message, None
+            return message
     rejections.record(rejection, item)
-    props = message.get("properties") if isinstance(message, dict) else None
-    return None, props.get("delivery_tag") if isinstance(props, dict) else None
+    return None
 
 
 class QoS(kombu_redis.QoS):
     def append(self, message: Any, delivery_tag: Any) -> None:
         # The fetch script recorded it in Redis already: only this process's own books.
         kombu_redis.virtual.QoS.append(self, message, delivery_tag)
+
+    def restore_by_tag(self, tag: Any, client: Any = None, leftmost: bool = False) -> Any:
+        try:
+            return super().restore_by_tag(tag, client, leftmost)
+        except (*_UNDECODABLE, redis.exceptions.DataError) as exc:
+            # A record that cannot go back to a queue would stop every restore sweep (and
+            # every worker start) at it: it is dropped and dead-lettered instead.
+            log.error("dropped an unacked record that could not be restored (%s)", type(exc).__name__)
+            self._remove_from_indices(tag).execute()
+            rejections.record(envelope.Rejection("undecodable", f"an unacked record could not be restored "
+                                                                f"({type(exc).__name__})", None), None)
+            return None
 
     def restore_visible(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -121,9 +136,10 @@ class Channel(kombu_redis.Channel):
         if self._paused:
             self.client.connection.send_command("BRPOP", _IDLE_KEY, _IDLE_S)
             return None
-        keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
+        order = [(queue, pri) for pri in self.priority_steps for queue in queues]
+        keys = [self._q_for_pri(queue, pri) for queue, pri in order]
         self.client.connection.send_command("EVAL", _FETCH, len(keys) + 2, *keys, self.unacked_key,
-                                            self.unacked_index_key, time.time())
+                                            self.unacked_index_key, time.time(), *(queue for queue, _ in order))
         return None
 
     def _brpop_read(self, **options: Any) -> Any:
@@ -142,14 +158,14 @@ class Channel(kombu_redis.Channel):
             if not reply or paused:
                 self._paused = not paused
                 raise Empty()
-            dest, item = reply
+            dest, item, tag = reply
             if on_fetch is not None:
                 on_fetch(item)
             dest = bytes_to_str(dest).rsplit(self.sep, 1)[0]
             self._queue_cycle.rotate(dest)
-            message, tag = _admit(item)
+            message = _admit(item, tag is not None)
             if message is None:
-                if isinstance(tag, str):
+                if tag is not None:
                     self.qos._remove_from_indices(tag).execute()
                 raise Empty()
             self.connection._deliver(message, dest)
@@ -158,11 +174,37 @@ class Channel(kombu_redis.Channel):
             self._in_poll = None
             self._flush_brpop_reauth()
 
+    def _size(self, queue: str) -> int:
+        # kombu's reads the lists in a MULTI, which a Redis at maxmemory refuses whole:
+        # the worker would then fail to start (and crash-loop) while the broker is full.
+        with self.conn_or_acquire() as client:
+            pipe = client.pipeline(transaction=False)
+            for pri in self.priority_steps:
+                pipe.llen(self._q_for_pri(queue, pri))
+            return int(sum(size for size in pipe.execute() if size))
+
+    def _queue_bind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
+        try:
+            super()._queue_bind(exchange, routing_key, pattern, queue)
+        except redis.exceptions.OutOfMemoryError:
+            # A worker starting while the broker is full. Its job queues were bound by
+            # earlier starts (re-adding a binding is still a refused write); without that,
+            # fail. Its remote-control queue is new (named after the host and pid) and only
+            # serves `celery inspect`/`control`: this worker does without until it restarts.
+            if self.typeof(exchange).type == "fanout":
+                log.warning("the broker is full: remote control (%s) stays off for this worker", queue)
+                return
+            member = self.sep.join([routing_key or "", pattern or "", queue or ""])
+            with self.conn_or_acquire() as client:
+                if not client.sismember(self.keyprefix_queue % (exchange,), member):
+                    raise
+
     def _get(self, queue: str) -> Any:
-        # basic_get: the same atomic fetch, for one queue.
+        # basic_get (not used by the worker): the same atomic fetch, for one queue.
         keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps]
         with self.conn_or_acquire() as client:
-            reply = client.eval(_FETCH, len(keys) + 2, *keys, self.unacked_key, self.unacked_index_key, time.time())
+            reply = client.eval(_FETCH, len(keys) + 2, *keys, self.unacked_key, self.unacked_index_key, time.time(),
+                                *([queue] * len(keys)))
         if not reply:
             raise Empty()
         return loads(bytes_to_str(reply[1]))

@@ -6,8 +6,11 @@ import logging
 import os
 import socket
 
+import redis
+
 from storage import storage_for
 from tasks.app import make_app
+from tasks.errors import SettingsError
 from tasks.settings import WORKER_QUEUES, Settings, redact_url
 
 from . import batch_task, books, faults, rejections, transport
@@ -39,6 +42,7 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
     app.conf.broker_transport = "workers.transport:Transport"
     transport.on_fetch = faults.fetch_hook(settings.faults)
     runner = batch_task.BatchRunner(app, engine, storage, settings, metrics)
+    _require_redis_7(runner.redis)
     task = batch_task.register(app, runner, settings)
     rejections.install(rejections.Rejections(app, runner.redis, lambda reason: metrics.rejected.labels(reason).inc()))
     # A worker whose scheduler stopped ticking, or whose batch never returns, fails
@@ -65,3 +69,15 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
     worker.start()
     if worker.exitcode:
         raise SystemExit(worker.exitcode)
+
+
+def _require_redis_7(r: redis.Redis) -> None:
+    """The fetch script (workers/transport.py) declares itself a writer, which Redis 6
+    cannot parse: say so at start, not as an error on every fetch."""
+    try:
+        version = str(r.info("server").get("redis_version", "7"))
+    except redis.RedisError as err:
+        log.warning("could not read the broker's Redis version (%s); workers need Redis 7 or newer", err)
+        return
+    if int(version.split(".")[0]) < 7:
+        raise SettingsError(f"the broker runs Redis {version}; ttspool workers need Redis 7 or newer")
