@@ -114,6 +114,14 @@ def test_a_corrupted_cache_file_fails_the_model_line(tmp_path: Path) -> None:
     assert checks["model"]["fix"].startswith(f"ttspool model fetch --source {mirror}")
 
 
+def test_int8_weights_are_named_and_refused_where_they_cannot_run(tmp_path: Path) -> None:
+    rc, checks = doctor(doctor_env(tmp_path, TTSPOOL_QUANT="int8", TTSPOOL_DTYPE="bfloat16"), "devices")
+    assert checks["devices"]["status"] != "fail" and "GPT weights int8 (TTSPOOL_QUANT)" in checks["devices"]["detail"]
+    rc, checks = doctor(doctor_env(tmp_path, TTSPOOL_QUANT="int8", TTSPOOL_DTYPE="float32"), "devices")
+    assert rc == 1 and checks["devices"]["status"] == "fail"
+    assert "runs on the CPU in bfloat16 only" in checks["devices"]["fix"]
+
+
 def test_settings_that_contradict_each_other_fail(tmp_path: Path) -> None:
     env = doctor_env(tmp_path, TTSPOOL_VISIBILITY_TIMEOUT="300", TTSPOOL_UPLOAD_RETRY_S="60")
     rc, checks = doctor(env, "settings")

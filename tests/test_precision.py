@@ -1,6 +1,6 @@
 """Half precision on the CPU: every dtype the engine offers runs here (float16 included,
-which CUDA runs by default), rows stay batch-invariant in each, a row whose logits go
-non-finite fails alone, and the precision report runs."""
+which CUDA runs by default, and bfloat16 with int8 weights), rows stay batch-invariant in
+each, a row whose logits go non-finite fails alone, and the precision report runs."""
 
 from __future__ import annotations
 
@@ -20,14 +20,15 @@ from workers.engine.dtypes import cpu_has_native_bf16, pick_dtype
 
 from .conftest import ROOT
 
-DTYPES = ("float32", "bfloat16", "float16")
+NUMERICS = ("float32", "bfloat16", "float16", "bfloat16+int8")
 TEXTS = ("A short line.", "A much longer line of text, to keep the batch busy for many more steps.",
          "Medium length, here.")
 
 
-@pytest.fixture(scope="module", params=DTYPES)
+@pytest.fixture(scope="module", params=NUMERICS)
 def engine(request: pytest.FixtureRequest) -> Engine:
-    return Engine("random-tiny", device="cpu", dtype=request.param).load()
+    dtype, _, quant = request.param.partition("+")
+    return Engine("random-tiny", device="cpu", dtype=dtype, quant=quant or "none").load()
 
 
 def _jobs(engine: Engine, n: int) -> list[SynthRequest]:
@@ -85,13 +86,17 @@ def test_auto_picks_bfloat16_only_on_a_cpu_with_native_bfloat16() -> None:
 
 def test_bench_in_bfloat16_keeps_a_float32_baseline_and_reports_precision(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
+    # With int8 weights the baseline runs upstream's float32 linears on the dequantized
+    # weights, and the int8 weights come back after it for the engine's runs.
     proc = subprocess.run([sys.executable, "-m", "tasks.cli", "bench", "--model", "random-tiny", "--device", "cpu",
-                           "--dtype", "bfloat16", "--jobs", "4", "--batch-sizes", "2", "--no-keep-rows",
-                           "--no-refill", "--json-out", str(out)],
+                           "--dtype", "bfloat16", "--quant", "int8", "--jobs", "4", "--batch-sizes", "2",
+                           "--no-keep-rows", "--no-refill", "--json-out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert result["baseline"]["dtype"] == "float32" and [r["dtype"] for r in result["runs"]] == ["bfloat16"]
+    assert result["baseline"]["dtype"] == "float32" and [r["dtype"] for r in result["runs"]] == ["bfloat16+int8"]
+    assert result["machine"]["dtype"] == "bfloat16" and result["machine"]["quant"] == "int8"
+    assert "(bfloat16+int8," in proc.stdout
 
     report = tmp_path / "precision.json"
     proc = subprocess.run([sys.executable, "-m", "tasks.cli", "bench", "--precision", "--model", "random-tiny",
@@ -99,7 +104,7 @@ def test_bench_in_bfloat16_keeps_a_float32_baseline_and_reports_precision(tmp_pa
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(report.read_text())
-    assert result["random_weights"] and set(result["dtypes"]) == {"bfloat16", "float16"}
+    assert result["random_weights"] and set(result["dtypes"]) == {"bfloat16", "float16", "bfloat16+int8"}
     for r in result["dtypes"].values():
         assert 0 <= r["kl_mean"] <= r["kl_max"] < 0.1
         assert 0.9 < r["top1_agreement"] <= 1 and r["snr_db_min"] > 20 and r["non_finite_steps"] == 0

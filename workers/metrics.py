@@ -105,7 +105,8 @@ class Metrics:
         self.load_seconds = Gauge("ttspool_model_load_seconds", "Time to load the model", registry=r)
         self.warmup_seconds = Gauge("ttspool_model_warmup_seconds", "Time of the warm-up batch", registry=r)
         self.model_loaded = Gauge("ttspool_model_loaded", "1 once the model is loaded and warmed up", registry=r)
-        self.info = Info("ttspool_worker", "Model, dtype, device and ttspool version of this worker", registry=r)
+        self.info = Info("ttspool_worker", "Model, dtype, weight quantization, device and ttspool version of this worker",
+                         registry=r)
         self.ready = False  # model loaded and warmed up
         # Why the worker is stuck (its scheduler loop), or None: set once it serves jobs.
         self.stalled: Callable[[], str | None] = lambda: None
@@ -118,7 +119,7 @@ class Metrics:
         self.load_seconds.set(engine.load_seconds)
         self.warmup_seconds.set(engine.warmup_seconds)
         self.info.info({"model": engine.model_id, "dtype": str(engine.dtype).removeprefix("torch."),
-                        "device": str(engine.device), "version": _version()})
+                        "quant": engine.quant, "device": str(engine.device), "version": _version()})
         if engine.device.type == "cuda":
             self.registry.register(TorchMemory(engine.device))
             nvml = NvmlGpu.open(engine.device)

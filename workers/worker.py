@@ -31,7 +31,7 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
     # The model loads and warms up before the worker takes its first message. The
     # threads pool never forks, so CUDA is initialized in this one process only.
     engine = Engine(settings.model, settings.model_dir, settings.device, settings.dtype, settings.compile,
-                    ModelFetch.from_settings(settings))
+                    ModelFetch.from_settings(settings), quant=settings.quant)
     engine.on_admit = faults.hook(settings.faults)
     engine.load()
     metrics.engine_ready(engine)

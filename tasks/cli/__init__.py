@@ -38,6 +38,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         model=getattr(args, "model", None),
         device=getattr(args, "device", None),
         dtype=getattr(args, "dtype", None),
+        quant=getattr(args, "quant", None),
         compile=getattr(args, "compile", None),
         max_batch=getattr(args, "max_batch", None),
         max_wait_ms=getattr(args, "max_wait_ms", None),

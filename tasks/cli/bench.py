@@ -26,13 +26,15 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--model", default="random-full", help="chattts | random-tiny | random-full | /path (default random-full)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", help="auto | float16 | bfloat16 | float32")
+    p.add_argument("--quant", help="none | int8: weight-only int8 GPT linears (CPU, bfloat16)")
     p.add_argument("--compile", action="store_const", const=True, help="torch.compile the GPT")
     p.add_argument("--jobs", type=int, default=32, help="jobs in the set (default 32)")
     p.add_argument("--batch-sizes", type=_sizes, default=[1, 8, 32], help="comma-separated (default 1,8,32)")
     p.add_argument("--no-keep-rows", action="store_true", help="skip the run with finished rows kept")
     p.add_argument("--no-refill", action="store_true", help="skip the run with ended rows replaced from the backlog")
     p.add_argument("--precision", action="store_true",
-                   help="instead: each half dtype against float32 on the same inputs (KL, top-1, SNR)")
+                   help="instead: each half dtype (and int8 weights, on the CPU) against float32 on the "
+                        "same inputs (KL, top-1, SNR)")
     p.add_argument("--frontend", action="store_true",
                    help="instead: the text front-end's time per 200-character job, and its share of one "
                         "batch of the largest --batch-sizes rows")
@@ -77,7 +79,8 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
 
     result = bench(engine, args.jobs, args.batch_sizes, not args.no_keep_rows, not args.no_refill, on_run=progress)
     m, j = result["machine"], result["jobs"]
-    table = Table(title=f"{m['model']} on {m.get('gpu', m['device'])} ({m['dtype']}, {m['threads']} threads): "
+    numerics = m["dtype"] if m["quant"] == "none" else f"{m['dtype']}+{m['quant']}"
+    table = Table(title=f"{m['model']} on {m.get('gpu', m['device'])} ({numerics}, {m['threads']} threads): "
                         f"{j['count']} jobs, {j['min_steps']}-{j['max_steps']} steps, {j['voices']} voices")
     for col in ("run", "dtype", "audio s/s", "steps/s", "RTF", "peak RSS MiB", "peak GPU MiB", "x baseline"):
         table.add_column(col, justify="left" if col in ("run", "dtype") else "right")
@@ -104,15 +107,19 @@ def _precision(args: argparse.Namespace, settings: Settings, console: Any) -> in
     from workers.bench.precision import precision_report
     from workers.engine import Engine
     from workers.engine.assets import ModelFetch
+    from workers.engine.dtypes import pick_device
 
     # float16 and bfloat16 everywhere: slow on a CPU without native half arithmetic, but
     # the point is what the dtype does to the numbers, and CUDA runs the same code.
-    names = ["float32"] + [d for d in ("bfloat16", "float16") if settings.dtype in ("auto", d)]
+    variants = [("float32", "none")] + [(d, "none") for d in ("bfloat16", "float16") if settings.dtype in ("auto", d)]
+    if settings.dtype in ("auto", "bfloat16") and pick_device(settings.device).type == "cpu":
+        variants.append(("bfloat16", "int8"))  # TTSPOOL_QUANT=int8 runs on the CPU only
     engines = {}
+    names = [d if q == "none" else f"{d}+{q}" for d, q in variants]
     with console.status("loading the model in " + ", ".join(names)):
-        for name in names:
-            engines[name] = Engine(settings.model, settings.model_dir, settings.device, name,
-                                   fetch=ModelFetch.from_settings(settings)).load()
+        for name, (dtype, quant) in zip(names, variants):
+            engines[name] = Engine(settings.model, settings.model_dir, settings.device, dtype,
+                                   fetch=ModelFetch.from_settings(settings), quant=quant).load()
     result = precision_report(engines, n_jobs=min(args.jobs, 8))
     table = Table(title=f"{result['model']} on {result['device']}: {result['jobs']} jobs x {result['max_steps']} "
                         f"steps, teacher-forced against float32"
@@ -188,7 +195,7 @@ def _engine(settings: Settings, console: Any) -> Any:
 
     with console.status("loading the model"):
         return Engine(settings.model, settings.model_dir, settings.device, settings.dtype, settings.compile,
-                      ModelFetch.from_settings(settings)).load()
+                      ModelFetch.from_settings(settings), quant=settings.quant).load()
 
 
 def _voices(args: argparse.Namespace, settings: Settings, console: Any) -> int:

@@ -24,6 +24,7 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="chattts | random-tiny | random-full | /path/to/assets (TTSPOOL_MODEL)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (TTSPOOL_DEVICE)")
     p.add_argument("--dtype", help="auto | float16 | bfloat16 | float32 (TTSPOOL_DTYPE)")
+    p.add_argument("--quant", help="none | int8: weight-only int8 GPT linears, CPU and bfloat16 only (TTSPOOL_QUANT)")
     p.add_argument("--compile", action="store_const", const=True, help="torch.compile the GPT (TTSPOOL_COMPILE=1)")
     p.add_argument("--max-batch", type=int, help="rows per GPU batch (TTSPOOL_MAX_BATCH)")
     p.add_argument("--max-wait-ms", type=int, help="longest wait to fill a batch (TTSPOOL_MAX_WAIT_MS)")

@@ -130,6 +130,11 @@ def check_devices(settings: Settings, devices: Probe) -> Check:
         feats = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in devices["cpu"].items())
         seen = f"no CUDA device; CPU with {os.cpu_count()} cores ({feats}), {devices['threads']} torch threads"
     line = f"{seen}; the engine runs on {devices['device']} in {devices['dtype']} ({devices['dtype_reason']})"
+    if settings.quant != "none":
+        line += f", GPT weights {settings.quant} (TTSPOOL_QUANT)"
+        if devices["device"] != "cpu" or devices["dtype"] != "bfloat16":
+            return Check("devices", "fail", line, "TTSPOOL_QUANT=int8 runs on the CPU in bfloat16 only: "
+                         "set TTSPOOL_QUANT=none, or TTSPOOL_DEVICE=cpu and TTSPOOL_DTYPE=bfloat16")
     if devices["device"] == "cpu" and settings.device == "auto":
         return Check("devices", "warn", line, "fine for trying it out; a GPU is many times faster")
     return Check("devices", "ok", line)

@@ -45,7 +45,7 @@ class Run:
     name: str
     batch_size: int
     mode: str  # "drop", "refill" or "keep": see run_engine
-    dtype: str
+    dtype: str  # and the weight quantization, if any: "bfloat16+int8"
     wall_s: float
     audio_s: float
     steps: int
@@ -137,8 +137,8 @@ def _measure(engine: Engine, name: str, batch_size: int, mode: str, work: Callab
             torch.cuda.synchronize()
         wall = time.perf_counter() - t0
     gpu = int(torch.cuda.max_memory_allocated(engine.device)) if cuda else None
-    return Run(name, batch_size, mode, str(dtype or engine.dtype).removeprefix("torch."), wall, audio_s, steps,
-               mem.peak, gpu)
+    numerics = engine.numerics if dtype is None else str(dtype).removeprefix("torch.")
+    return Run(name, batch_size, mode, numerics, wall, audio_s, steps, mem.peak, gpu)
 
 
 class Backlog:
@@ -179,7 +179,9 @@ UPSTREAM_DTYPE = torch.float32
 def upstream(engine: Engine) -> Iterator[None]:
     """ChatTTS as its users run it, for the baseline: nn.Linear's own kernel, in float32
     (upstream has no dtype option; only its flash-attn path casts the GPT to float16),
-    whatever the engine's dtype. Everything goes back as it was after."""
+    whatever the engine's dtype. Everything goes back as it was after. An engine with int8
+    weights (TTSPOOL_QUANT) runs its dequantized weights here: upstream's work, on values
+    that differ from the checkpoint's by the int8 rounding."""
     chat = engine.chat
     modules = (chat.gpt, chat.embed, chat.decoder)
     with stock_linears(engine.gpt, UPSTREAM_DTYPE):
@@ -217,7 +219,7 @@ def machine_info(engine: Engine) -> dict[str, Any]:
     info: dict[str, Any] = {
         "platform": platform.platform(), "python": platform.python_version(),
         "cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "device": str(engine.device), "dtype": str(engine.dtype).removeprefix("torch."),
+        "device": str(engine.device), "dtype": str(engine.dtype).removeprefix("torch."), "quant": engine.quant,
         "model": engine.model_id,
     }
     if engine.device.type == "cuda":

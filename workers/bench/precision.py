@@ -1,4 +1,5 @@
-"""`ttspool bench --precision`: what a half dtype changes, measured against float32.
+"""`ttspool bench --precision`: what a half dtype (or int8 weights) changes, measured
+against float32.
 
 Two engines load the same model files, one in float32 (the reference) and one in the
 half dtype. The reference generates each job's codes; then both are teacher-forced
@@ -28,7 +29,7 @@ from .engine_bench import make_jobs
 
 @dataclass(frozen=True)
 class DtypeReport:
-    dtype: str
+    dtype: str  # and the weight quantization, if any: "bfloat16+int8"
     kl_mean: float  # nats, over every step and head
     kl_max: float
     top1_agreement: float  # share of (step, head) where the most likely code is the same
@@ -79,13 +80,13 @@ def compare(ref: Engine, half: Engine, jobs: Sequence[SynthRequest]) -> DtypeRep
         agree.append(ref_logits[finite].argmax(-1).eq(half_logits[finite].argmax(-1)).flatten())
         snrs.append(_snr_db(_decode(ref, ref_hidden, codes), _decode(half, ref_hidden, codes)))
     kl, same = torch.cat(kls), torch.cat(agree)
-    return DtypeReport(str(half.dtype).removeprefix("torch."), float(kl.mean()), float(kl.max()),
+    return DtypeReport(half.numerics, float(kl.mean()), float(kl.max()),
                        float(same.float().mean()), float(np.mean(snrs)), float(np.min(snrs)), bad)
 
 
 def precision_report(engines: dict[str, Engine], n_jobs: int = 8, max_steps: int = 64) -> dict[str, Any]:
-    """`engines`: "float32" (the reference) and each half dtype to measure, all loaded
-    from the same model files on one device."""
+    """`engines`: "float32" (the reference) and each half dtype (or quantization) to
+    measure, all loaded from the same model files on one device."""
     ref = engines["float32"]
     jobs = [SynthRequest(**{**asdict(j), "text": ref.normalize(j.text), "max_tokens": max_steps})
             for j in make_jobs(n_jobs)]

@@ -44,24 +44,54 @@ def can_pack(dtype: torch.dtype) -> bool:
     return dtype == torch.float32
 
 
-class PackedLinear(nn.Module):
-    """nn.Linear frozen for inference on the device and dtype it was packed on."""
+class FrozenLinear(nn.Module):
+    """A linear map whose weight is kept in a form only its own kernel reads. For a
+    while (`stock_linears`) it computes with dense weights and nn.Linear's kernel."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed: torch.Tensor | None = _pack(linear.weight.detach())
         self.bias = None if linear.bias is None else linear.bias.detach()
         self.dense: torch.Tensor | None = None  # set by stock_linears while it lasts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense is not None:
             return F.linear(x, self.dense, self.bias)
-        assert self.packed is not None
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return self.frozen_forward(x)
+
+    def frozen_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def unfreeze(self) -> torch.Tensor:
+        """The dense weight; the frozen form is dropped."""
+        raise NotImplementedError
+
+    def refreeze(self, dense: torch.Tensor) -> None:
+        """Back to the frozen form, exactly as before `unfreeze`, from its dense weight."""
+        raise NotImplementedError
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class PackedLinear(FrozenLinear):
+    """nn.Linear frozen for inference on the device and dtype it was packed on."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__(linear)
+        self.packed: torch.Tensor | None = _pack(linear.weight.detach())
+
+    def frozen_forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.packed is not None
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    def unfreeze(self) -> torch.Tensor:
+        assert self.packed is not None
+        dense, self.packed = self.packed.to_dense(), None
+        return dense
+
+    def refreeze(self, dense: torch.Tensor) -> None:
+        self.packed = _pack(dense)
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor:
@@ -71,11 +101,16 @@ def _pack(weight: torch.Tensor) -> torch.Tensor:
 
 def pack_linears(model: nn.Module) -> int:
     """Replace every nn.Linear of `model` by a PackedLinear; the dense weights are freed."""
+    return freeze_linears(model, PackedLinear)
+
+
+def freeze_linears(model: nn.Module, frozen: type[FrozenLinear]) -> int:
+    """Replace every nn.Linear of `model` by `frozen(linear)`; the dense weights are freed."""
     count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
-                setattr(parent, name, PackedLinear(child))
+                setattr(parent, name, frozen(child))
                 count += 1
     # transformers maps a safetensors checkpoint into memory and its tensors point into
     # the mapping, which stays resident while any of them lives: copy out the few left
@@ -93,14 +128,14 @@ def pack_linears(model: nn.Module) -> int:
 @contextmanager
 def stock_linears(model: nn.Module, dtype: torch.dtype | None = None) -> Iterator[None]:
     """Compute with dense weights and nn.Linear's own kernel for a while, in `dtype` if
-    given (the packed weights' own otherwise). The packed weights are dropped meanwhile
+    given (the frozen weights' own otherwise). The frozen weights are dropped meanwhile
     and rebuilt after, so memory stays what upstream's is."""
-    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
-    packed_dtype = {}
+    layers = [m for m in model.modules() if isinstance(m, FrozenLinear)]
+    frozen_dtype = {}
     for m in layers:
-        dense = m.packed.to_dense()
-        packed_dtype[id(m)] = dense.dtype
-        m.dense, m.packed = dense.to(dtype or dense.dtype), None
+        dense = m.unfreeze()
+        frozen_dtype[id(m)] = dense.dtype
+        m.dense = dense.to(dtype or dense.dtype)
         if m.bias is not None:
             m.bias = m.bias.to(dtype or dense.dtype)
     try:
@@ -108,7 +143,8 @@ def stock_linears(model: nn.Module, dtype: torch.dtype | None = None) -> Iterato
     finally:
         for m in layers:
             assert m.dense is not None
-            back = packed_dtype[id(m)]
-            m.packed, m.dense = _pack(m.dense.to(back)), None
+            back = frozen_dtype[id(m)]
+            m.refreeze(m.dense.to(back))
+            m.dense = None
             if m.bias is not None:
                 m.bias = m.bias.to(back)

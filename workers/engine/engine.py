@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from tasks.text.lengths import predicted_steps
 
 from .cpu_linear import can_pack, pack_linears
+from .int8_linear import check_quant, quantize_linears
 from .assets import ModelAssets, ModelFetch, resolve
 from .random_models import build_config
 from .dtypes import pick_device, pick_dtype
@@ -44,9 +45,11 @@ class Engine:
     sample_rate = 24_000
 
     def __init__(self, model: str, model_dir: str | None = None, device: str = "auto", dtype: str = "auto",
-                 compile: bool = False, fetch: ModelFetch | None = None) -> None:
+                 compile: bool = False, fetch: ModelFetch | None = None, quant: str = "none") -> None:
         self.device = pick_device(device)
         self.dtype, self.dtype_reason = pick_dtype(dtype, self.device)
+        check_quant(quant, self.device, self.dtype)
+        self.quant = quant
         if compile and self.device.type != "cuda":
             # Inductor's CPU backend fails to build this model's kernels with torch 2.11
             # (a C++ compile error, seen on x86-64), and CPU serving gains little from it.
@@ -63,6 +66,12 @@ class Engine:
         self.warmup_seconds = 0.0
         # GPT row-steps the last batch computed: what dropping finished rows saves.
         self.last_row_steps = 0
+
+    @property
+    def numerics(self) -> str:
+        """The dtype, and the GPT's weight quantization if any: "bfloat16+int8"."""
+        dtype = str(self.dtype).removeprefix("torch.")
+        return dtype if self.quant == "none" else f"{dtype}+{self.quant}"
 
     @property
     def model_id(self) -> str:
@@ -98,7 +107,9 @@ class Engine:
             self.code_emb = torch.stack([e.weight.detach() for e in chat.embed.emb_code]).to(self.dtype)
             self.text_emb = chat.embed.emb_text.weight.detach().to(self.dtype)
         self.tokenizer = chat.tokenizer
-        if self.device.type == "cpu" and can_pack(self.dtype):
+        if self.quant == "int8":
+            quantize_linears(self.gpt)
+        elif self.device.type == "cpu" and can_pack(self.dtype):
             pack_linears(self.gpt)
         if self.compile:
             # Shapes change every step (the cache grows, finished rows leave), so the
@@ -118,8 +129,8 @@ class Engine:
             raise EngineError(f"warm-up synthesis failed: {warm.error}")
         self.warmup_seconds = time.perf_counter() - t1
         log.info(
-            "engine ready: model=%s device=%s dtype=%s (%s) load=%.1fs warmup=%.1fs",
-            self.model_id, self.device, str(self.dtype).removeprefix("torch."), self.dtype_reason,
+            "engine ready: model=%s device=%s dtype=%s (%s) quant=%s load=%.1fs warmup=%.1fs",
+            self.model_id, self.device, str(self.dtype).removeprefix("torch."), self.dtype_reason, self.quant,
             self.load_seconds, self.warmup_seconds,
         )
         return self
