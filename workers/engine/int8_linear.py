@@ -29,8 +29,10 @@ def check_quant(quant: str, device: torch.device, dtype: torch.dtype) -> None:
     if quant == "none":
         return
     if device.type != "cpu":
-        raise EngineError(f"TTSPOOL_QUANT={quant} runs on the CPU only: torch has no CUDA kernel for "
-                          "weight-only int8 with half activations; use TTSPOOL_QUANT=none on a GPU")
+        # torch has a CUDA kernel too, but it has never run here (no GPU), and a GPU's
+        # batches are large, where this kernel loses to dense half precision (PERF.md).
+        raise EngineError(f"TTSPOOL_QUANT={quant} runs on the CPU only (measured there, where it pays at "
+                          "one or two rows); use TTSPOOL_QUANT=none on a GPU")
     if dtype != torch.bfloat16:
         raise EngineError(f"TTSPOOL_QUANT={quant} needs TTSPOOL_DTYPE=bfloat16 (auto picks it on CPUs with "
                           f"native bfloat16), the engine runs {str(dtype).removeprefix('torch.')}: torch's int8 "
