@@ -43,6 +43,18 @@ def test_a_row_gets_the_same_output_alone_and_in_any_batch() -> None:
         assert torch.equal(q(x[rows]), full[rows])
 
 
+def test_a_view_inside_a_buffer_and_a_width_the_kernel_cannot_take_are_safe() -> None:
+    torch.manual_seed(3)
+    q = Int8Linear(nn.Linear(64, 48, bias=False).to(BF16))
+    buf = torch.randn(4 * 64 + 8, dtype=BF16)
+    # A contiguous view 16 bytes into its buffer (the kernel's aligned loads crashed on it).
+    view = buf[8:].view(4, 64)
+    assert view.data_ptr() % 64 and torch.equal(q(view), q(view.clone()))
+    model = nn.Sequential(nn.Linear(100, 32), nn.Linear(32, 8)).to(BF16)
+    assert quantize_linears(model) == 1
+    assert type(model[0]) is nn.Linear and isinstance(model[1], Int8Linear)
+
+
 def test_quantize_linears_frees_the_dense_weights_and_stock_linears_restores_them_exactly() -> None:
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Sequential(nn.Linear(64, 32, bias=False))).to(BF16)
@@ -85,3 +97,5 @@ def test_an_int8_engine_quantizes_only_the_gpt_linears() -> None:
     layers = [m for m in engine.gpt.modules() if isinstance(m, Int8Linear)]
     assert layers and not [m for m in engine.gpt.modules() if type(m) is nn.Linear]
     assert engine.numerics == "bfloat16+int8" and engine.head_w.dtype == BF16
+    for other in (engine.chat.decoder, engine.chat.embed, engine.chat.dvae):
+        assert not [m for m in other.modules() if isinstance(m, Int8Linear)]

@@ -23,7 +23,7 @@ weights. Only on the CPU: cuBLAS has no such steps.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -104,12 +104,14 @@ def pack_linears(model: nn.Module) -> int:
     return freeze_linears(model, PackedLinear)
 
 
-def freeze_linears(model: nn.Module, frozen: type[FrozenLinear]) -> int:
-    """Replace every nn.Linear of `model` by `frozen(linear)`; the dense weights are freed."""
+def freeze_linears(model: nn.Module, frozen: type[FrozenLinear],
+                   when: Callable[[nn.Linear], bool] = lambda linear: True) -> int:
+    """Replace every nn.Linear of `model` that `when` accepts by `frozen(linear)`; their
+    dense weights are freed."""
     count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
+            if type(child) is nn.Linear and when(child):
                 setattr(parent, name, frozen(child))
                 count += 1
     # transformers maps a safetensors checkpoint into memory and its tensors point into

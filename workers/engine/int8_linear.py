@@ -3,13 +3,13 @@
 One decode row multiplies a single vector by every weight of the GPT, so at one or two
 rows a step is bound by the bytes of weight read, not by arithmetic: int8 weights are
 half of bfloat16's. Each output channel has its own scale (symmetric, absmax / 127) and
-the activations stay bfloat16, unquantized: a row's output depends on
-its own input only, so the engine's batch invariance holds (torch's dynamic int8
-quantization scales activations per tensor, that is per batch, and breaks it). The
-kernel is torch's `_weight_int8pack_mm`, the one torchao's int8 weight-only recipe
-runs on the CPU; it reads the int8 weight once per call whatever the row count, but
-computes its dot products without blocking for many rows, so it loses to oneDNN's
-packed bfloat16 from about four rows on (docs/PERF.md).
+the activations stay bfloat16, unquantized: a row's output depends on its own input
+only, so the engine's batch invariance holds (torch's dynamic int8 quantization scales
+activations per tensor, that is per batch, and breaks it). The kernel is torch's
+`_weight_int8pack_mm`, the one torchao's int8 weight-only recipe runs on the CPU. It
+works in blocks of four rows and reads the whole int8 weight again for each block, so
+its time grows with the rows and it loses to oneDNN's packed bfloat16 from about four
+rows on (docs/PERF.md).
 """
 
 from __future__ import annotations
@@ -54,9 +54,13 @@ class Int8Linear(FrozenLinear):
 
     def frozen_forward(self, x: torch.Tensor) -> torch.Tensor:
         assert self.qweight is not None
-        # The kernel takes rows x features; any leading dims are rows.
-        rows = x.reshape(-1, self.in_features)
-        out = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), self.qweight, self.scale)
+        # The kernel takes rows x features; any leading dims are rows. It reads its input
+        # with aligned vector loads: a view that starts inside a buffer is copied first
+        # (one at an odd offset crashed it, measured).
+        rows = x.reshape(-1, self.in_features).contiguous()
+        if rows.data_ptr() % 64:
+            rows = rows.clone()
+        out = torch.ops.aten._weight_int8pack_mm(rows, self.qweight, self.scale)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
@@ -68,8 +72,10 @@ class Int8Linear(FrozenLinear):
         return dense
 
     def refreeze(self, dense: torch.Tensor) -> None:
-        # Exact: a dequantized weight is within half a step of q * scale even after
-        # rounding to bfloat16 (relative error 2^-9, |q| <= 127), so it rounds back to q.
+        # Exact from float32 or bfloat16 (what stock_linears hands back): a dequantized
+        # weight is within half a step of q * scale even after rounding to bfloat16
+        # (relative error 2^-9, |q| <= 127), so it rounds back to q. Not from float16,
+        # whose range is narrower.
         self.qweight = _quantize(dense, self.scale)
 
 
@@ -78,5 +84,8 @@ def _quantize(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_linears(model: nn.Module) -> int:
-    """Replace every nn.Linear of `model` by an Int8Linear; the dense weights are freed."""
-    return freeze_linears(model, Int8Linear)
+    """Replace the nn.Linears of `model` by Int8Linears; their dense weights are freed.
+    The kernel handles input widths in multiples of 16 only (others gave garbage or
+    crashed, measured): a layer of another width stays as it is. ChatTTS' are 768 and
+    3072."""
+    return freeze_linears(model, Int8Linear, lambda linear: linear.in_features % 16 == 0)
