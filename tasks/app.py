@@ -58,7 +58,9 @@ def make_app(settings: Settings, *, worker_consumer: str | None = None) -> Celer
         worker_prefetch_multiplier=max(4, 2 * settings.max_batch),
         worker_concurrency=1,
         worker_hijack_root_logger=False,
-        worker_send_task_events=False,
+        # Flower and celery-exporter read these; ttspool's batched jobs send theirs
+        # through workers.task_events (celery-batches sends none).
+        worker_send_task_events=settings.task_events,
         enable_utc=True,
     )
     if worker_consumer:

@@ -42,8 +42,8 @@ def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> i
     return value
 
 
-def _bool(env: Mapping[str, str], name: str) -> bool:
-    raw = (env.get(name) or "0").strip().lower()
+def _bool(env: Mapping[str, str], name: str, default: bool = False) -> bool:
+    raw = (env.get(name) or ("1" if default else "0")).strip().lower()
     if raw not in ("0", "1", "true", "false", "yes", "no"):
         raise SettingsError(f"{name} must be 0 or 1, got {raw!r}")
     return raw in ("1", "true", "yes")
@@ -62,6 +62,9 @@ class Settings:
     # Weight-only int8 for the GPT's linears (CPU, bfloat16): faster at one or two rows.
     quant: str = "none"
     compile: bool = False  # torch.compile the GPT (TTSPOOL_COMPILE=1)
+    # Celery task events for every job (Flower, celery-exporter): four small pub/sub
+    # messages per job, nothing kept in Redis.
+    task_events: bool = True
     max_batch: int = 16
     max_wait_ms: int = 100
     # A bulk job held this long ranks with realtime ones, so bulk is never starved.
@@ -160,6 +163,7 @@ class Settings:
                 dtype=env.get("TTSPOOL_DTYPE") or d.dtype,
                 quant=env.get("TTSPOOL_QUANT") or d.quant,
                 compile=_bool(env, "TTSPOOL_COMPILE"),
+                task_events=_bool(env, "TTSPOOL_TASK_EVENTS", d.task_events),
                 max_batch=_int(env, "TTSPOOL_MAX_BATCH", d.max_batch, 1, 256),
                 max_wait_ms=_int(env, "TTSPOOL_MAX_WAIT_MS", d.max_wait_ms, 0, 60_000),
                 aging_ms=_int(env, "TTSPOOL_AGING_MS", d.aging_ms, 0, 3_600_000),
@@ -197,7 +201,7 @@ ENV_NAMES = {
     "broker_url": "TTSPOOL_BROKER_URL", "result_backend": "TTSPOOL_RESULT_BACKEND",
     "storage_url": "TTSPOOL_STORAGE_URL", "s3_endpoint_url": "TTSPOOL_S3_ENDPOINT_URL",
     "model": "TTSPOOL_MODEL", "model_dir": "TTSPOOL_MODEL_DIR", "device": "TTSPOOL_DEVICE",
-    "dtype": "TTSPOOL_DTYPE", "quant": "TTSPOOL_QUANT", "compile": "TTSPOOL_COMPILE", "max_batch": "TTSPOOL_MAX_BATCH",
+    "dtype": "TTSPOOL_DTYPE", "quant": "TTSPOOL_QUANT", "compile": "TTSPOOL_COMPILE", "task_events": "TTSPOOL_TASK_EVENTS", "max_batch": "TTSPOOL_MAX_BATCH",
     "max_wait_ms": "TTSPOOL_MAX_WAIT_MS", "aging_ms": "TTSPOOL_AGING_MS",
     "visibility_timeout": "TTSPOOL_VISIBILITY_TIMEOUT", "max_strikes": "TTSPOOL_MAX_STRIKES",
     "upload_retry_s": "TTSPOOL_UPLOAD_RETRY_S", "metrics_port": "TTSPOOL_METRICS_PORT",

@@ -134,3 +134,17 @@ def test_a_record_without_its_object_is_synthesized_and_an_object_without_record
     assert served[0]["cached"] is False and served[0]["url"] == made[0]["url"]
     assert served[1]["cached"] is True and served[1]["duration_s"] == made[1]["duration_s"]
     assert s3.client().head_object(Bucket=s3.bucket, Key=made[0]["url"].removeprefix(f"s3://{s3.bucket}/"))
+
+
+def test_a_corrupt_index_record_costs_a_synthesis_not_the_tick(runner: BatchRunner, broker: LocalRedis) -> None:
+    # Raised out of the tick, a lookup error would requeue every held job, and fail again
+    # on each redelivery.
+    first = _requests(["A line whose index record gets corrupted."])
+    _run_until_done(runner, first)
+    [made] = _results(runner, first)
+    redis.Redis.from_url(broker.url).set("ttspool:objects:" + made["key"], b"{not json")
+    again = _requests(["A line whose index record gets corrupted.", "An innocent bystander in the same tick."])
+    _run_until_done(runner, again)
+    served = _results(runner, again)
+    assert served[0]["cached"] is False and served[0]["url"] == made["url"]
+    assert served[1]["status"] == "SUCCESS"

@@ -32,6 +32,7 @@ from .batching import GpuBatches, Outcome
 from .books import BookTracker
 from .engine import Engine, SynthRequest
 from .metrics import Metrics
+from .task_events import TaskEvents
 from .voices import VoiceResolver
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class Job:
     voice_wait: bool = False  # its library voice could not be read yet (logged once)
     cache_checked: bool = False
     suspect: bool = False  # was in a GPU batch that never returned: runs alone (planner)
+    started: float | None = None  # when its GPU batch began (monotonic)
 
 
 @dataclass
@@ -107,6 +109,7 @@ class BatchRunner:
             aging_s=settings.aging_ms / 1000.0,
         )
         self._jobs: dict[str, Job] = {}
+        self.events = TaskEvents()  # register() connects it to the worker's event dispatcher
         # Storage lookups of the jobs that arrived in one tick run side by side: one at a
         # time, a tick that took 16 jobs waited 16 storage round trips.
         self._lookups = ThreadPoolExecutor(max_workers=8, thread_name_prefix="cache-lookup")
@@ -117,15 +120,16 @@ class BatchRunner:
     def _fail(self, job_id: str, exc: Exception) -> None:
         log.info("job %s failed: %s", job_id, exc)
         self.app.backend.mark_as_failure(job_id, exc)
+        self.events.failed(job_id, exc)
         self.books.job_finished(job_id, error=f"{type(exc).__name__}: {exc}")
         self.metrics.job_failed(exc)
 
     def _succeed(self, job: Job, record: dict[str, Any], cached: bool) -> None:
-        self.app.backend.mark_as_done(
-            job.id, {"id": job.id, "status": JobState.SUCCESS, **record, "spoken_text": job.spoken_text,
-                     "cached": cached, **({"voice": job.voice} if job.voice is not None else {}),
-                     **({"dropped": job.dropped} if job.dropped else {})}
-        )
+        result = {"id": job.id, "status": JobState.SUCCESS, **record, "spoken_text": job.spoken_text,
+                  "cached": cached, **({"voice": job.voice} if job.voice is not None else {}),
+                  **({"dropped": job.dropped} if job.dropped else {})}
+        self.app.backend.mark_as_done(job.id, result)
+        self.events.succeeded(job.id, result, 0.0 if job.started is None else time.monotonic() - job.started)
         self.books.job_finished(job.id, duration_s=record["duration_s"])
         self.metrics.job_succeeded(job.spec, cached)
 
@@ -163,6 +167,8 @@ class BatchRunner:
         if out.requeue:
             log.warning("requeueing %d unfinished job(s)", len(out.requeue))
             self._mark_queued(out.requeue)
+            for job_id in out.requeue:
+                self.events.requeued(job_id)
         return out
 
     def _mark_queued(self, job_ids: set[str]) -> None:
@@ -191,6 +197,7 @@ class BatchRunner:
         fails alone, and only under an id that is its own."""
         jobs: list[Job] = []
         for req in self._owned(requests, out):
+            self.events.received(req.id, req.kwargs)
             try:
                 if req.args:
                     raise JobValidationError("ttspool.synthesize takes keyword arguments only")
@@ -355,6 +362,11 @@ class BatchRunner:
         # only a batch the worker dies (or hangs past the visibility timeout) in leaves one.
         self._strike(batch, 1)
         timer = self.metrics.batch_started([j.spec for w in batch for j in w.jobs])
+        started = time.monotonic()
+        for work in batch:
+            for job in work.jobs:
+                job.started = started
+                self.events.started(job.id)
         results = self.engine.generate([w.request for w in batch])
         timer.generated(results, self.engine.sample_rate)
         try:
@@ -447,8 +459,11 @@ class BatchRunner:
             duration, sr = duration_of(self.storage.get_bytes(work.key), fmt, self.engine.sample_rate)
             return {"url": self.storage.url_for(work.key), "key": work.key,
                     "duration_s": round(duration, 6), "sample_rate": sr, "format": fmt}
-        except StorageError as err:
-            log.warning("cache lookup failed, synthesizing instead: %s", err)
+        except Exception as err:  # noqa: BLE001 - a bad record or object costs a synthesis, not the tick
+            # StorageError (an outage), and also a corrupt index record or a stored object
+            # that does not decode: raised out of the tick, either would requeue every
+            # held job, and the same lookup would fail again on redelivery, forever.
+            log.warning("cache lookup of %s failed, synthesizing instead: %s", work.key, err)
             return None
 
 
@@ -468,4 +483,5 @@ def register(app: Celery, runner: BatchRunner, settings: Settings) -> GpuBatches
     task: GpuBatches = app.tasks[TASK_NAME]
     task.owns = runner.owns
     task.refuse = runner.refuse
+    runner.events = TaskEvents(task.send_event)
     return task

@@ -49,6 +49,14 @@ class GpuBatches(Batches):
         # (id, kwargs) is the one its id's claim names, and how to refuse one that is not.
         self.owns: Callable[[str, Any], bool] = lambda job_id, kwargs: True
         self.refuse: Callable[[Any], None] = lambda request: None
+        # The consumer's event dispatcher, for the task events of batched jobs
+        # (workers.task_events); Strategy sets it, again after every reconnect.
+        self.eventer: Any = None
+
+    def send_event(self, event_type: str, **fields: Any) -> None:
+        eventer = self.eventer
+        if eventer is not None:
+            eventer.send(event_type, **fields)
 
     def stalled(self, tick_s: float, batch_s: float) -> str | None:
         """Why this worker is stuck, or None: no scheduler tick for `tick_s`, or one batch
@@ -74,6 +82,7 @@ class GpuBatches(Batches):
         if self._tref is not None:
             self._tref.cancel()
             self._tref = None
+        self.eventer = consumer.event_dispatcher
         handler = super().Strategy(task, app, consumer)
 
         def checked(*args: Any, **kwargs: Any) -> Any:
