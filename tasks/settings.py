@@ -62,8 +62,8 @@ class Settings:
     # Weight-only int8 for the GPT's linears (CPU, bfloat16): faster at one or two rows.
     quant: str = "none"
     compile: bool = False  # torch.compile the GPT (TTSPOOL_COMPILE=1)
-    # Celery task events for every job (Flower, celery-exporter): four small pub/sub
-    # messages per job, nothing kept in Redis.
+    # Celery task events for every job (Flower, celery-exporter): a few small pub/sub
+    # messages per job, published in batches; nothing kept in Redis.
     task_events: bool = True
     max_batch: int = 16
     max_wait_ms: int = 100
@@ -201,7 +201,8 @@ ENV_NAMES = {
     "broker_url": "TTSPOOL_BROKER_URL", "result_backend": "TTSPOOL_RESULT_BACKEND",
     "storage_url": "TTSPOOL_STORAGE_URL", "s3_endpoint_url": "TTSPOOL_S3_ENDPOINT_URL",
     "model": "TTSPOOL_MODEL", "model_dir": "TTSPOOL_MODEL_DIR", "device": "TTSPOOL_DEVICE",
-    "dtype": "TTSPOOL_DTYPE", "quant": "TTSPOOL_QUANT", "compile": "TTSPOOL_COMPILE", "task_events": "TTSPOOL_TASK_EVENTS", "max_batch": "TTSPOOL_MAX_BATCH",
+    "dtype": "TTSPOOL_DTYPE", "quant": "TTSPOOL_QUANT", "compile": "TTSPOOL_COMPILE",
+    "task_events": "TTSPOOL_TASK_EVENTS", "max_batch": "TTSPOOL_MAX_BATCH",
     "max_wait_ms": "TTSPOOL_MAX_WAIT_MS", "aging_ms": "TTSPOOL_AGING_MS",
     "visibility_timeout": "TTSPOOL_VISIBILITY_TIMEOUT", "max_strikes": "TTSPOOL_MAX_STRIKES",
     "upload_retry_s": "TTSPOOL_UPLOAD_RETRY_S", "metrics_port": "TTSPOOL_METRICS_PORT",
