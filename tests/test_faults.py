@@ -327,6 +327,34 @@ def test_s3_down_for_30_s_uploads_retry_in_place(broker: LocalRedis, s3: S3Endpo
         proxy.cut()
 
 
+def test_storage_down_costs_one_retry_budget_per_batch(broker: LocalRedis, s3: S3Endpoint, aws_env,
+                                                       tmp_path: Path) -> None:
+    host, port = s3.url.removeprefix("http://").split(":")
+    proxy = CuttableProxy((host, int(port))).start()
+    try:
+        s3 = S3Endpoint(f"http://127.0.0.1:{proxy.port}", "budget")
+        s3.client().create_bucket(Bucket=s3.bucket)
+        env = _env(broker, s3, aws_env, TTSPOOL_STORAGE_URL=f"s3://{s3.bucket}/jobs", TTSPOOL_MAX_BATCH="4",
+                   TTSPOOL_MAX_WAIT_MS="2000", TTSPOOL_UPLOAD_RETRY_S="5", TTSPOOL_VISIBILITY_TIMEOUT="3600")
+        log = tmp_path / "worker.log"
+        r = redis.Redis.from_url(broker.url)
+        with running_worker(env, log) as (proc, client):
+            proxy.cut()
+            ids = client.submit_many(_jobs(4, "budget"))
+            # Per row, the batch would hold the worker for four budgets and four rounds of
+            # boto3's retries before giving anything back.
+            _until("the batch given back", lambda: "go back to the queue untried" in log.read_text(), 200, proc, log)
+            proxy.start()
+            final = _wait_all(client, ids, r, log)
+        _assert_stored(s3, final)
+        text = log.read_text()
+        first = text[:text.index("go back to the queue untried")]
+        assert first.count("upload failed, will retry") == 1, _tail(log)
+        assert "storage is down: 3 more row(s) of this batch go back to the queue untried" in text
+    finally:
+        proxy.cut()
+
+
 def test_job_that_kills_the_worker_is_dead_lettered(broker: LocalRedis, s3: S3Endpoint, aws_env, tmp_path: Path) -> None:
     env = _env(broker, s3, aws_env, TTSPOOL_MAX_BATCH="8", TTSPOOL_MAX_STRIKES="2",
                TTSPOOL_FAULT_CRASH_ON_TEXT="kaboom")

@@ -379,15 +379,28 @@ class BatchRunner:
         # the records (maxmemory), what was made is in storage and served from there later.
         stored: list[tuple[Work, dict[str, Any]]] = []
         failed: list[tuple[Work, str]] = []
+        # One retry budget for the whole batch: per row, a batch of 16 rows held the
+        # worker for 16 budgets (plus boto3's own retries each) while storage was down.
+        # Once a row has used it up, storage is down: the rows left go back untried.
+        deadline = time.monotonic() + self.settings.upload_retry_s
+        untried: list[Work] = []
         for work, res in zip(batch, results, strict=True):
             if res.audio is None:
                 failed.append((work, res.error or "synthesis failed"))
-                continue
-            try:
-                stored.append((work, self._store_patiently(work.key, res.audio, work.jobs[0].spec.format)))
-            except StorageError as err:
-                log.warning("upload failed, will retry: %s", err)
-                out.requeue |= {job.id for job in work.jobs}
+            elif untried:
+                untried.append(work)
+            else:
+                try:
+                    stored.append((work, self._store_patiently(work.key, res.audio, work.jobs[0].spec.format,
+                                                               deadline)))
+                except StorageError as err:
+                    log.warning("upload failed, will retry: %s", err)
+                    untried.append(work)
+        if len(untried) > 1:
+            log.warning("storage is down: %d more row(s) of this batch go back to the queue untried",
+                        len(untried) - 1)
+        for work in untried:
+            out.requeue |= {job.id for job in work.jobs}
         for work, error in failed:
             for job in work.jobs:
                 self._fail(job.id, JobFailed(error))
@@ -398,16 +411,17 @@ class BatchRunner:
             out.finished |= {job.id for job in work.jobs}
         timer.finished()
 
-    def _store_patiently(self, key: str, audio: Any, fmt: str) -> dict[str, Any]:
-        """Upload, retrying with growing pauses for up to upload_retry_s: a storage outage
-        then costs time instead of a requeue and a second synthesis of the same audio."""
+    def _store_patiently(self, key: str, audio: Any, fmt: str, deadline: float) -> dict[str, Any]:
+        """Upload, retrying with growing pauses until `deadline` (monotonic; one try if it
+        has passed): a storage outage then costs time instead of a requeue and a second
+        synthesis of the same audio."""
 
         def pause(err: Exception, intervals: Iterator[float], retries: int) -> float:
             wait = next(intervals)
             log.warning("upload failed (try %d), retrying in %.0f s: %s", retries + 1, wait, err)
             return wait
 
-        budget = self.settings.upload_retry_s
+        budget = max(0.0, deadline - time.monotonic())
         record: dict[str, Any] = retry_over_time(
             self._store, StorageError, (key, audio, fmt), errback=pause, max_retries=None if budget else 0,
             interval_start=1, interval_step=2, interval_max=10, timeout=budget,
