@@ -9,11 +9,10 @@ from typing import Any, Iterable, Mapping
 
 import redis
 from celery import Celery
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
 
 from . import polling
 from .app import make_app
+from .broker_redis import broker_redis
 from .claims import CLAIM_TTL_S, Claim, claim_key, digest_of, taken_error
 from .errors import BrokerFull
 from .ratelimit import Limit, RateLimiter, parse_limits
@@ -65,10 +64,8 @@ class Client:
                  rate_limits: Mapping[str, Limit] | None = None, storage: Store | None = None) -> None:
         self.settings = settings or Settings.from_env()
         self.app = app or make_app(self.settings)
-        # Retries for about as long as a publish does (task_publish_retry_policy), so a
-        # submit rides out a Redis restart on the claim and rate-limit calls too.
-        self.redis = redis.Redis.from_url(self.settings.broker_url, socket_timeout=10, socket_connect_timeout=5,
-                                          retry=Retry(ExponentialBackoff(cap=3, base=0.5), 10))
+        # A submit rides out a Redis restart on the claim and rate-limit calls too.
+        self.redis = broker_redis(self.settings)
         if rate_limits is None:
             rate_limits = parse_limits(self.settings.rate_limits)
         self.limiter = RateLimiter(rate_limits, self.redis)

@@ -25,6 +25,7 @@ from tasks.errors import BrokerFull
 from tasks.producer import Client, JobStatus
 from tasks.settings import QUEUE_BULK, Settings
 
+from .scrape import fetch, parse, value
 from .conftest import S3Endpoint, running_worker, start_worker, stop_process, wait_ready, worker_env
 
 VISIBILITY_S = 10  # the setting's minimum: killed workers' jobs come back this fast
@@ -201,6 +202,46 @@ def test_connection_lost_with_the_fetched_message_loses_nothing(broker: LocalRed
         proxy.cut()
 
 
+@pytest.mark.parametrize("outage_s", [8, 45])
+def test_connection_lost_recording_a_finished_batch_keeps_it(broker: LocalRedis, s3: S3Endpoint, aws_env,
+                                                             tmp_path: Path, outage_s: int) -> None:
+    # The proxy drops every worker connection at the first row's index record, written
+    # right after its upload, and refuses new ones for 8 s (redis-py's own default retries
+    # give up after at most 7). The worker's Redis calls reconnect and try again for
+    # longer, so the batch is recorded as made. Before, the batch function raised, every
+    # held job went back, and the rows were synthesized a second time.
+    # Down for 45 s, longer than any retry: the batch function raises and every held job
+    # goes back; the row stored before the outage is then served from storage, not made
+    # again (the worker had remembered it as looked up already).
+    proxy = CuttableProxy(("127.0.0.1", broker.port)).start()
+    direct = Client(Settings(broker_url=broker.url))
+    try:
+        port = free_port()
+        env = _env(broker, s3, aws_env, TTSPOOL_BROKER_URL=f"redis://127.0.0.1:{proxy.port}/0",
+                   TTSPOOL_MAX_BATCH="4", TTSPOOL_MAX_WAIT_MS="2000", TTSPOOL_METRICS_PORT=str(port))
+        log = tmp_path / "worker.log"
+        with running_worker(env, log) as (proc, _):
+            audio = value(parse(fetch(f"http://127.0.0.1:{port}/metrics")[1]), "ttspool_audio_seconds_total") or 0.0
+            proxy.drop_at(lambda data: b"SET\r\n" in data and b"ttspool:objects:" in data, outage_s=outage_s)
+            ids = direct.submit_many(_jobs(4, f"record{outage_s}"))
+            _until("the connection to drop at the index record", proxy.dropped.is_set, 120, proc, log)
+            final = _wait_all(direct, ids, redis.Redis.from_url(broker.url), log, timeout=120)
+            assert proc.poll() is None
+            made = value(parse(fetch(f"http://127.0.0.1:{port}/metrics")[1]), "ttspool_audio_seconds_total")
+        _assert_stored(s3, final)
+        assert made is not None
+        results = [direct.app.backend.get_task_meta(i)["result"] for i in ids]
+        if outage_s < 20:
+            # Each job's audio synthesized once: what the GPU made is what the results hold.
+            assert abs((made - audio) - sum(st.duration_s for st in final)) < 0.01, _tail(log)
+            assert not any(r["cached"] for r in results), results
+        else:
+            assert any(r["cached"] for r in results), results
+    finally:
+        direct.close()
+        proxy.cut()
+
+
 def test_worker_killed_right_after_the_fetch_loses_nothing(broker: LocalRedis, s3: S3Endpoint, aws_env,
                                                            tmp_path: Path) -> None:
     """The worker dies between taking a message off the queue and delivering it: the
@@ -241,13 +282,16 @@ class CuttableProxy:
         self._listener: socket.socket | None = None
         self._drop_once: Callable[[bytes], bool] | None = None
         self._drop_replies = False
+        self._outage_s = 0.0
         self.dropped = threading.Event()
 
-    def drop_at(self, match: Callable[[bytes], bool], replies: bool = False) -> None:
-        """Drop at the next client write that matches, or server reply with `replies`."""
+    def drop_at(self, match: Callable[[bytes], bool], replies: bool = False, outage_s: float = 0) -> None:
+        """Drop at the next client write that matches, or server reply with `replies`;
+        with `outage_s`, refuse new connections for that long after."""
         self.dropped.clear()
         self._drop_replies = replies
         self._drop_once = match
+        self._outage_s = outage_s
 
     def start(self) -> "CuttableProxy":
         self._listener = socket.create_server(("127.0.0.1", self.port))
@@ -270,7 +314,11 @@ class CuttableProxy:
             while data := src.recv(65536):
                 if watch != self._drop_replies and self._drop_once and not self.dropped.is_set() and self._drop_once(data):
                     self.dropped.set()
-                    self._drop_all()
+                    if self._outage_s:
+                        self.cut()
+                        threading.Timer(self._outage_s, self.start).start()
+                    else:
+                        self._drop_all()
                     return
                 dst.sendall(data)
         except OSError:

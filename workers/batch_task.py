@@ -17,6 +17,7 @@ from scheduler.keys import content_key, object_key
 from scheduler.planner import PlanItem, Policy, next_batch
 from storage import Storage, StorageError
 from tasks.audio import FORMATS, duration_of, encode
+from tasks.broker_redis import broker_redis
 from tasks.claims import CLAIM_TTL_S, Claim, claim_key, digest_of, taken_error, tenant_of
 from tasks.envelope import Rejection
 from tasks.errors import JobExpired, JobFailed, RedeliveryLimit
@@ -95,7 +96,9 @@ class BatchRunner:
         self.storage = storage
         self.settings = settings
         self.metrics = metrics if metrics is not None else Metrics()
-        self.redis = redis.Redis.from_url(settings.broker_url, socket_timeout=10, socket_connect_timeout=5)
+        # Retried like the producer's: a dropped connection while recording a finished
+        # batch must not throw away the batch (the rows not uploaded yet, the requeue).
+        self.redis = broker_redis(settings)
         self.books = BookTracker(app, self.redis)
         self.frontend = FrontEnd.from_settings(settings)
         self.voices = VoiceResolver(VoiceLibrary(storage, self.redis), engine, self._read_text,
@@ -161,6 +164,12 @@ class BatchRunner:
             # is recorded stays recorded (acked below); everything else stays held and is
             # tried again after a pause. Audio already uploaded is found in storage then.
             self._back_off(err)
+        except BaseException:
+            # Every held message goes back (workers.batching); a batch may have stored some
+            # of its audio before this: look in storage again when they return, rather
+            # than synthesize it a second time.
+            self._recheck_storage()
+            raise
         finally:
             for job_id in out.finished | out.requeue:
                 self._jobs.pop(job_id, None)
@@ -185,12 +194,13 @@ class BatchRunner:
             self._refused_since = now
             log.error("the broker refuses writes (%s); holding %d job(s) and retrying", err, len(self._jobs))
         self.metrics.broker_refusals.inc()
-        for job in self._jobs.values():
-            # A batch may have stored its audio before the refusal: look in storage again
-            # rather than synthesize it a second time.
-            job.cache_checked = False
+        self._recheck_storage()
         # Growing pauses, up to 10 s, while the batch counts as in flight (no new flush).
         time.sleep(min(10.0, 0.5 + (now - self._refused_since) / 4))
+
+    def _recheck_storage(self) -> None:
+        for job in self._jobs.values():
+            job.cache_checked = False
 
     def _admit(self, requests: Sequence[Any], out: Outcome) -> list[Job]:
         """Check each message's claim on its id; validate; count deliveries. A bad one
