@@ -341,12 +341,21 @@ class CuttableProxy:
         self._socks.clear()
 
 
-def test_s3_down_for_30_s_uploads_retry_in_place(broker: LocalRedis, s3: S3Endpoint, aws_env, tmp_path: Path) -> None:
+@contextlib.contextmanager
+def _s3_behind_proxy(s3: S3Endpoint, bucket: str) -> Iterator[tuple[CuttableProxy, S3Endpoint]]:
+    """A bucket of its own, reached through a proxy the test can cut."""
     host, port = s3.url.removeprefix("http://").split(":")
     proxy = CuttableProxy((host, int(port))).start()
     try:
-        s3 = S3Endpoint(f"http://127.0.0.1:{proxy.port}", "outage")
-        s3.client().create_bucket(Bucket=s3.bucket)
+        endpoint = S3Endpoint(f"http://127.0.0.1:{proxy.port}", bucket)
+        endpoint.client().create_bucket(Bucket=bucket)
+        yield proxy, endpoint
+    finally:
+        proxy.cut()
+
+
+def test_s3_down_for_30_s_uploads_retry_in_place(broker: LocalRedis, s3: S3Endpoint, aws_env, tmp_path: Path) -> None:
+    with _s3_behind_proxy(s3, "outage") as (proxy, s3):
         # One delivery allowed: a job put back on the queue would show up as a second one.
         env = _env(broker, s3, aws_env, TTSPOOL_STORAGE_URL=f"s3://{s3.bucket}/jobs", TTSPOOL_MAX_BATCH="4",
                    TTSPOOL_UPLOAD_RETRY_S="120", TTSPOOL_MAX_STRIKES="1", TTSPOOL_VISIBILITY_TIMEOUT="3600")
@@ -371,17 +380,11 @@ def test_s3_down_for_30_s_uploads_retry_in_place(broker: LocalRedis, s3: S3Endpo
         assert all(r.get(f"ttspool:deliveries:{i}") == b"1" for i in ids)
         print(f"\nS3 outage of {down_s:.0f} s: {len(seen)} of {len(ids)} jobs done before or during it, "
               f"all {len(ids)} stored after it, none requeued")
-    finally:
-        proxy.cut()
 
 
 def test_storage_down_costs_one_retry_budget_per_batch(broker: LocalRedis, s3: S3Endpoint, aws_env,
                                                        tmp_path: Path) -> None:
-    host, port = s3.url.removeprefix("http://").split(":")
-    proxy = CuttableProxy((host, int(port))).start()
-    try:
-        s3 = S3Endpoint(f"http://127.0.0.1:{proxy.port}", "budget")
-        s3.client().create_bucket(Bucket=s3.bucket)
+    with _s3_behind_proxy(s3, "budget") as (proxy, s3):
         env = _env(broker, s3, aws_env, TTSPOOL_STORAGE_URL=f"s3://{s3.bucket}/jobs", TTSPOOL_MAX_BATCH="4",
                    TTSPOOL_MAX_WAIT_MS="2000", TTSPOOL_UPLOAD_RETRY_S="5", TTSPOOL_VISIBILITY_TIMEOUT="3600")
         log = tmp_path / "worker.log"
@@ -399,8 +402,6 @@ def test_storage_down_costs_one_retry_budget_per_batch(broker: LocalRedis, s3: S
         first = text[:text.index("go back to the queue untried")]
         assert first.count("upload failed, will retry") == 1, _tail(log)
         assert "storage is down: 3 more row(s) of this batch go back to the queue untried" in text
-    finally:
-        proxy.cut()
 
 
 def test_job_that_kills_the_worker_is_dead_lettered(broker: LocalRedis, s3: S3Endpoint, aws_env, tmp_path: Path) -> None:
