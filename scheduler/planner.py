@@ -18,12 +18,16 @@ Contract (checked by property tests):
 - an item marked `alone` (it was in a batch the worker died in) runs in a batch of
   its own, when it is the oldest of the best rank: if it kills the worker again it
   takes no batch-mates with it.
+
+`refill` answers the same question for a batch already running whose rows freed up
+(iteration-level batching): the same ranking, but no waiting for company (the batch
+runs anyway), no `alone` item, and nothing past the rows and steps left.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Generic, Sequence, TypeVar
 
 T = TypeVar("T")
@@ -115,3 +119,16 @@ def next_batch(items: Sequence[PlanItem[T]], now: float, policy: Policy) -> Deci
     # Everything fits: only the oldest item's wait running out, or new arrivals (which
     # ask again anyway), can change the answer.
     return Decision([], expired, policy.max_wait_s - waited)
+
+
+def refill(items: Sequence[PlanItem[T]], now: float, policy: Policy, rows: int, steps: int) -> Decision[T]:
+    """Items to join a running batch with `rows` free rows and `steps` of its token
+    budget left; expired items are reported as by `next_batch`."""
+    expired = [i for i in items if i.deadline is not None and now > i.deadline]
+    live = [i for i in items if not (i.deadline is not None and now > i.deadline)]
+    # An item too large for what is left waits for a batch of its own, as does a suspect.
+    fits = [i for i in live if not i.alone and i.steps <= steps]
+    if rows < 1 or not fits:
+        return Decision(expired=expired)
+    chosen = next_batch(fits, now, replace(policy, max_batch=rows, token_budget=steps, max_wait_s=0.0))
+    return Decision(chosen.batch, expired)

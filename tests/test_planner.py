@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from scheduler.planner import PlanItem, Policy, next_batch
+from scheduler.planner import PlanItem, Policy, next_batch, refill
 
 PROPS = settings(derandomize=True, max_examples=300, deadline=None,
                  suppress_health_check=[HealthCheck.too_slow])
@@ -178,3 +178,38 @@ def test_alone_items_run_by_themselves_in_their_turn() -> None:
 def test_policy_rejects_bad_limits(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         Policy(**kwargs)
+
+
+@PROPS
+@given(arrivals, policies, st.integers(0, 32), st.integers(0, 40_000), st.floats(0, 40, allow_nan=False))
+def test_refill_takes_what_fits_in_planner_order(jobs: list[Arrival], policy: Policy, rows: int, steps: int,
+                                                  now: float) -> None:
+    items = [PlanItem(i, a.steps, a.priority, a.at, None if a.ttl is None else a.at + a.ttl, a.alone)
+             for i, a in enumerate(jobs) if a.at <= now]
+    d = refill(items, now, policy, rows, steps)
+    chosen = {i.payload for i in d.batch}
+    assert {i.payload for i in d.expired} == {i.payload for i in items if i.deadline is not None and now > i.deadline}
+    assert not chosen & {i.payload for i in d.expired}
+    assert len(d.batch) <= rows and sum(i.steps for i in d.batch) <= steps
+    assert not any(i.alone for i in d.batch)
+    assert d.wait_s == 0.0
+    left = [i for i in items if i.payload not in chosen and i not in d.expired and not i.alone]
+    if any(i.steps <= steps for i in left) and rows > 0:
+        assert d.batch, "something fits, yet the free rows stay empty"
+    # A waiting realtime (or aged) item that would fit is never passed over for un-aged bulk.
+    if any(i for i in left if i.steps <= steps - sum(b.steps for b in d.batch) and rank_of(i, now, policy) == 0):
+        assert all(rank_of(b, now, policy) == 0 for b in d.batch) or len(d.batch) == rows
+
+
+def rank_of(item: PlanItem[int], now: float, policy: Policy) -> int:
+    return 0 if item.priority == "realtime" or now - item.arrived >= policy.aging_s else 1
+
+
+def test_refill_puts_a_realtime_job_ahead_of_the_bulk_backlog() -> None:
+    policy = Policy(max_batch=8, token_budget=4000, max_wait_s=0.5, aging_s=60)
+    bulk = [PlanItem(f"bulk{i}", 900, "bulk", float(i)) for i in range(4)]
+    items = [*bulk, PlanItem("rt", 100, "realtime", 3.5), PlanItem("suspect", 50, "realtime", 0.0, alone=True)]
+    assert [i.payload for i in refill(items, 4.0, policy, rows=1, steps=1000).batch] == ["rt"]
+    assert [i.payload for i in refill(items, 4.0, policy, rows=3, steps=999).batch] == ["rt"]
+    assert [i.payload for i in refill(items, 4.0, policy, rows=3, steps=1000).batch] == ["rt", "bulk0"]
+    assert refill(items, 4.0, policy, rows=0, steps=2000).batch == []
