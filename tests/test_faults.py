@@ -386,7 +386,10 @@ def test_storage_down_costs_one_retry_budget_per_batch(broker: LocalRedis, s3: S
                                                        tmp_path: Path) -> None:
     with _s3_behind_proxy(s3, "budget") as (proxy, s3):
         env = _env(broker, s3, aws_env, TTSPOOL_STORAGE_URL=f"s3://{s3.bucket}/jobs", TTSPOOL_MAX_BATCH="4",
-                   TTSPOOL_MAX_WAIT_MS="2000", TTSPOOL_UPLOAD_RETRY_S="5", TTSPOOL_VISIBILITY_TIMEOUT="3600")
+                   TTSPOOL_MAX_WAIT_MS="2000", TTSPOOL_UPLOAD_RETRY_S="5", TTSPOOL_VISIBILITY_TIMEOUT="3600",
+                   # One store thread: rows are tried one after the other, so the log shows
+                   # which used the budget and which went back untried.
+                   TTSPOOL_STORE_THREADS="1")
         log = tmp_path / "worker.log"
         r = redis.Redis.from_url(broker.url)
         with running_worker(env, log) as (proc, client):
@@ -394,14 +397,15 @@ def test_storage_down_costs_one_retry_budget_per_batch(broker: LocalRedis, s3: S
             ids = client.submit_many(_jobs(4, "budget"))
             # Per row, the batch would hold the worker for four budgets and four rounds of
             # boto3's retries before giving anything back.
-            _until("the batch given back", lambda: "go back to the queue untried" in log.read_text(), 200, proc, log)
+            _until("the batch given back", lambda: "of this batch go back to the queue" in log.read_text(), 200,
+                   proc, log)
             proxy.start()
             final = _wait_all(client, ids, r, log)
         _assert_stored(s3, final)
         text = log.read_text()
-        first = text[:text.index("go back to the queue untried")]
-        assert first.count("upload failed, will retry") == 1, _tail(log)
-        assert "storage is down: 3 more row(s) of this batch go back to the queue untried" in text
+        first = text[:text.index("of this batch go back to the queue")]
+        assert first.count("upload failed, the job goes back to the queue") == 1, _tail(log)
+        assert "storage is down: 4 job(s) of this batch go back to the queue" in text
 
 
 def test_job_that_kills_the_worker_is_dead_lettered(broker: LocalRedis, s3: S3Endpoint, aws_env, tmp_path: Path) -> None:

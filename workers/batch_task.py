@@ -1,108 +1,79 @@
-"""`ttspool.synthesize`: from buffered broker messages to stored WAVs and recorded results."""
+"""`ttspool.synthesize`: from buffered broker messages to stored WAVs and recorded results.
+
+The batch function composes the worker's parts: admission (workers.admission), the table
+of held work (workers.held_work), the planner (scheduler.planner), the engine, and the
+store stage (workers.delivery, workers.recorder). Two stages overlap: the GPU thread runs
+the batch and hands each row over as it ends; the store stage encodes, uploads, records
+and acks it meanwhile. When rows free up, the planner picks held jobs to join the
+running batch (iteration-level batching, TTSPOOL_REFILL).
+"""
 
 from __future__ import annotations
 
-import json
 import logging
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import redis
 from celery import Celery
-from kombu.utils.functional import retry_over_time
+from celery.signals import worker_shutting_down
 
-from scheduler.keys import content_key, object_key
-from scheduler.planner import PlanItem, Policy, next_batch
-from storage import Storage, StorageError
-from tasks.audio import FORMATS, duration_of, encode
+from scheduler.planner import Policy, next_batch, refill as refill_plan
+from storage import Storage
 from tasks.broker_redis import broker_redis
-from tasks.claims import CLAIM_TTL_S, Claim, claim_key, digest_of, taken_error, tenant_of
-from tasks.envelope import Rejection
-from tasks.errors import JobExpired, JobFailed, RedeliveryLimit
-from tasks.schema import MAX_STEPS, JobSpec, JobValidationError, parse_job
-from tasks.settings import DEAD_LETTER_KEY, TASK_NAME, Settings
-from tasks.states import JobState
+from tasks.schema import MAX_STEPS
+from tasks.settings import TASK_NAME, Settings
 from tasks.text.frontend import FrontEnd
-from tasks.text.lengths import predicted_steps
 from tasks.voices import VoiceLibrary
 
-from . import rejections
+from .admission import Admission
 from .batching import GpuBatches, Outcome
 from .books import BookTracker
+from .delivery import Delivery
 from .engine import Engine, SynthRequest
-from .metrics import Metrics
+from .held_work import HeldWork
+from .jobs import Job, Phase, Work
+from .metrics import BatchTimer, Metrics
+from .recorder import Recorder
 from .task_events import TaskEvents
 from .voices import VoiceResolver
 
 log = logging.getLogger(__name__)
-
-_DELIVERIES = "ttspool:deliveries:"
-# Per job: GPU batches it was in that never returned (the worker died or hung in them).
-_STRIKES = "ttspool:strikes:"
-_OBJECTS = "ttspool:objects:"
-_RECORD_TTL = 7 * 86400
-
-
-@dataclass
-class Job:
-    id: str
-    spec: JobSpec
-    kwargs: dict[str, Any]
-    arrived: float = field(default_factory=time.monotonic)  # when this worker took it
-    key: str | None = None  # content key, once normalized
-    spoken_text: str | None = None  # what the model is given, once normalized
-    request: SynthRequest | None = None
-    steps: int = 0  # predicted GPT steps, once normalized
-    voice: dict[str, Any] | None = None  # the library voice's name and version, once resolved
-    dropped: str = ""  # characters the front-end had no reading for, once normalized
-    voice_wait: bool = False  # its library voice could not be read yet (logged once)
-    cache_checked: bool = False
-    suspect: bool = False  # was in a GPU batch that never returned: runs alone (planner)
-    started: float | None = None  # when its GPU batch began (monotonic)
-
-
-@dataclass
-class Work:
-    """One synthesis: every held job with the same content key shares it."""
-
-    key: str
-    request: SynthRequest
-    jobs: list[Job] = field(default_factory=list)
-
-    def plan_item(self, clock_offset: float) -> PlanItem["Work"]:
-        """`clock_offset` turns Unix time into the monotonic clock `arrived` is on."""
-        realtime = any(j.spec.priority == "realtime" for j in self.jobs)
-        # The work expires only when every job sharing it has (a job without a
-        # deadline still wants the audio, so the others get it at no extra cost).
-        deadlines = [j.spec.deadline() for j in self.jobs]
-        deadline = None if None in deadlines else max(d for d in deadlines if d is not None) + clock_offset
-        return PlanItem(self, self.jobs[0].steps, "realtime" if realtime else "bulk",
-                        min(j.arrived for j in self.jobs), deadline, alone=any(j.suspect for j in self.jobs))
 
 
 class BatchRunner:
     """The batch function: sees every job the worker holds, runs at most one GPU batch.
 
     Stateful across calls only as a cache: a job admitted once (validated, delivery
-    counted, normalized) is not admitted again while the worker holds its message.
+    counted, prepared) is not admitted again while the worker holds its message.
     """
 
     def __init__(self, app: Celery, engine: Engine, storage: Storage, settings: Settings,
                  metrics: Metrics | None = None) -> None:
         self.app = app
         self.engine = engine
-        self.storage = storage
         self.settings = settings
         self.metrics = metrics if metrics is not None else Metrics()
         # Retried like the producer's: a dropped connection while recording a finished
         # batch must not throw away the batch (the rows not uploaded yet, the requeue).
         self.redis = broker_redis(settings)
-        self.books = BookTracker(app, self.redis)
-        self.frontend = FrontEnd.from_settings(settings)
-        self.voices = VoiceResolver(VoiceLibrary(storage, self.redis), engine, self._read_text,
+        self.events = TaskEvents()  # register() connects it to the worker's event dispatcher
+        self.recorder = Recorder(app, storage, self.redis, BookTracker(app, self.redis), self.metrics, self.events,
+                                 engine.sample_rate)
+        self.admission = Admission(app, self.redis, settings.max_strikes, self.recorder, self.events)
+        frontend = FrontEnd.from_settings(settings)
+
+        def read_text(text: str) -> str:
+            """A text as the model is given it (a recording voice's transcript)."""
+            return engine.normalize(frontend.speak(text, "auto", True).spoken_text)
+
+        self.voices = VoiceResolver(VoiceLibrary(storage, self.redis), engine, read_text,
                                     ttl_s=settings.voice_cache_s)
+        self.table = HeldWork(engine, storage, self.redis, frontend, self.voices, self.recorder, self.metrics)
+        # A whole batch's rows may wait for storage before the GPU thread waits for it.
+        self.delivery = Delivery(self.recorder, self.admission.strike, lambda job: self.settle(job.id, job.kwargs),
+                                 self.metrics, threads=settings.store_threads, capacity=settings.max_batch)
         self.policy = Policy(
             max_batch=settings.max_batch,
             # Steps one GPU batch may hold (sum of predicted lengths): half the rows at
@@ -111,51 +82,28 @@ class BatchRunner:
             max_wait_s=settings.max_wait_ms / 1000.0,
             aging_s=settings.aging_ms / 1000.0,
         )
-        self._jobs: dict[str, Job] = {}
-        self.events = TaskEvents()  # register() connects it to the worker's event dispatcher
-        # Storage lookups of the jobs that arrived in one tick run side by side: one at a
-        # time, a tick that took 16 jobs waited 16 storage round trips.
-        self._lookups = ThreadPoolExecutor(max_workers=8, thread_name_prefix="cache-lookup")
+        # Set by register() to GpuBatches': ack a finished job's message at once, and the
+        # messages buffered while a batch runs (candidates for its free rows).
+        self.settle: Callable[[str, dict[str, Any]], None] = lambda job_id, kwargs: None
+        self.arrivals: Callable[[], list[Any]] = list
         self._refused_since: float | None = None  # Redis has refused writes since then
+        # A warm shutdown waits for the running batch: it must not take in held jobs
+        # then (they go back to the queue), or the batch would outlast the grace period.
+        self.stopping = threading.Event()
 
-    # -- results ------------------------------------------------------------------
-
-    def _fail(self, job_id: str, exc: Exception) -> None:
-        log.info("job %s failed: %s", job_id, exc)
-        self.app.backend.mark_as_failure(job_id, exc)
-        self.events.failed(job_id, exc)
-        self.books.job_finished(job_id, error=f"{type(exc).__name__}: {exc}")
-        self.metrics.job_failed(exc)
-
-    def _succeed(self, job: Job, record: dict[str, Any], cached: bool) -> None:
-        result = {"id": job.id, "status": JobState.SUCCESS, **record, "spoken_text": job.spoken_text,
-                  "cached": cached, **({"voice": job.voice} if job.voice is not None else {}),
-                  **({"dropped": job.dropped} if job.dropped else {})}
-        self.app.backend.mark_as_done(job.id, result)
-        self.events.succeeded(job.id, result, 0.0 if job.started is None else time.monotonic() - job.started)
-        self.books.job_finished(job.id, duration_s=record["duration_s"])
-        self.metrics.job_succeeded(job.spec, cached)
-
-    # -- the batch ----------------------------------------------------------------
+    def close(self) -> None:
+        self.delivery.close()
+        self.table.close()
 
     def __call__(self, requests: Sequence[Any]) -> Outcome:
         """Called with every held request; returns which are finished or to requeue."""
         out = Outcome()
-        held = {r.id: r for r in requests}
-        # A job stays admitted while the same message is held: another message now held
-        # under its id (one that won the id's claim) is admitted afresh.
-        self._jobs = {k: v for k, v in self._jobs.items() if k in held and v.kwargs == held[k].kwargs}
         try:
-            new = [r for r in requests if r.id not in self._jobs]
-            for job in self._admit(new, out):
-                self._jobs[job.id] = job
-            works = self._group(out)
-            fresh = self._serve_cached(works, out)
+            self._admit(self.table.sync(requests), out)
             now = time.monotonic()
-            offset = now - time.time()
-            decision = next_batch([w.plan_item(offset) for w in fresh], now, self.policy)
+            decision = next_batch([w.plan_item(now - time.time()) for w in self.table.ready(out)], now, self.policy)
             for item in decision.expired:
-                self._expire(item.payload, now, out)
+                self.table.expire(item.payload, now, out)
             if decision.batch:
                 self._run([item.payload for item in decision.batch], out)
             self._refused_since = None
@@ -165,330 +113,132 @@ class BatchRunner:
             # tried again after a pause. Audio already uploaded is found in storage then.
             self._back_off(err)
         except BaseException:
-            # Every held message goes back (workers.batching); a batch may have stored some
-            # of its audio before this: look in storage again when they return, rather
-            # than synthesize it a second time.
-            self._recheck_storage()
+            # Every held message goes back (workers.batching).
+            self.table.recheck()
             raise
         finally:
-            for job_id in out.finished | out.requeue:
-                self._jobs.pop(job_id, None)
+            self.table.forget(out.finished | out.requeue)
         if out.requeue:
             log.warning("requeueing %d unfinished job(s)", len(out.requeue))
-            self._mark_queued(out.requeue)
-            for job_id in out.requeue:
-                self.events.requeued(job_id)
+            self.recorder.mark_queued(out.requeue)
         return out
 
-    def _mark_queued(self, job_ids: set[str]) -> None:
-        """Back to the queue: the job's state says so (not STARTED) while it waits again."""
-        try:
-            for job_id in job_ids:
-                self.app.backend.store_result(job_id, {"id": job_id}, JobState.PENDING)
-        except redis.RedisError as err:
-            log.warning("could not mark requeued jobs as queued: %s", err)
+    def _admit(self, requests: Sequence[Any], out: Outcome) -> None:
+        if requests:
+            self.table.add(self.admission.admit(requests, out))
 
     def _back_off(self, err: Exception) -> None:
         now = time.monotonic()
         if self._refused_since is None:
             self._refused_since = now
-            log.error("the broker refuses writes (%s); holding %d job(s) and retrying", err, len(self._jobs))
+            log.error("the broker refuses writes (%s); holding %d job(s) and retrying", err, len(self.table.jobs))
         self.metrics.broker_refusals.inc()
-        self._recheck_storage()
+        self.table.recheck()
         # Growing pauses, up to 10 s, while the batch counts as in flight (no new flush).
         time.sleep(min(10.0, 0.5 + (now - self._refused_since) / 4))
 
-    def _recheck_storage(self) -> None:
-        for job in self._jobs.values():
-            job.cache_checked = False
-
-    def _admit(self, requests: Sequence[Any], out: Outcome) -> list[Job]:
-        """Check each message's claim on its id; validate; count deliveries. A bad one
-        fails alone, and only under an id that is its own."""
-        jobs: list[Job] = []
-        for req in self._owned(requests, out):
-            self.events.received(req.id, req.kwargs)
-            try:
-                if req.args:
-                    raise JobValidationError("ttspool.synthesize takes keyword arguments only")
-                spec = parse_job(req.kwargs)
-            except JobValidationError as err:
-                self._fail(req.id, err)
-                out.finished.add(req.id)
-                continue
-            if spec.job_id is not None and spec.job_id != req.id:
-                # Recorded under one id, the other would stay PENDING forever.
-                rejections.record(Rejection("id_mismatch", f"kwargs job_id {spec.job_id!r} differs from the "
-                                                           f"message id {req.id!r}", req.id),
-                                  json.dumps(req.kwargs, default=str), owner=True)
-                out.finished.add(req.id)
-                continue
-            jobs.append(Job(req.id, spec, dict(req.kwargs)))
-        if not jobs:
-            return []
-        pipe = self.redis.pipeline()
-        for job in jobs:
-            pipe.incr(_DELIVERIES + job.id)
-            pipe.expire(_DELIVERIES + job.id, _RECORD_TTL)
-            pipe.get(_STRIKES + job.id)
-        replies = pipe.execute()
-        admitted = []
-        for job, count, raw_strikes in zip(jobs, replies[::3], replies[2::3]):
-            strikes = int(raw_strikes or 0)
-            if count > 1 and self._has_result(job.id):
-                # Redelivered after its result was recorded (the worker died or Redis
-                # restarted before the ack): report it once, do not run it again.
-                out.finished.add(job.id)
-            elif strikes >= self.settings.max_strikes:
-                # Counted in GPU batches that never returned, not in deliveries: jobs that
-                # only shared a batch (or a buffer) with a crashing job are not blamed.
-                reason = RedeliveryLimit(
-                    f"job was in {strikes} GPU batches that never finished (the worker died "
-                    f"or hung each time; limit {self.settings.max_strikes}); moved to {DEAD_LETTER_KEY}"
-                )
-                self.redis.lpush(DEAD_LETTER_KEY, json.dumps({"id": job.id, "kwargs": job.kwargs, "reason": str(reason), "at": time.time()}))
-                self._fail(job.id, reason)
-                out.finished.add(job.id)
-            else:
-                job.suspect = strikes > 0
-                self.app.backend.store_result(job.id, {"id": job.id}, JobState.STARTED)
-                admitted.append(job)
-        return admitted
-
-    @staticmethod
-    def _claim_of(kwargs: Any) -> Claim:
-        """The claim a message makes on its id: the digest of its kwargs as received."""
-        return Claim(digest_of(kwargs), tenant_of(kwargs), "worker")
-
-    def owns(self, job_id: str, kwargs: Any) -> bool:
-        """Whether this job is the one its id's claim names (an unclaimed id: yes)."""
-        try:
-            raw = self.redis.get(claim_key(job_id))
-        except redis.RedisError:
-            return False
-        return raw is None or Claim.decode(raw).same_job(self._claim_of(kwargs))
-
-    def refuse(self, request: Any) -> None:
-        """A message that lost its id to a different job: dead-lettered, the owner untouched."""
-        rejections.record(Rejection("id_taken", taken_error(request.id), None), json.dumps(request.kwargs, default=str))
-
-    def _owned(self, requests: Sequence[Any], out: Outcome) -> list[Any]:
-        """Requests whose id is theirs: claimed here when unclaimed (a plain Celery client),
-        refused when claimed by a different job, without touching that job's record."""
-        if not requests:
-            return []
-        pipe = self.redis.pipeline(transaction=False)
-        claims = [self._claim_of(req.kwargs) for req in requests]
-        for req, claim in zip(requests, claims):
-            pipe.set(claim_key(req.id), claim.encode(), nx=True, ex=CLAIM_TTL_S)
-            pipe.get(claim_key(req.id))
-        replies = pipe.execute()
-        owned = []
-        for req, claim, raw in zip(requests, claims, replies[1::2]):
-            if raw is None or Claim.decode(raw).same_job(claim):
-                owned.append(req)
-                continue
-            self.refuse(req)
-            out.finished.add(req.id)
-        return owned
-
-    def _has_result(self, job_id: str) -> bool:
-        return self.app.backend.get_task_meta(job_id).get("status") in (JobState.SUCCESS, JobState.FAILURE)
-
-    def _strike(self, batch: list[Work], n: int) -> None:
-        pipe = self.redis.pipeline()
-        for job in (j for w in batch for j in w.jobs):
-            pipe.incrby(_STRIKES + job.id, n)
-            pipe.expire(_STRIKES + job.id, _RECORD_TTL)
-        pipe.execute()
-
-    def _expire(self, work: Work, now: float, out: Outcome) -> None:
-        """Past its deadline: nobody waits for it any more, so it ends without the GPU."""
-        for job in work.jobs:
-            self._fail(job.id, JobExpired(f"deadline passed before the job could run (held {now - job.arrived:.1f} s)"))
-            out.finished.add(job.id)
-
-    def _group(self, out: Outcome) -> list[Work]:
-        """Normalize each held job (once) and merge jobs with the same content key."""
-        works: dict[str, Work] = {}
-        for job in self._jobs.values():
-            if job.id in out.finished:
-                continue
-            if job.key is None or job.request is None:
-                s = job.spec
-                try:
-                    text = self.engine.normalize(self._spoken(job))
-                    if not text.strip():
-                        raise JobFailed("text is empty after normalization (no speakable characters)", reason="empty_text")
-                    voice = self.voices.resolve(s.voice, s.voice_name)
-                except JobFailed as err:
-                    self._fail(job.id, err)
-                    out.finished.add(job.id)
-                    continue
-                except StorageError as err:
-                    # The voice library is unreadable just now: the job waits (held) and is
-                    # looked at again next tick, like an upload that waits for storage.
-                    if not job.voice_wait:
-                        log.warning("job %s waits for its voice %r: %s", job.id, s.voice_name, err)
-                    job.voice_wait = True
-                    continue
-                job.spoken_text = text
-                job.voice = voice.label
-                job.key = object_key(content_key(self.engine.model_id, text, {**s.sampling_params(), "voice": voice.key}),
-                                     FORMATS[s.format].extension)
-                job.request = SynthRequest(text=text, voice=voice.voice, seed=s.seed, speed=s.speed,
-                                           temperature=float(s.temperature), top_p=float(s.top_p),
-                                           top_k=s.top_k, max_tokens=s.max_tokens)
-                # Predicted once: the scheduler asks for it on every tick.
-                job.steps = predicted_steps(text, s.speed, s.max_tokens)
-            works.setdefault(job.key, Work(job.key, job.request)).jobs.append(job)
-        return list(works.values())
-
-    def _read_text(self, text: str) -> str:
-        """A text as the model is given it (a recording voice's transcript)."""
-        return self.engine.normalize(self.frontend.speak(text, "auto", True).spoken_text)
-
-    def _spoken(self, job: Job) -> str:
-        """The text front-end: numbers, money, dates ... as words (tasks/text/frontend.py)."""
-        t0 = time.perf_counter()
-        try:
-            spoken = self.frontend.speak(job.spec.text, job.spec.lang, job.spec.normalize)
-        except Exception as err:
-            # A rule that breaks on some text must cost that job only, never the worker.
-            log.exception("job %s: the text front-end failed", job.id)
-            raise JobFailed(f"the text front-end failed on this text ({type(err).__name__})",
-                            reason="text_frontend") from None
-        self.metrics.frontend_seconds.observe(time.perf_counter() - t0)
-        job.dropped = spoken.dropped
-        if spoken.dropped:
-            log.warning("job %s: left out %d character(s) with no reading: %s", job.id, spoken.dropped_count,
-                        ascii(spoken.dropped))
-            self.metrics.text_dropped.inc(spoken.dropped_count)
-            self.metrics.text_jobs_dropped.inc()
-        return spoken.spoken_text
+    # -- the batch ----------------------------------------------------------------
 
     def _run(self, batch: list[Work], out: Outcome) -> None:
-        # A strike for every job in the GPU batch, taken back when the batch returns:
-        # only a batch the worker dies (or hangs past the visibility timeout) in leaves one.
-        self._strike(batch, 1)
-        timer = self.metrics.batch_started([j.spec for w in batch for j in w.jobs])
-        started = time.monotonic()
-        for work in batch:
-            for job in work.jobs:
-                job.started = started
-                self.events.started(job.id)
-        results = self.engine.generate([w.request for w in batch])
-        timer.generated(results, self.engine.sample_rate)
+        timer = self.metrics.batch_started()
+        delivery = self.delivery.batch(self.settings.upload_retry_s)
+        rows: list[Work] = []  # by the engine's row index: the batch, then each refill
+        self._start(batch, rows, timer)
+        refill = _Refill(self, rows, timer, delivery.storage_down.is_set, out) if self.settings.refill else None
         try:
-            self._strike(batch, -1)
-        except redis.exceptions.OutOfMemoryError as err:
-            # The audio is made: store it before anything else, or it is lost with the
-            # refusal. The strike stays; the job would run alone if it came back.
-            log.warning("could not take back the batch's strikes (%s); storing its audio first", err)
-        # Every row's audio is stored before any result is recorded: when Redis refuses
-        # the records (maxmemory), what was made is in storage and served from there later.
-        stored: list[tuple[Work, dict[str, Any]]] = []
-        failed: list[tuple[Work, str]] = []
-        # One retry budget for the whole batch: per row, a batch of 16 rows held the
-        # worker for 16 budgets (plus boto3's own retries each) while storage was down.
-        # Once a row has used it up, storage is down: the rows left go back untried.
-        deadline = time.monotonic() + self.settings.upload_retry_s
-        untried: list[Work] = []
-        for work, res in zip(batch, results, strict=True):
-            if res.audio is None:
-                failed.append((work, res.error or "synthesis failed"))
-            elif untried:
-                untried.append(work)
-            else:
-                try:
-                    stored.append((work, self._store_patiently(work.key, res.audio, work.jobs[0].spec.format,
-                                                               deadline)))
-                except StorageError as err:
-                    log.warning("upload failed, will retry: %s", err)
-                    untried.append(work)
-        if len(untried) > 1:
-            log.warning("storage is down: %d more row(s) of this batch go back to the queue untried",
-                        len(untried) - 1)
-        for work in untried:
-            out.requeue |= {job.id for job in work.jobs}
-        for work, error in failed:
-            for job in work.jobs:
-                self._fail(job.id, JobFailed(error))
-            out.finished |= {job.id for job in work.jobs}
-        for work, record in stored:
-            for job in work.jobs:
-                self._succeed(job, record, cached=False)
-            out.finished |= {job.id for job in work.jobs}
+            stream = self.engine.stream([w.request for w in batch], refill=refill,
+                                        max_rows=self.policy.max_batch if refill else 0)
+            for i, result in stream:
+                work = rows[i]
+                self.table.running.pop(work.key, None)
+                timer.row(result, self.engine.sample_rate)
+                delivery.hand(work, result)
+            timer.generated()
+        finally:
+            # Also when the GPU stage failed: what it made is stored before the tick fails.
+            delivery.wait()
+            self.table.running.clear()
+            out.finished |= delivery.finished
+            out.requeue |= delivery.requeue
+        if refill is not None and refill.error is not None:
+            raise refill.error
+        if delivery.errors:
+            oom = [e for e in delivery.errors if isinstance(e, redis.exceptions.OutOfMemoryError)]
+            raise (oom or delivery.errors)[0]
         timer.finished()
 
-    def _store_patiently(self, key: str, audio: Any, fmt: str, deadline: float) -> dict[str, Any]:
-        """Upload, retrying with growing pauses until `deadline` (monotonic; one try if it
-        has passed): a storage outage then costs time instead of a requeue and a second
-        synthesis of the same audio."""
-
-        def pause(err: Exception, intervals: Iterator[float], retries: int) -> float:
-            wait = next(intervals)
-            log.warning("upload failed (try %d), retrying in %.0f s: %s", retries + 1, wait, err)
-            return wait
-
-        budget = max(0.0, deadline - time.monotonic())
-        record: dict[str, Any] = retry_over_time(
-            self._store, StorageError, (key, audio, fmt), errback=pause, max_retries=None if budget else 0,
-            interval_start=1, interval_step=2, interval_max=10, timeout=budget,
-        )
-        return record
-
-    def _store(self, key: str, audio: Any, fmt: str) -> dict[str, Any]:
-        data, rate, seconds = encode(audio, self.engine.sample_rate, fmt)
-        with self.metrics.upload_seconds.time():
-            url = self.storage.put_bytes(key, data, FORMATS[fmt].content_type)
-        record = {"url": url, "key": key, "duration_s": round(seconds, 6), "sample_rate": rate, "format": fmt}
-        try:
-            self.redis.set(_OBJECTS + key, json.dumps(record), ex=_RECORD_TTL)
-        except redis.exceptions.OutOfMemoryError:
-            pass  # only an index: a cache lookup without it asks storage
-        return record
-
-    def _serve_cached(self, works: list[Work], out: Outcome) -> list[Work]:
-        """Serve from storage every work whose exact output exists already (no GPU); the
-        rest, to synthesize. Each job is looked up once, not on every scheduler tick: the
-        new ones' index records in one Redis round trip, then storage for all of them at
-        once (an index record may outlive its object: a bucket lifecycle rule)."""
-        new = [w for w in works if not all(j.cache_checked for j in w.jobs)]
-        if not new:
-            return works
-        for work in new:
-            for job in work.jobs:
-                job.cache_checked = True
-        records = self.redis.mget([_OBJECTS + w.key for w in new])
-        found = dict(zip((w.key for w in new), self._lookups.map(self._stored_record, new, records)))
-        rest = []
+    def _start(self, works: list[Work], rows: list[Work], timer: BatchTimer) -> None:
+        """Rows joining the GPU batch. A strike for each job, taken back as its row leaves
+        the batch: only a batch the worker dies (or hangs past the visibility timeout) in
+        leaves one."""
+        jobs = [job for work in works for job in work.jobs]
+        self.admission.strike(jobs, 1)
+        timer.started([job.spec for job in jobs])
+        now = time.monotonic()
         for work in works:
-            record = found.get(work.key)
-            if record is None:
-                rest.append(work)
-                continue
-            for job in work.jobs:
-                self._succeed(job, record, cached=True)
-                out.finished.add(job.id)
-        return rest
+            work.move(Phase.RUNNING)
+            self.table.running[work.key] = work
+            self._started(work.jobs, now)
+        rows.extend(works)
 
-    def _stored_record(self, work: Work, raw: bytes | None) -> dict[str, Any] | None:
+    def _join(self, work: Work, running: Work) -> None:
+        """Jobs that want audio a running row is making get it from that row."""
+        self.admission.strike(work.jobs, 1)
+        work.move(Phase.RUNNING)
+        self._started(work.jobs, running.jobs[0].started or time.monotonic())
+        running.jobs.extend(work.jobs)
+
+    def _started(self, jobs: list[Job], at: float) -> None:
+        for job in jobs:
+            job.started = at
+            self.events.started(job.id)
+
+    def refill(self, free: int, rows: list[Work], timer: BatchTimer, out: Outcome) -> list[SynthRequest]:
+        """Held jobs to join the running batch in `free` rows: messages that arrived while
+        it ran are admitted first; the planner then chooses, as for a new batch."""
+        arrived = [r for r in self.arrivals() if r.id not in self.table.jobs]
+        self._admit(arrived, out)
+        waiting = []
+        for work in self.table.ready(out):
+            running = self.table.running.get(work.key)
+            if running is not None and not any(job.suspect for job in work.jobs):
+                self._join(work, running)
+            else:
+                waiting.append(work)
+        if not waiting:
+            return []
+        now = time.monotonic()
+        used = sum(w.steps for w in self.table.running.values())
+        decision = refill_plan([w.plan_item(now - time.time()) for w in waiting], now, self.policy, free,
+                               self.policy.token_budget - used)
+        for item in decision.expired:
+            self.table.expire(item.payload, now, out)
+        chosen = [item.payload for item in decision.batch]
+        if chosen:
+            self._start(chosen, rows, timer)
+        return [w.request for w in chosen]
+
+
+class _Refill:
+    """The engine's refill callback for one batch. It never raises into the engine (which
+    would take the error for its rows' own and rerun them): an error stops the refills
+    and is raised once the batch is over. Storage going down (rows made now could not be
+    stored) and a warm shutdown stop them too."""
+
+    def __init__(self, runner: BatchRunner, rows: list[Work], timer: BatchTimer, storage_down: Callable[[], bool],
+                 out: Outcome) -> None:
+        self.runner, self.rows, self.timer, self.storage_down, self.out = runner, rows, timer, storage_down, out
+        self.error: BaseException | None = None
+
+    def __call__(self, free: int) -> list[SynthRequest]:
+        if self.error is not None or self.storage_down() or self.runner.stopping.is_set():
+            return []
         try:
-            if raw is not None:
-                return json.loads(raw) if self.storage.exists(work.key) else None
-            if not self.storage.exists(work.key):
-                return None
-            fmt = work.jobs[0].spec.format
-            duration, sr = duration_of(self.storage.get_bytes(work.key), fmt, self.engine.sample_rate)
-            return {"url": self.storage.url_for(work.key), "key": work.key,
-                    "duration_s": round(duration, 6), "sample_rate": sr, "format": fmt}
-        except Exception as err:  # noqa: BLE001 - a bad record or object costs a synthesis, not the tick
-            # StorageError (an outage), and also a corrupt index record or a stored object
-            # that does not decode: raised out of the tick, either would requeue every
-            # held job, and the same lookup would fail again on redelivery, forever.
-            log.warning("cache lookup of %s failed, synthesizing instead: %s", work.key, err)
-            return None
+            return self.runner.refill(free, self.rows, self.timer, self.out)
+        except Exception as err:  # noqa: BLE001 - raised again after the batch, see above
+            log.warning("could not refill the running batch; it runs on without new rows: %s", err)
+            self.error = err
+            return []
 
 
 def register(app: Celery, runner: BatchRunner, settings: Settings) -> GpuBatches:
@@ -505,7 +255,10 @@ def register(app: Celery, runner: BatchRunner, settings: Settings) -> GpuBatches
         return runner(requests)
 
     task: GpuBatches = app.tasks[TASK_NAME]
-    task.owns = runner.owns
-    task.refuse = runner.refuse
-    runner.events = TaskEvents(task.send_event)
+    task.owns = runner.admission.owns
+    task.refuse = runner.admission.refuse
+    runner.events.send = task.send_event
+    runner.settle = task.settle
+    runner.arrivals = task.take_arrivals
+    worker_shutting_down.connect(lambda **_: runner.stopping.set(), weak=False)
     return task

@@ -3,12 +3,14 @@
 Stock celery-batches hands every flush of its buffer to the pool and acks all of it
 when the batch function returns. Here:
 - a flush is skipped while a batch runs (with one GPU thread, flushes taken meanwhile
-  would queue up as many tiny batches); the buffer keeps filling, bounded by the
-  prefetch limit;
+  would queue up as many tiny batches); what arrives meanwhile joins the held window at
+  once and is offered to the running batch (`take_arrivals`: its free rows are refilled
+  from it), bounded by the prefetch limit;
 - the batch function sees every job this worker holds (newly buffered plus those held
   over from earlier flushes), runs at most one GPU batch, and says which jobs are
   finished (acked) and which must go back to the queue (rejected with requeue); the
-  rest stay held, unacked, for the next flush. So the scheduler chooses each GPU batch
+  rest stay held, unacked, for the next flush. A job whose result is recorded while the
+  batch still runs is acked at once (`settle`), which also frees its prefetch slot; So the scheduler chooses each GPU batch
   from the whole window: realtime jobs that arrive while a bulk batch runs go next,
   and a job waits for company at most `max_wait_ms`;
 - if the batch function raises, every held message is requeued: a job is never acked
@@ -41,7 +43,11 @@ class GpuBatches(Batches):
     def __init__(self) -> None:
         super().__init__()
         self._inflight = threading.Event()
+        # By job id. Touched by the consumer thread (new messages), the pool thread (the
+        # batch's end) and the store threads (rows acked as they are recorded).
         self._held: dict[str, Any] = {}
+        self._lock = threading.RLock()
+        self._arrivals: list[Any] = []  # held while a batch runs, not yet offered to it
         # For /healthz: the scheduler's last tick, and since when the batch in flight runs.
         self.last_tick = time.monotonic()
         self.inflight_since: float | None = None
@@ -76,7 +82,9 @@ class GpuBatches(Batches):
         # connection. Requests from the old connection cannot be acked any more (their
         # messages come back through Redis), and stock celery-batches would keep its
         # dead flush timer, so nothing held would ever be flushed again.
-        self._held.clear()
+        with self._lock:
+            self._held.clear()
+            self._arrivals.clear()
         for stale in (self._buffer, self._pending):
             list(consume_queue(stale))
         if self._tref is not None:
@@ -99,6 +107,7 @@ class GpuBatches(Batches):
     def _do_flush(self) -> None:
         self.last_tick = time.monotonic()
         if self._inflight.is_set():
+            self._absorb()
             return
         if self._buffer.empty() and self._held:
             # Stock _do_flush would see nothing to do and stop the timer.
@@ -117,56 +126,111 @@ class GpuBatches(Batches):
             self._clear_inflight()
             raise
 
-    @staticmethod
-    def _same_job(a: Any, b: Any) -> bool:
-        def fields(req: Any) -> Any:
-            kwargs = req.kwargs if isinstance(req.kwargs, dict) else {}
-            return req.args, {k: v for k, v in kwargs.items() if k != "enqueued_at"}
-
-        return bool(fields(a) == fields(b))
+    @classmethod
+    def _same_job(cls, a: Any, b: Any) -> bool:
+        return bool(a.args == b.args) and cls._same_kwargs(a.kwargs if isinstance(a.kwargs, dict) else {},
+                                                         b.kwargs if isinstance(b.kwargs, dict) else {})
 
     def _clear_inflight(self) -> None:
         self.inflight_since = None
         self._inflight.clear()
 
+    def _absorb(self) -> None:
+        """While a batch runs: new messages join the held window now, so that the running
+        batch can take them into its free rows."""
+        ready = []
+        for req in consume_queue(self._buffer):
+            # A message with an ETA waits in celery-batches' own queue for a real flush.
+            (self._pending.put if req.eta else ready.append)(req)
+        with self._lock:
+            self._arrivals.extend(SimpleRequest.from_request(r) for r in self._take(ready))
+
+    def take_arrivals(self) -> list[Any]:
+        """The messages held since the batch started, each offered once."""
+        with self._lock:
+            taken, self._arrivals = self._arrivals, []
+        return taken
+
+    def settle(self, job_id: str, kwargs: Any) -> None:
+        """Ack a held job whose result is recorded, while its batch still runs. Only the
+        message the runner finished: one that replaced it under the same id meanwhile
+        (a different job) is left for its own turn."""
+        with self._lock:
+            req = self._held.get(job_id)
+            if req is None or not self._same_kwargs(req.kwargs, kwargs):
+                return
+            del self._held[job_id]
+        try:
+            req.acknowledge()
+        except RedisError as err:
+            log.warning("could not ack job %s, kept: %s", job_id, err)
+            with self._lock:
+                self._held.setdefault(job_id, req)
+
+    def _take(self, requests: Collection[Any]) -> list[Any]:
+        """Hold new messages; the ones now held (a message that lost its id is not)."""
+        taken = []
+        with self._lock:
+            for req in requests:
+                old = self._held.get(req.id)
+                if old is not None and old is not req and not self._same_job(old, req):
+                    # A different job under a held job's id (a forged message, or a client
+                    # that reuses ids): the one its id's claim names keeps it, the other is
+                    # refused.
+                    loser = old if self.owns(req.id, req.kwargs) else req
+                    self.refuse(loser)
+                    loser.acknowledge()
+                    if loser is req:
+                        continue
+                elif old is not None and old is not req and old.message.delivery_tag != req.message.delivery_tag:
+                    # A second copy of a held job under another delivery tag (a producer
+                    # sent it again): the new one stands in; acking the old frees its
+                    # prefetch slot. Redis restores a message past the visibility timeout
+                    # under its own tag: acking that would delete the broker's only record
+                    # of the job, and a crash from then on would lose it, so the new
+                    # delivery just stands in.
+                    old.acknowledge()
+                self._held[req.id] = req
+                taken.append(req)
+        return taken
+
+    @staticmethod
+    def _same_kwargs(a: Any, b: Any) -> bool:
+        def plain(kwargs: Any) -> Any:
+            return {k: v for k, v in kwargs.items() if k != "enqueued_at"} if isinstance(kwargs, dict) else kwargs
+
+        return bool(plain(a) == plain(b))
+
     def _dispatch(self, requests: Collection[Any]) -> Any:
-        for req in requests:
-            old = self._held.get(req.id)
-            if old is not None and old is not req and not self._same_job(old, req):
-                # A different job under a held job's id (a forged message, or a client that
-                # reuses ids): the one its id's claim names keeps it, the other is refused.
-                loser = old if self.owns(req.id, req.kwargs) else req
-                self.refuse(loser)
-                loser.acknowledge()
-                if loser is req:
-                    continue
-            elif old is not None and old is not req and old.message.delivery_tag != req.message.delivery_tag:
-                # A second copy of a held job under another delivery tag (a producer sent
-                # it again): the new one stands in; acking the old frees its prefetch slot.
-                # Redis restores a message past the visibility timeout under its own tag:
-                # acking that would delete the broker's only record of the job, and a crash
-                # from then on would lose it, so the new delivery just stands in.
-                old.acknowledge()
-            self._held[req.id] = req
-        held = list(self._held.values())
+        self._take(requests)
+        with self._lock:
+            held = list(self._held.values())
+            self._arrivals.clear()  # the batch function sees every held job anyway
         simple = ([SimpleRequest.from_request(r) for r in held],)
+        given = {r.id: r.kwargs for r in held}
 
         def on_return(outcome: Outcome | None) -> None:
             try:
-                for req in held:
-                    if self._held.get(req.id) is not req:
-                        continue  # replaced by a newer delivery, or gone with its connection
+                with self._lock:
+                    # Every held message, also those that arrived while the batch ran.
+                    now_held = list(self._held.items())
+                for job_id, req in now_held:
                     try:
-                        if outcome is None or req.id in outcome.requeue:
+                        if outcome is None or job_id in outcome.requeue:
                             req.reject(requeue=True)
-                            self._held.pop(req.id, None)
-                        elif req.id in outcome.finished:
+                        elif job_id in outcome.finished:
+                            if job_id in given and not self._same_kwargs(given[job_id], req.kwargs):
+                                continue  # a different job took the id meanwhile: not the one finished
                             req.acknowledge()
-                            self._held.pop(req.id, None)
+                        else:
+                            continue
+                        with self._lock:
+                            if self._held.get(job_id) is req:
+                                del self._held[job_id]
                     except RedisError as err:
                         # Redis refused (out of memory, or gone): the message is still the
                         # broker's, unacked; it stays held and is settled on a later flush.
-                        log.warning("could not settle job %s with the broker, kept: %s", req.id, err)
+                        log.warning("could not settle job %s with the broker, kept: %s", job_id, err)
             finally:
                 self._clear_inflight()
 

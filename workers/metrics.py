@@ -97,6 +97,9 @@ class Metrics:
                                 "(tasks/envelope.py: no_id, bad_id, eta, body, undecodable ...)", ["reason"], registry=r)
         self.broker_refusals = Counter("ttspool_broker_refused_writes",
                                        "Scheduler ticks the broker's Redis refused a write in (out of memory)", registry=r)
+        self.store_wait_seconds = Counter(
+            "ttspool_store_wait_seconds", "Time the GPU thread waited for the store stage to take a finished "
+            "row (back-pressure from slow storage)", registry=r)
         self.steps = Counter("ttspool_steps", "GPT steps generated (46.875 per second of audio)", registry=r)
         self.audio = Counter("ttspool_audio_seconds", "Seconds of audio synthesized", registry=r)
         recent = Gauge("ttspool_recent_audio_seconds_per_second",
@@ -136,11 +139,7 @@ class Metrics:
     def job_failed(self, exc: BaseException) -> None:
         self.jobs.labels(*failure_labels(exc)).inc()
 
-    def batch_started(self, specs: Sequence[JobSpec]) -> "BatchTimer":
-        now = time.time()
-        for spec in specs:
-            if spec.enqueued_at is not None:
-                self.queue_wait.labels(queue_of(spec)).observe(max(0.0, now - spec.enqueued_at))
+    def batch_started(self) -> "BatchTimer":
         return BatchTimer(self)
 
     def audio_done(self, seconds: float) -> None:
@@ -157,19 +156,31 @@ class Metrics:
 
 
 class BatchTimer:
-    """One GPU batch, from `Metrics.batch_started` to `finished`."""
+    """One GPU batch, from `Metrics.batch_started` to `finished`; rows join it (`started`)
+    when it starts and whenever a free row is refilled, and leave it one by one (`row`)."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
         self.t0 = time.perf_counter()
+        self.rows = 0
 
-    def generated(self, results: Sequence["SynthResult"], sample_rate: int) -> None:
+    def started(self, specs: Sequence[JobSpec]) -> None:
+        now = time.time()
+        for spec in specs:
+            if spec.enqueued_at is not None:
+                self.metrics.queue_wait.labels(queue_of(spec)).observe(max(0.0, now - spec.enqueued_at))
+
+    def row(self, result: "SynthResult", sample_rate: int) -> None:
+        self.rows += 1
+        self.metrics.steps.inc(result.steps)
+        if result.audio is not None:
+            self.metrics.audio_done(len(result.audio) / sample_rate)
+
+    def generated(self) -> None:
         m = self.metrics
         m.inference_seconds.observe(time.perf_counter() - self.t0)
         m.batches.inc()
-        m.batch_size.observe(len(results))
-        m.steps.inc(sum(r.steps for r in results))
-        m.audio_done(sum(len(r.audio) for r in results if r.audio is not None) / sample_rate)
+        m.batch_size.observe(self.rows)
 
     def finished(self) -> None:
         self.metrics.batch_seconds.observe(time.perf_counter() - self.t0)

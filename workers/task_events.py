@@ -11,6 +11,7 @@ dispatcher drops task events when it is off.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any, Callable
 
 from celery.utils.saferepr import saferepr
@@ -26,10 +27,14 @@ MAX_REPR = 1024
 class TaskEvents:
     def __init__(self, send: Callable[..., None] | None = None) -> None:
         self.send = send or (lambda event_type, **fields: None)
+        # Rows are recorded on several store threads; Celery's event dispatcher buffers
+        # task events in lists it does not guard.
+        self._lock = threading.Lock()
 
     def _emit(self, event_type: str, **fields: Any) -> None:
         try:
-            self.send(event_type, **fields)
+            with self._lock:
+                self.send(event_type, **fields)
         except Exception as err:  # noqa: BLE001 - events are for watching: a job never fails for one
             log.warning("could not send %s for job %s: %s", event_type, fields.get("uuid"), err)
 

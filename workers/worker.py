@@ -66,7 +66,10 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
         without_mingle=True,
         optimization="fair",
     )
-    worker.start()
+    try:
+        worker.start()
+    finally:
+        runner.close()
     if worker.exitcode:
         raise SystemExit(worker.exitcode)
 

@@ -1,0 +1,146 @@
+"""Admission: whether a held message may become a job of this worker, and strikes.
+
+Every new message is checked once: its claim on its id (a message that lost its id to a
+different job is refused without touching that job's record), its kwargs (a bad one
+fails alone), its delivery count (a redelivery after its result was recorded is not run
+again) and its strikes (GPU batches it was in that never returned: past the limit it is
+dead-lettered instead of taking the worker down once more).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Iterable, Sequence
+
+import redis
+from celery import Celery
+
+from tasks.claims import CLAIM_TTL_S, Claim, claim_key, digest_of, taken_error, tenant_of
+from tasks.envelope import Rejection
+from tasks.errors import RedeliveryLimit
+from tasks.schema import JobValidationError, parse_job
+from tasks.settings import DEAD_LETTER_KEY
+from tasks.states import JobState
+
+from . import rejections
+from .batching import Outcome
+from .jobs import Job
+from .recorder import RECORD_TTL, Recorder
+from .task_events import TaskEvents
+
+_DELIVERIES = "ttspool:deliveries:"
+# Per job: GPU batches it was in that never returned (the worker died or hung in them).
+_STRIKES = "ttspool:strikes:"
+
+
+class Admission:
+    def __init__(self, app: Celery, r: redis.Redis, max_strikes: int, recorder: Recorder,
+                 events: TaskEvents) -> None:
+        self.app = app
+        self.redis = r
+        self.max_strikes = max_strikes
+        self.recorder = recorder
+        self.events = events
+
+    def admit(self, requests: Sequence[Any], out: Outcome) -> list[Job]:
+        """The jobs among `requests` that may run; the others end here (in `out.finished`)."""
+        jobs: list[Job] = []
+        for req in self._owned(requests, out):
+            self.events.received(req.id, req.kwargs)
+            try:
+                if req.args:
+                    raise JobValidationError("ttspool.synthesize takes keyword arguments only")
+                spec = parse_job(req.kwargs)
+            except JobValidationError as err:
+                self.recorder.fail(req.id, err)
+                out.finished.add(req.id)
+                continue
+            if spec.job_id is not None and spec.job_id != req.id:
+                # Recorded under one id, the other would stay PENDING forever.
+                rejections.record(Rejection("id_mismatch", f"kwargs job_id {spec.job_id!r} differs from the "
+                                                           f"message id {req.id!r}", req.id),
+                                  json.dumps(req.kwargs, default=str), owner=True)
+                out.finished.add(req.id)
+                continue
+            jobs.append(Job(req.id, spec, dict(req.kwargs)))
+        if not jobs:
+            return []
+        pipe = self.redis.pipeline()
+        for job in jobs:
+            pipe.incr(_DELIVERIES + job.id)
+            pipe.expire(_DELIVERIES + job.id, RECORD_TTL)
+            pipe.get(_STRIKES + job.id)
+        replies = pipe.execute()
+        admitted = []
+        for job, count, raw_strikes in zip(jobs, replies[::3], replies[2::3]):
+            strikes = int(raw_strikes or 0)
+            if count > 1 and self._has_result(job.id):
+                # Redelivered after its result was recorded (the worker died or Redis
+                # restarted before the ack): report it once, do not run it again.
+                out.finished.add(job.id)
+            elif strikes >= self.max_strikes:
+                # Counted in GPU batches that never returned, not in deliveries: jobs that
+                # only shared a batch (or a buffer) with a crashing job are not blamed.
+                reason = RedeliveryLimit(
+                    f"job was in {strikes} GPU batches that never finished (the worker died "
+                    f"or hung each time; limit {self.max_strikes}); moved to {DEAD_LETTER_KEY}"
+                )
+                self.redis.lpush(DEAD_LETTER_KEY, json.dumps({"id": job.id, "kwargs": job.kwargs,
+                                                              "reason": str(reason), "at": time.time()}))
+                self.recorder.fail(job.id, reason)
+                out.finished.add(job.id)
+            else:
+                job.suspect = strikes > 0
+                self.app.backend.store_result(job.id, {"id": job.id}, JobState.STARTED)
+                admitted.append(job)
+        return admitted
+
+    def strike(self, jobs: Iterable[Job], n: int) -> None:
+        """+1 as a job's row joins a GPU batch, -1 as it leaves it: only a batch the worker
+        dies (or hangs past the visibility timeout) in leaves one."""
+        pipe = self.redis.pipeline()
+        for job in jobs:
+            pipe.incrby(_STRIKES + job.id, n)
+            pipe.expire(_STRIKES + job.id, RECORD_TTL)
+        pipe.execute()
+
+    @staticmethod
+    def _claim_of(kwargs: Any) -> Claim:
+        """The claim a message makes on its id: the digest of its kwargs as received."""
+        return Claim(digest_of(kwargs), tenant_of(kwargs), "worker")
+
+    def owns(self, job_id: str, kwargs: Any) -> bool:
+        """Whether this job is the one its id's claim names (an unclaimed id: yes)."""
+        try:
+            raw = self.redis.get(claim_key(job_id))
+        except redis.RedisError:
+            return False
+        return raw is None or Claim.decode(raw).same_job(self._claim_of(kwargs))
+
+    def refuse(self, request: Any) -> None:
+        """A message that lost its id to a different job: dead-lettered, the owner untouched."""
+        rejections.record(Rejection("id_taken", taken_error(request.id), None), json.dumps(request.kwargs, default=str))
+
+    def _owned(self, requests: Sequence[Any], out: Outcome) -> list[Any]:
+        """Requests whose id is theirs: claimed here when unclaimed (a plain Celery client),
+        refused when claimed by a different job, without touching that job's record."""
+        if not requests:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        claims = [self._claim_of(req.kwargs) for req in requests]
+        for req, claim in zip(requests, claims):
+            pipe.set(claim_key(req.id), claim.encode(), nx=True, ex=CLAIM_TTL_S)
+            pipe.get(claim_key(req.id))
+        replies = pipe.execute()
+        owned = []
+        for req, claim, raw in zip(requests, claims, replies[1::2]):
+            if raw is None or Claim.decode(raw).same_job(claim):
+                owned.append(req)
+                continue
+            self.refuse(req)
+            out.finished.add(req.id)
+        return owned
+
+    def _has_result(self, job_id: str) -> bool:
+        return self.app.backend.get_task_meta(job_id).get("status") in (JobState.SUCCESS, JobState.FAILURE)

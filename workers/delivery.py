@@ -1,0 +1,138 @@
+"""The store stage: each row's audio is encoded, uploaded and recorded on a small thread
+pool the moment the engine yields it, while the GPU goes on with the rest of the batch,
+and its message is acked as soon as its result is recorded (not when the batch ends).
+
+The hand-off is bounded (`capacity` rows handed over and not yet stored): when storage is
+slow, `hand` blocks the GPU thread rather than buffer audio without limit (one row is up
+to ~4 MB of float32, 43.7 s at 24 kHz).
+
+One retry budget per GPU batch: a row's upload is retried in place until the batch's
+deadline; once a row has used it up, storage is down, and the batch's rows not stored yet
+go back to the queue untried (per row, a batch of 16 held the worker for 16 budgets).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from typing import Callable, Iterable
+
+import redis
+
+from storage import StorageError
+from tasks.errors import JobFailed
+
+from .engine import SynthResult
+from .jobs import Job, Phase, Work
+from .metrics import Metrics
+from .recorder import Recorder
+
+log = logging.getLogger(__name__)
+
+
+class Delivery:
+    def __init__(self, recorder: Recorder, strike: Callable[[Iterable[Job], int], None],
+                 settle: Callable[[Job], None], metrics: Metrics, threads: int, capacity: int) -> None:
+        self.recorder = recorder
+        self.strike = strike
+        # Acks a finished job's message at once (workers.batching.GpuBatches.settle).
+        self.settle = settle
+        self.metrics = metrics
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="store")
+        self._slots = threading.BoundedSemaphore(capacity)
+
+    def batch(self, retry_s: float) -> "BatchDelivery":
+        return BatchDelivery(self, time.monotonic() + retry_s)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+class BatchDelivery:
+    """The store stage of one GPU batch."""
+
+    def __init__(self, stage: Delivery, deadline: float) -> None:
+        self.stage = stage
+        self.deadline = deadline
+        self.storage_down = threading.Event()
+        self.finished: set[str] = set()
+        self.requeue: set[str] = set()
+        self.errors: list[BaseException] = []
+        self._lock = threading.Lock()
+        self._futures: list[Future[None]] = []
+
+    def hand(self, work: Work, result: SynthResult) -> None:
+        """Called on the GPU thread as a row ends; blocks while `capacity` rows wait."""
+        work.move(Phase.STORING)
+        t0 = time.perf_counter()
+        self.stage._slots.acquire()
+        self.stage.metrics.store_wait_seconds.inc(time.perf_counter() - t0)
+        try:
+            future = self.stage._pool.submit(self._deliver, work, result)
+        except BaseException:
+            self.stage._slots.release()
+            raise
+        future.add_done_callback(lambda _: self.stage._slots.release())
+        self._futures.append(future)
+
+    def wait(self) -> None:
+        """Until every row handed over is stored (or given up)."""
+        wait(self._futures)
+        if len(self.requeue) > 1:
+            log.warning("storage is down: %d job(s) of this batch go back to the queue", len(self.requeue))
+
+    def _deliver(self, work: Work, result: SynthResult) -> None:
+        try:
+            self._deliver_row(work, result)
+        except BaseException as err:  # noqa: BLE001 - raised again on the GPU thread after the batch
+            # Recording failed (Redis gone past its retries, or full): the tick fails once
+            # the batch is over, and every job not recorded is looked for in storage when
+            # its message comes back, instead of being synthesized again.
+            for job in work.jobs:
+                if job.phase is Phase.STORING:
+                    job.move(Phase.READY)
+                    job.cache_checked = False
+            with self._lock:
+                self.errors.append(err)
+
+    def _deliver_row(self, work: Work, result: SynthResult) -> None:
+        rec = self.stage.recorder
+        try:
+            self.stage.strike(work.jobs, -1)
+        except redis.exceptions.OutOfMemoryError as err:
+            # The audio is made: store it before anything else, or it is lost with the
+            # refusal. The strike stays; the job would run alone if it came back.
+            log.warning("could not take back a row's strike (%s); storing its audio first", err)
+        if result.audio is None:
+            for job in work.jobs:
+                rec.fail(job.id, JobFailed(result.error or "synthesis failed"))
+                self._finished(job)
+            return
+        if self.storage_down.is_set():
+            self._requeue(work)
+            return
+        try:
+            record = rec.store_patiently(work.key, result.audio, work.jobs[0].spec.format, self.deadline)
+        except StorageError as err:
+            log.warning("upload failed, the job goes back to the queue: %s", err)
+            self.storage_down.set()
+            self._requeue(work)
+            return
+        for job in work.jobs:
+            rec.succeed(job, record, cached=False)
+            self._finished(job)
+
+    def _finished(self, job: Job) -> None:
+        job.move(Phase.FINISHED)
+        with self._lock:
+            self.finished.add(job.id)
+        self.stage.settle(job)
+
+    def _requeue(self, work: Work) -> None:
+        # Given back when the batch ends (with the other unfinished jobs): given back now,
+        # this worker could fetch it again at once and synthesize it into the same outage.
+        work.move(Phase.REQUEUED)
+        with self._lock:
+            self.requeue |= {job.id for job in work.jobs}

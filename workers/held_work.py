@@ -1,0 +1,195 @@
+"""The table of held work: every job the worker holds, prepared once (spoken text, voice,
+content key), merged with the other held jobs that would make the same audio, served
+from storage when that audio exists already, and expired when its deadline passes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterable, Sequence
+
+import redis
+
+from scheduler.keys import content_key, object_key
+from storage import Storage, StorageError
+from tasks.audio import FORMATS, duration_of
+from tasks.errors import JobExpired, JobFailed
+from tasks.text.frontend import FrontEnd
+from tasks.text.lengths import predicted_steps
+
+from .batching import Outcome
+from .engine import Engine, SynthRequest
+from .jobs import Job, Phase, Work
+from .metrics import Metrics
+from .recorder import OBJECTS, Recorder
+from .voices import VoiceResolver
+
+log = logging.getLogger(__name__)
+
+
+class HeldWork:
+    def __init__(self, engine: Engine, storage: Storage, r: redis.Redis, frontend: FrontEnd,
+                 voices: VoiceResolver, recorder: Recorder, metrics: Metrics) -> None:
+        self.engine = engine
+        self.storage = storage
+        self.redis = r
+        self.frontend = frontend
+        self.voices = voices
+        self.recorder = recorder
+        self.metrics = metrics
+        self.jobs: dict[str, Job] = {}
+        # Work in the GPU batch, by content key: a job arriving meanwhile with the same
+        # key joins it instead of being synthesized a second time.
+        self.running: dict[str, Work] = {}
+        # Storage lookups of the jobs that arrived in one tick run side by side: one at a
+        # time, a tick that took 16 jobs waited 16 storage round trips.
+        self._lookups = ThreadPoolExecutor(max_workers=8, thread_name_prefix="cache-lookup")
+
+    def close(self) -> None:
+        self._lookups.shutdown(wait=False, cancel_futures=True)
+
+    def sync(self, requests: Sequence[Any]) -> list[Any]:
+        """Forget jobs no longer held; return the requests not admitted yet. A job stays
+        admitted while the same message is held: another message now held under its id
+        (one that won the id's claim) is admitted afresh."""
+        held = {r.id: r for r in requests}
+        self.jobs = {k: v for k, v in self.jobs.items() if k in held and v.kwargs == held[k].kwargs}
+        return [r for r in requests if r.id not in self.jobs]
+
+    def add(self, jobs: Iterable[Job]) -> None:
+        for job in jobs:
+            self.jobs[job.id] = job
+
+    def forget(self, job_ids: Iterable[str]) -> None:
+        for job_id in job_ids:
+            self.jobs.pop(job_id, None)
+
+    def recheck(self) -> None:
+        """After a failed tick: every held message goes back (workers.batching), and a
+        batch may have stored some of its audio before: look in storage again when they
+        return, rather than synthesize it a second time."""
+        self.running.clear()
+        for job in self.jobs.values():
+            if job.phase in (Phase.RUNNING, Phase.STORING):
+                job.move(Phase.READY)
+            job.cache_checked = False
+
+    def ready(self, out: Outcome) -> list[Work]:
+        """Work waiting for the GPU: every held job prepared (once) and merged by content
+        key, less what storage already has (served here)."""
+        works: dict[str, Work] = {}
+        for job in list(self.jobs.values()):
+            if job.phase is Phase.ADMITTED and not self._prepare(job, out):
+                continue
+            if job.phase is not Phase.READY:
+                continue
+            assert job.key is not None and job.request is not None
+            works.setdefault(job.key, Work(job.key, job.request)).jobs.append(job)
+        return self._serve_cached(list(works.values()), out)
+
+    def expire(self, work: Work, now: float, out: Outcome) -> None:
+        """Past its deadline: nobody waits for it any more, so it ends without the GPU."""
+        for job in work.jobs:
+            self.recorder.fail(job.id, JobExpired(f"deadline passed before the job could run "
+                                                  f"(held {now - job.arrived:.1f} s)"))
+            job.move(Phase.FINISHED)
+            out.finished.add(job.id)
+
+    # -- preparation --------------------------------------------------------------
+
+    def _prepare(self, job: Job, out: Outcome) -> bool:
+        """Spoken text, voice, content key and predicted length; False if the job ended
+        here (failed) or waits (its library voice is unreadable just now)."""
+        s = job.spec
+        try:
+            text = self.engine.normalize(self._spoken(job))
+            if not text.strip():
+                raise JobFailed("text is empty after normalization (no speakable characters)", reason="empty_text")
+            voice = self.voices.resolve(s.voice, s.voice_name)
+        except JobFailed as err:
+            self.recorder.fail(job.id, err)
+            job.move(Phase.FINISHED)
+            out.finished.add(job.id)
+            return False
+        except StorageError as err:
+            # Looked at again next tick, like an upload that waits for storage.
+            if not job.voice_wait:
+                log.warning("job %s waits for its voice %r: %s", job.id, s.voice_name, err)
+            job.voice_wait = True
+            return False
+        job.spoken_text = text
+        job.voice = voice.label
+        job.key = object_key(content_key(self.engine.model_id, text, {**s.sampling_params(), "voice": voice.key}),
+                             FORMATS[s.format].extension)
+        job.request = SynthRequest(text=text, voice=voice.voice, seed=s.seed, speed=s.speed,
+                                   temperature=float(s.temperature), top_p=float(s.top_p),
+                                   top_k=s.top_k, max_tokens=s.max_tokens)
+        # Predicted once: the scheduler asks for it on every tick.
+        job.steps = predicted_steps(text, s.speed, s.max_tokens)
+        job.move(Phase.READY)
+        return True
+
+    def _spoken(self, job: Job) -> str:
+        """The text front-end: numbers, money, dates ... as words (tasks/text/frontend.py)."""
+        t0 = time.perf_counter()
+        try:
+            spoken = self.frontend.speak(job.spec.text, job.spec.lang, job.spec.normalize)
+        except Exception as err:
+            # A rule that breaks on some text must cost that job only, never the worker.
+            log.exception("job %s: the text front-end failed", job.id)
+            raise JobFailed(f"the text front-end failed on this text ({type(err).__name__})",
+                            reason="text_frontend") from None
+        self.metrics.frontend_seconds.observe(time.perf_counter() - t0)
+        job.dropped = spoken.dropped
+        if spoken.dropped:
+            log.warning("job %s: left out %d character(s) with no reading: %s", job.id, spoken.dropped_count,
+                        ascii(spoken.dropped))
+            self.metrics.text_dropped.inc(spoken.dropped_count)
+            self.metrics.text_jobs_dropped.inc()
+        return spoken.spoken_text
+
+    # -- cache --------------------------------------------------------------------
+
+    def _serve_cached(self, works: list[Work], out: Outcome) -> list[Work]:
+        """Serve from storage every work whose exact output exists already (no GPU); the
+        rest, to synthesize. Each job is looked up once, not on every scheduler tick: the
+        new ones' index records in one Redis round trip, then storage for all of them at
+        once (an index record may outlive its object: a bucket lifecycle rule)."""
+        new = [w for w in works if not all(j.cache_checked for j in w.jobs)]
+        if not new:
+            return works
+        for work in new:
+            for job in work.jobs:
+                job.cache_checked = True
+        records = self.redis.mget([OBJECTS + w.key for w in new])
+        found = dict(zip((w.key for w in new), self._lookups.map(self._stored_record, new, records)))
+        rest = []
+        for work in works:
+            record = found.get(work.key)
+            if record is None:
+                rest.append(work)
+                continue
+            for job in work.jobs:
+                self.recorder.succeed(job, record, cached=True)
+                job.move(Phase.FINISHED)
+                out.finished.add(job.id)
+        return rest
+
+    def _stored_record(self, work: Work, raw: bytes | None) -> dict[str, Any] | None:
+        try:
+            if raw is not None:
+                return json.loads(raw) if self.storage.exists(work.key) else None
+            if not self.storage.exists(work.key):
+                return None
+            fmt = work.jobs[0].spec.format
+            duration, sr = duration_of(self.storage.get_bytes(work.key), fmt, self.engine.sample_rate)
+            return {"url": self.storage.url_for(work.key), "key": work.key,
+                    "duration_s": round(duration, 6), "sample_rate": sr, "format": fmt}
+        except Exception as err:  # noqa: BLE001 - a bad record or object costs a synthesis, not the tick
+            # StorageError (an outage), and also a corrupt index record or a stored object
+            # that does not decode: raised out of the tick, either would requeue every
+            # held job, and the same lookup would fail again on redelivery, forever.
+            log.warning("cache lookup of %s failed, synthesizing instead: %s", work.key, err)
+            return None
