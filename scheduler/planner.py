@@ -21,7 +21,8 @@ Contract (checked by property tests):
 
 `refill` answers the same question for a batch already running whose rows freed up
 (iteration-level batching): the same ranking, but no waiting for company (the batch
-runs anyway), no `alone` item, and nothing past the rows and steps left.
+runs anyway), no `alone` item, nothing past the rows and steps left, and a few rows
+past `max_batch` kept for realtime items.
 """
 
 from __future__ import annotations
@@ -121,9 +122,12 @@ def next_batch(items: Sequence[PlanItem[T]], now: float, policy: Policy) -> Deci
     return Decision([], expired, policy.max_wait_s - waited)
 
 
-def refill(items: Sequence[PlanItem[T]], now: float, policy: Policy, rows: int, steps: int) -> Decision[T]:
+def refill(items: Sequence[PlanItem[T]], now: float, policy: Policy, rows: int, steps: int,
+           reserved: int = 0) -> Decision[T]:
     """Items to join a running batch with `rows` free rows and `steps` of its token
-    budget left; expired items are reported as by `next_batch`."""
+    budget left; expired items are reported as by `next_batch`. `reserved` of the free
+    rows are for realtime items only: a realtime job joins a batch full of bulk rows at
+    its next step, instead of waiting for one of them to end."""
     expired = [i for i in items if i.deadline is not None and now > i.deadline]
     live = [i for i in items if not (i.deadline is not None and now > i.deadline)]
     # An item too large for what is left waits for a batch of its own, as does a suspect.
@@ -131,4 +135,8 @@ def refill(items: Sequence[PlanItem[T]], now: float, policy: Policy, rows: int, 
     if rows < 1 or not fits:
         return Decision(expired=expired)
     chosen = next_batch(fits, now, replace(policy, max_batch=rows, token_budget=steps, max_wait_s=0.0))
-    return Decision(chosen.batch, expired)
+    batch: list[PlanItem[T]] = []
+    for item in chosen.batch:
+        if item.priority == "realtime" or len(batch) < rows - reserved:
+            batch.append(item)
+    return Decision(batch, expired)

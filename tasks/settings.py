@@ -82,6 +82,9 @@ class Settings:
     # Iteration-level batching: rows that end are refilled from held jobs while the batch
     # runs (the planner picks them). Measured in docs/PERF.md.
     refill: bool = True
+    # Rows past max_batch that only realtime jobs may take in a running batch (with
+    # refill): one joins a batch full of bulk rows at its next step. 0: none.
+    realtime_rows: int = 2
     # Threads that encode, upload and record finished rows while the GPU runs on.
     store_threads: int = 4
     # Worker /metrics and /healthz; 0 turns the HTTP server off. All interfaces by
@@ -178,6 +181,7 @@ class Settings:
                 max_strikes=_int(env, strikes_var, d.max_strikes, 1, 100),
                 upload_retry_s=_int(env, "TTSPOOL_UPLOAD_RETRY_S", d.upload_retry_s, 0, 3600),
                 refill=_bool(env, "TTSPOOL_REFILL", d.refill),
+                realtime_rows=_int(env, "TTSPOOL_REALTIME_ROWS", d.realtime_rows, 0, 64),
                 store_threads=_int(env, "TTSPOOL_STORE_THREADS", d.store_threads, 1, 64),
                 metrics_port=_int(env, "TTSPOOL_METRICS_PORT", d.metrics_port, 0, 65535),
                 metrics_addr=env.get("TTSPOOL_METRICS_ADDR") or d.metrics_addr,
@@ -213,7 +217,7 @@ ENV_NAMES = {
     "max_wait_ms": "TTSPOOL_MAX_WAIT_MS", "aging_ms": "TTSPOOL_AGING_MS",
     "visibility_timeout": "TTSPOOL_VISIBILITY_TIMEOUT", "max_strikes": "TTSPOOL_MAX_STRIKES",
     "upload_retry_s": "TTSPOOL_UPLOAD_RETRY_S", "refill": "TTSPOOL_REFILL",
-    "store_threads": "TTSPOOL_STORE_THREADS", "metrics_port": "TTSPOOL_METRICS_PORT",
+    "realtime_rows": "TTSPOOL_REALTIME_ROWS",     "store_threads": "TTSPOOL_STORE_THREADS", "metrics_port": "TTSPOOL_METRICS_PORT",
     "metrics_addr": "TTSPOOL_METRICS_ADDR", "cache_dir": "TTSPOOL_CACHE_DIR",
     "model_source": "TTSPOOL_MODEL_SOURCE", "model_revision": "TTSPOOL_MODEL_REVISION",
     "model_pubkey": "TTSPOOL_MODEL_PUBKEY", "s3_sse": "TTSPOOL_S3_SSE", "rate_limits": "TTSPOOL_RATE_LIMITS",

@@ -181,12 +181,14 @@ def test_policy_rejects_bad_limits(kwargs: dict) -> None:
 
 
 @PROPS
-@given(arrivals, policies, st.integers(0, 32), st.integers(0, 40_000), st.floats(0, 40, allow_nan=False))
+@given(arrivals, policies, st.integers(0, 32), st.integers(0, 40_000), st.floats(0, 40, allow_nan=False),
+       st.integers(0, 4))
 def test_refill_takes_what_fits_in_planner_order(jobs: list[Arrival], policy: Policy, rows: int, steps: int,
-                                                  now: float) -> None:
+                                                  now: float, reserved: int) -> None:
     items = [PlanItem(i, a.steps, a.priority, a.at, None if a.ttl is None else a.at + a.ttl, a.alone)
              for i, a in enumerate(jobs) if a.at <= now]
-    d = refill(items, now, policy, rows, steps)
+    d = refill(items, now, policy, rows, steps, reserved)
+    assert sum(i.priority != "realtime" for i in d.batch) <= max(0, rows - reserved)
     chosen = {i.payload for i in d.batch}
     assert {i.payload for i in d.expired} == {i.payload for i in items if i.deadline is not None and now > i.deadline}
     assert not chosen & {i.payload for i in d.expired}
@@ -194,7 +196,7 @@ def test_refill_takes_what_fits_in_planner_order(jobs: list[Arrival], policy: Po
     assert not any(i.alone for i in d.batch)
     assert d.wait_s == 0.0
     left = [i for i in items if i.payload not in chosen and i not in d.expired and not i.alone]
-    if any(i.steps <= steps for i in left) and rows > 0:
+    if any(i.steps <= steps and (i.priority == "realtime" or rows > reserved) for i in left) and rows > 0:
         assert d.batch, "something fits, yet the free rows stay empty"
     # A waiting realtime (or aged) item that would fit is never passed over for un-aged bulk.
     if any(i for i in left if i.steps <= steps - sum(b.steps for b in d.batch) and rank_of(i, now, policy) == 0):
@@ -213,3 +215,7 @@ def test_refill_puts_a_realtime_job_ahead_of_the_bulk_backlog() -> None:
     assert [i.payload for i in refill(items, 4.0, policy, rows=3, steps=999).batch] == ["rt"]
     assert [i.payload for i in refill(items, 4.0, policy, rows=3, steps=1000).batch] == ["rt", "bulk0"]
     assert refill(items, 4.0, policy, rows=0, steps=2000).batch == []
+    # Rows kept for realtime: bulk may not take them, a realtime job may.
+    assert [i.payload for i in refill(items, 4.0, policy, rows=1, steps=2000, reserved=1).batch] == ["rt"]
+    assert refill(bulk, 4.0, policy, rows=2, steps=2000, reserved=2).batch == []
+    assert [i.payload for i in refill(bulk, 4.0, policy, rows=2, steps=2000, reserved=1).batch] == ["bulk0"]

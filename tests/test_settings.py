@@ -20,7 +20,7 @@ def test_to_env_round_trips_every_setting() -> None:
         "TTSPOOL_MODEL": "random-full", "TTSPOOL_MODEL_DIR": "/models/chattts", "TTSPOOL_DEVICE": "cuda:1",
         "TTSPOOL_DTYPE": "bfloat16", "TTSPOOL_QUANT": "int8", "TTSPOOL_COMPILE": "1", "TTSPOOL_TASK_EVENTS": "0", "TTSPOOL_MAX_BATCH": "32",
         "TTSPOOL_MAX_WAIT_MS": "250", "TTSPOOL_AGING_MS": "5000", "TTSPOOL_VISIBILITY_TIMEOUT": "7200",
-        "TTSPOOL_MAX_STRIKES": "5", "TTSPOOL_UPLOAD_RETRY_S": "30", "TTSPOOL_REFILL": "0",
+        "TTSPOOL_MAX_STRIKES": "5", "TTSPOOL_UPLOAD_RETRY_S": "30", "TTSPOOL_REFILL": "0", "TTSPOOL_REALTIME_ROWS": "4",
         "TTSPOOL_STORE_THREADS": "8", "TTSPOOL_METRICS_PORT": "9100",
         "TTSPOOL_METRICS_ADDR": "127.0.0.1", "TTSPOOL_CACHE_DIR": "/cache", "TTSPOOL_MODEL_SOURCE": "s3://m/p",
         "TTSPOOL_MODEL_REVISION": "v2", "TTSPOOL_MODEL_PUBKEY": "/keys/pub.pem", "TTSPOOL_S3_SSE": "aws:kms",

@@ -324,3 +324,31 @@ def test_storage_down_requeues_the_batch_with_one_try_and_says_so_in_task_events
         assert offered == [backlog]
     finally:
         runner.close()
+
+
+@pytest.mark.parametrize("realtime_rows", [2, 0])
+def test_a_realtime_job_joins_a_batch_full_of_bulk_rows_at_its_next_step(
+        broker: LocalRedis, tmp_path: Path, realtime_rows: int) -> None:
+    runner, engine = make_runner(broker, tmp_path / "store", TTSPOOL_REALTIME_ROWS=str(realtime_rows))
+    bulk = [job(6), job(6), job(6)]
+    rt = job(1, priority="realtime")
+    offered = [[rt]]
+    joined_at: dict[str, int] = {}
+
+    def after_step(step: int) -> None:
+        # Refills come after this: a row first seen at step n joined after step n - 1.
+        for text in engine.batches[-1]:
+            joined_at.setdefault(text, step)
+
+    engine.after_step = after_step
+    runner.arrivals = lambda: offered.pop() if offered else []
+    try:
+        out = runner(bulk)
+        assert rt.id in out.finished and status(runner, rt)["status"] == "SUCCESS"
+        # Two bulk rows fill max_batch; the third bulk job waits for one of them either way.
+        if realtime_rows:
+            assert joined_at[rt.kwargs["text"]] == 1  # after the first step, into a kept row
+        else:
+            assert joined_at[rt.kwargs["text"]] == 6  # only once the bulk rows ended (six words: step 5)
+    finally:
+        runner.close()

@@ -82,6 +82,8 @@ class BatchRunner:
             max_wait_s=settings.max_wait_ms / 1000.0,
             aging_s=settings.aging_ms / 1000.0,
         )
+        # Rows a running batch may have: max_batch, and a few more for realtime jobs only.
+        self.max_rows = settings.max_batch + settings.realtime_rows
         # Set by register() to GpuBatches': ack a finished job's message at once, and the
         # messages buffered while a batch runs (candidates for its free rows).
         self.settle: Callable[[str, dict[str, Any]], None] = lambda job_id, kwargs: None
@@ -147,7 +149,7 @@ class BatchRunner:
         refill = _Refill(self, rows, timer, delivery.storage_down.is_set, out) if self.settings.refill else None
         try:
             stream = self.engine.stream([w.request for w in batch], refill=refill,
-                                        max_rows=self.policy.max_batch if refill else 0)
+                                        max_rows=self.max_rows if refill else 0)
             for i, result in stream:
                 work = rows[i]
                 self.table.running.pop(work.key, None)
@@ -209,8 +211,10 @@ class BatchRunner:
             return []
         now = time.monotonic()
         used = sum(w.steps for w in self.table.running.values())
+        # Of the free rows, those past max_batch are for realtime jobs only.
+        bulk_free = max(0, self.policy.max_batch - (self.max_rows - free))
         decision = refill_plan([w.plan_item(now - time.time()) for w in waiting], now, self.policy, free,
-                               self.policy.token_budget - used)
+                               self.policy.token_budget - used, reserved=free - bulk_free)
         for item in decision.expired:
             self.table.expire(item.payload, now, out)
         chosen = [item.payload for item in decision.batch]
