@@ -4,9 +4,16 @@ never by timing assertions: this machine is shared)."""
 from __future__ import annotations
 
 import json
+import os
+import random
+import socket
 import subprocess
 import sys
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from .conftest import ROOT
 
@@ -60,3 +67,131 @@ def test_bench_frontend_reports_time_per_job_and_share_of_a_batch(tmp_path: Path
     assert 0 < batch["frontend_share"] < 1
     share = batch["frontend_s"] / (batch["frontend_s"] + batch["batch_s"])  # both rounded in the JSON
     assert abs(batch["frontend_share"] - share) <= 0.01 * share + 1e-4
+
+
+@contextmanager
+def _echo_server() -> Iterator[tuple[str, int]]:
+    """A loopback TCP echo server: one thread per connection, stopped at the end."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    stop = threading.Event()
+    threads: list[threading.Thread] = []
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(65536):
+                conn.sendall(data)
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except socket.timeout:
+                continue
+            conn.settimeout(10)
+            t = threading.Thread(target=serve, args=(conn,), daemon=True)
+            threads.append(t)
+            t.start()
+
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+    try:
+        yield listener.getsockname()[:2]
+    finally:
+        stop.set()
+        acceptor.join(5)
+        listener.close()
+        for t in threads:
+            t.join(5)
+
+
+def _round_trip(sock: socket.socket, payload: bytes) -> tuple[bytes, float]:
+    t0 = time.perf_counter()
+    sock.sendall(payload)
+    got = b""
+    while len(got) < len(payload):
+        chunk = sock.recv(65536)
+        assert chunk, "the proxy closed the connection"
+        got += chunk
+    return got, time.perf_counter() - t0
+
+
+def test_delay_proxy_delays_each_round_trip_and_keeps_the_bytes() -> None:
+    from workers.bench.delay_proxy import DelayProxy
+
+    rng = random.Random(7)
+    with _echo_server() as target:
+        proxy = DelayProxy(target, delay_ms=80).start()
+        try:
+            with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+                for size in (1, 1000, 3 * 2**20):  # the last one crosses many reads in each direction
+                    payload = rng.randbytes(size)
+                    got, took = _round_trip(sock, payload)
+                    assert got == payload  # intact and in order
+                    assert took >= 0.08
+                proxy.delay_ms = 300  # settable while the connection is open
+                got, took = _round_trip(sock, b"slower")
+                assert got == b"slower" and took >= 0.3
+            assert proxy.connections == 1
+        finally:
+            proxy.close()
+        assert proxy.alive_threads() == []
+
+
+def _gone(pid: int, names: tuple[str, ...]) -> bool:
+    """No such process, or (the pid reused since) not one the bench started."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return True
+    return not any(n in cmdline for n in names)
+
+
+def test_bench_pipeline_runs_the_whole_path_next_to_the_engine(tmp_path: Path) -> None:
+    out = tmp_path / "pipeline.json"
+    # Its own Redis, S3 (moto) and worker: nothing of the caller's configuration but the model cache.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TTSPOOL_") or k == "TTSPOOL_CACHE_DIR"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tasks.cli", "bench", "--pipeline", "--model", "random-tiny", "--device", "cpu",
+         "--jobs", "4", "--batch-sizes", "2", "--bulk-jobs", "3", "--rt-jobs", "2", "--storage-delay-ms", "50",
+         "--timeout", "300", "--json-out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "x engine" in proc.stdout and "realtime" in proc.stdout
+    r = json.loads(out.read_text())
+    assert (r["model"], r["device"], r["batch_size"], r["jobs"], r["s3"]) == ("random-tiny", "cpu", 2, 4, "moto")
+    assert r["dtype"]
+    engine = r["engine"]
+    assert engine["audio_s_per_s"] > 0 and engine["realtime_jobs_s"] > 0 and engine["wall_s"] > 0
+    assert engine["mode"] in ("drop", "refill") and r["worker_ready_s"] > 0
+    assert [p["storage_delay_ms"] for p in r["pipeline"]] == [0, 50]
+    for p in r["pipeline"]:
+        assert p["jobs"] == 4 and p["wall_s"] > 0 and p["audio_s_per_s"] > 0 and p["ratio_to_engine"] > 0
+        # The same jobs as the engine's, from what the worker recorded; every upload went
+        # through the delay proxy (a lookup and an upload per job at least).
+        assert abs(p["audio_s"] - engine["audio_s"]) <= 0.05 * engine["audio_s"]
+        assert p["storage_round_trips"] >= 2 * p["jobs"]
+    lat = r["latency"]
+    assert lat["storage_delay_ms"] == 50
+    for name, n in (("realtime", 2), ("bulk", 3)):
+        assert lat[name]["jobs"] == n and 0 < lat[name]["p50_s"] <= lat[name]["p99_s"] <= lat[name]["max_s"]
+    assert lat["realtime_p50_vs_engine"] > 0 and lat["realtime_submitted_after_s"] > 0
+    assert set(r["pids"]) == {"redis", "worker"}
+    for name, pid in r["pids"].items():
+        assert _gone(pid, ("redis-server", "tasks.cli worker")), f"the bench left its {name} (pid {pid}) running"
+
+
+def test_bench_pipeline_without_moto_or_an_endpoint_says_what_it_needs() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TTSPOOL_")}
+    # moto unimportable, as in an install without the test extra.
+    code = ("import sys; sys.modules['moto'] = None; sys.modules['moto.server'] = None\n"
+            "from tasks.cli import main; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", code, "bench", "--pipeline", "--model", "random-tiny"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "test extra" in proc.stderr and "TTSPOOL_S3_ENDPOINT_URL" in proc.stderr

@@ -47,6 +47,19 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--concurrency", type=int, default=300, help="with --gateway: requests open at once")
     p.add_argument("--row-steps", type=int, default=256,
                    help="with --frontend or --voices: cut each batch row at this many steps (0: full length)")
+    p.add_argument("--pipeline", action="store_true",
+                   help="instead: the whole path (Redis, a worker process, S3 behind a delay proxy, all started "
+                        "here on loopback) against the engine alone, on the same jobs at the largest "
+                        "--batch-sizes; then realtime latency under bulk load (S3: moto from the test extra, "
+                        "or TTSPOOL_STORAGE_URL=s3://... with TTSPOOL_S3_ENDPOINT_URL=http://...)")
+    p.add_argument("--storage-delay-ms", type=float, default=50.0,
+                   help="with --pipeline: the second run's delay per storage round trip (default 50)")
+    p.add_argument("--bulk-jobs", type=int,
+                   help="with --pipeline: long bulk jobs in the latency run (default twice the batch size)")
+    p.add_argument("--rt-jobs", type=int, help="with --pipeline: short realtime jobs in the latency run (default 4, "
+                                               "at most the batch size: one batch)")
+    p.add_argument("--timeout", type=float, default=1800.0,
+                   help="with --pipeline: longest wait for the worker to be ready, and for each run (default 1800 s)")
     p.add_argument("--json-out", type=Path, help="write the results as JSON")
     p.add_argument("--plot", type=Path, help="write a PNG bar chart")
     p.set_defaults(handler=_bench)
@@ -59,13 +72,18 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
     if args.gateway:
         return _gateway(args, settings, Console(stderr=True))
 
-    from workers.bench.engine_bench import Run, bench, plot, write_json
-
     if not 1 <= args.jobs <= 4096:
         raise ValueError("--jobs must be between 1 and 4096")
     console = Console(stderr=True)
     # Random weights never emit EOS, so the baseline would log "hit max_new_token" per job.
     logging.getLogger("ChatTTS").setLevel(logging.ERROR)
+    if args.pipeline:
+        from .bench_pipeline import run_pipeline
+
+        return run_pipeline(args, settings, console, lambda: _engine(settings, console))
+
+    from workers.bench.engine_bench import Run, bench, plot, write_json
+
     if args.precision:
         return _precision(args, settings, console)
     if args.frontend:

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from .local_redis import LocalRedis
 from ..producer import Client, JobStatus
@@ -33,6 +33,14 @@ def load_jobs(path: Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{n}: not JSON ({err.msg})") from None
     return jobs
+
+
+def child_env(settings: Settings, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a child (a worker) that must see exactly `settings`, flags
+    included, not a hand-picked subset: this process' variables without any TTSPOOL_*
+    one, the settings' own, then `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TTSPOOL_")} | settings.to_env()
+    return env | dict(extra or {})
 
 
 def _wait(client: Client, ids: list[str], worker: subprocess.Popen[bytes], timeout: float) -> list[JobStatus]:
@@ -69,8 +77,7 @@ def run_local(settings: Settings, jobs_file: Path | None, out_dir: Path, timeout
     # A one-off local run serves no metrics unless asked: port 9808 may be a real worker's.
     if "metrics_port" not in settings.explicit:
         settings = settings.override(metrics_port=0)
-    # The worker gets every setting, flags included, not a hand-picked subset.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TTSPOOL_")} | settings.to_env()
+    env = child_env(settings)
     worker = subprocess.Popen([sys.executable, "-m", "tasks.cli", "worker", "--loglevel", "WARNING"], env=env)
     client = Client(settings)
     try:

@@ -172,6 +172,14 @@ def run_engine(engine: Engine, jobs: Sequence[SynthRequest], batch_size: int, mo
     return audio_s, steps
 
 
+def measure_engine(engine: Engine, jobs: Sequence[SynthRequest], batch_size: int, name: str | None = None,
+                   mode: str = "drop") -> Run:
+    """ttspool's engine on every job at `batch_size` in `mode` (see run_engine), timed.
+    `jobs` are normalized (Engine.normalize)."""
+    return _measure(engine, name or f"ttspool B={batch_size}", batch_size, mode,
+                    lambda: run_engine(engine, jobs, batch_size, mode))
+
+
 UPSTREAM_DTYPE = torch.float32
 
 
@@ -251,7 +259,7 @@ def bench(engine: Engine, n_jobs: int, batch_sizes: Sequence[int], keep_rows: bo
                         UPSTREAM_DTYPE))
     run_engine(engine, jobs[:top], top, "drop")
     for b in batch_sizes:
-        record(_measure(engine, f"ttspool B={b}", b, "drop", lambda b=b: run_engine(engine, jobs, b, "drop")))
+        record(measure_engine(engine, jobs, b))
     for mode, wanted in (("refill", refill), ("keep", keep_rows)):
         if wanted:
             record(_measure(engine, f"ttspool B={top} {mode}-rows", top, mode,
