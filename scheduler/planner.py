@@ -134,9 +134,14 @@ def refill(items: Sequence[PlanItem[T]], now: float, policy: Policy, rows: int, 
     fits = [i for i in live if not i.alone and i.steps <= steps]
     if rows < 1 or not fits:
         return Decision(expired=expired)
-    chosen = next_batch(fits, now, replace(policy, max_batch=rows, token_budget=steps, max_wait_s=0.0))
-    batch: list[PlanItem[T]] = []
-    for item in chosen.batch:
-        if item.priority == "realtime" or len(batch) < rows - reserved:
-            batch.append(item)
-    return Decision(batch, expired)
+    now_policy = replace(policy, max_wait_s=0.0)
+    # The kept rows first, realtime items only (aged bulk, which ranks with realtime,
+    # must not take them); then the other rows by the usual ranking.
+    urgent = [i for i in fits if i.priority == "realtime"]
+    lane = next_batch(urgent, now, replace(now_policy, max_batch=min(reserved, rows), token_budget=steps)).batch \
+        if urgent and reserved > 0 else []
+    left_steps = steps - sum(i.steps for i in lane)
+    rest = [i for i in fits if i not in lane and i.steps <= left_steps]
+    main = next_batch(rest, now, replace(now_policy, max_batch=rows - reserved, token_budget=left_steps)).batch \
+        if rest and rows > reserved and left_steps > 0 else []
+    return Decision(lane + main, expired)

@@ -30,9 +30,14 @@ from workers.engine.requests import Refill
 from workers.jobs import IllegalMove, Job, Phase
 
 
+STEP_S = 0.03
+
+
 class FakeEngine:
     """Engine.stream's contract without a model: a row takes one step per word of its
-    text, rows end in step order, and free rows are offered to `refill` after each step."""
+    text, rows end in step order, and free rows are offered to `refill` after each step.
+    A step takes STEP_S, as a GPU's does: storage lookups of new jobs, which run beside
+    the batch, are back a step later."""
 
     sample_rate = 24_000
     model_id = "fake-engine"
@@ -63,6 +68,7 @@ class FakeEngine:
         for step in range(10_000):  # bounded: every row ends within its word count
             if not rows:
                 return
+            time.sleep(STEP_S)
             for row in rows:
                 row[1] -= 1
             for row in [r for r in rows if r[1] <= 0]:
@@ -344,11 +350,35 @@ def test_a_realtime_job_joins_a_batch_full_of_bulk_rows_at_its_next_step(
     runner.arrivals = lambda: offered.pop() if offered else []
     try:
         out = runner(bulk)
-        assert rt.id in out.finished and status(runner, rt)["status"] == "SUCCESS"
         # Two bulk rows fill max_batch; the third bulk job waits for one of them either way.
         if realtime_rows:
-            assert joined_at[rt.kwargs["text"]] == 1  # after the first step, into a kept row
+            # Offered after step 0; its storage lookup is back after step 1; it joins then,
+            # into a kept row.
+            assert rt.id in out.finished and joined_at[rt.kwargs["text"]] == 2
         else:
-            assert joined_at[rt.kwargs["text"]] == 6  # only once the bulk rows ended (six words: step 5)
+            # No row for it until the bulk rows end (six words: step 5).
+            assert joined_at.get(rt.kwargs["text"], 6) >= 6
+        held = [r for r in [*bulk, rt] if r.id not in out.finished]
+        for _ in range(5):
+            if held:
+                held = [r for r in held if r.id not in runner(held).finished]
+        assert not held and status(runner, rt)["status"] == "SUCCESS"
     finally:
         runner.close()
+
+
+def test_nothing_joins_a_suspect_batch_and_a_batch_stops_taking_rows_after_its_window(
+        parts: tuple[BatchRunner, FakeEngine], broker: LocalRedis) -> None:
+    runner, engine = parts
+    suspect, other = job(3), job(1)
+    # It was in a batch the worker died in: it runs alone, and no refill joins it there.
+    redis.Redis.from_url(broker.url).set(f"ttspool:strikes:{suspect.id}", 1)
+    offered = [[other]]
+    runner.arrivals = lambda: offered.pop() if offered else []
+    assert runner([suspect]).finished == {suspect.id}
+    assert engine.batches == [[suspect.kwargs["text"]]] and offered == [[other]]
+
+    runner.refill_window_s = 0.0
+    first = job(3)
+    assert runner([first]).finished == {first.id}
+    assert engine.batches[-1] == [first.kwargs["text"]] and offered == [[other]]

@@ -19,7 +19,7 @@ import redis
 from celery import Celery
 from celery.signals import worker_shutting_down
 
-from scheduler.planner import Policy, next_batch, refill as refill_plan
+from scheduler.planner import PlanItem, Policy, next_batch, refill as refill_plan
 from storage import Storage
 from tasks.broker_redis import broker_redis
 from tasks.schema import MAX_STEPS
@@ -30,7 +30,7 @@ from tasks.voices import VoiceLibrary
 from .admission import Admission
 from .batching import GpuBatches, Outcome
 from .books import BookTracker
-from .delivery import Delivery
+from .delivery import BatchDelivery, Delivery
 from .engine import Engine, SynthRequest
 from .held_work import HeldWork
 from .jobs import Job, Phase, Work
@@ -84,6 +84,9 @@ class BatchRunner:
         )
         # Rows a running batch may have: max_batch, and a few more for realtime jobs only.
         self.max_rows = settings.max_batch + settings.realtime_rows
+        # How long a running batch takes new rows (then it ends): well within the
+        # visibility timeout, past which another worker would get its jobs.
+        self.refill_window_s = min(600.0, settings.visibility_timeout / 4)
         # Set by register() to GpuBatches': ack a finished job's message at once, and the
         # messages buffered while a batch runs (candidates for its free rows).
         self.settle: Callable[[str, dict[str, Any]], None] = lambda job_id, kwargs: None
@@ -146,16 +149,23 @@ class BatchRunner:
         delivery = self.delivery.batch(self.settings.upload_retry_s)
         rows: list[Work] = []  # by the engine's row index: the batch, then each refill
         self._start(batch, rows, timer)
-        refill = _Refill(self, rows, timer, delivery.storage_down.is_set, out) if self.settings.refill else None
+        # A suspect runs alone (planner): nothing joins its batch either.
+        solo = any(job.suspect for work in batch for job in work.jobs)
+        refill = _Refill(self, rows, timer, delivery, out) if self.settings.refill and not solo else None
+        ended = 0
         try:
             stream = self.engine.stream([w.request for w in batch], refill=refill,
                                         max_rows=self.max_rows if refill else 0)
             for i, result in stream:
+                ended += 1
                 work = rows[i]
                 self.table.running.pop(work.key, None)
                 timer.row(result, self.engine.sample_rate)
                 delivery.hand(work, result)
             timer.generated()
+            if ended != len(rows):
+                # Rows never returned would be held forever, neither acked nor requeued.
+                raise RuntimeError(f"the engine returned {ended} of the batch's {len(rows)} rows")
         finally:
             # Also when the GPU stage failed: what it made is stored before the tick fails.
             delivery.wait()
@@ -165,6 +175,8 @@ class BatchRunner:
         if refill is not None and refill.error is not None:
             raise refill.error
         if delivery.errors:
+            # Jobs whose recording failed are looked for in storage again (recheck) when
+            # their messages come back.
             oom = [e for e in delivery.errors if isinstance(e, redis.exceptions.OutOfMemoryError)]
             raise (oom or delivery.errors)[0]
         timer.finished()
@@ -195,50 +207,81 @@ class BatchRunner:
             job.started = at
             self.events.started(job.id)
 
-    def refill(self, free: int, rows: list[Work], timer: BatchTimer, out: Outcome) -> list[SynthRequest]:
+    def refill(self, free: int, batch: "_Refill") -> list[SynthRequest]:
         """Held jobs to join the running batch in `free` rows: messages that arrived while
         it ran are admitted first; the planner then chooses, as for a new batch."""
+        out = batch.out
+        before = set(out.finished)
         arrived = [r for r in self.arrivals() if r.id not in self.table.jobs]
         self._admit(arrived, out)
+        # A row whose audio is being stored: jobs that want the same audio wait until it
+        # is stored (then served from storage) instead of synthesizing it a second time.
+        storing = {w.key for w in batch.rows if w.jobs[0].phase is Phase.STORING}
         waiting = []
-        for work in self.table.ready(out):
+        for work in self.table.ready(out, wait=False, busy=storing):
             running = self.table.running.get(work.key)
             if running is not None and not any(job.suspect for job in work.jobs):
                 self._join(work, running)
             else:
                 waiting.append(work)
-        if not waiting:
-            return []
-        now = time.monotonic()
-        used = sum(w.steps for w in self.table.running.values())
-        # Of the free rows, those past max_batch are for realtime jobs only.
-        bulk_free = max(0, self.policy.max_batch - (self.max_rows - free))
-        decision = refill_plan([w.plan_item(now - time.time()) for w in waiting], now, self.policy, free,
-                               self.policy.token_budget - used, reserved=free - bulk_free)
-        for item in decision.expired:
-            self.table.expire(item.payload, now, out)
-        chosen = [item.payload for item in decision.batch]
-        if chosen:
-            self._start(chosen, rows, timer)
+        chosen: list[Work] = []
+        if waiting:
+            now = time.monotonic()
+            left = self.policy.token_budget - sum(w.steps for w in self.table.running.values())
+            items = [w.plan_item(now - time.time()) for w in waiting]
+            # Of the free rows, those past max_batch are for realtime jobs only; all are
+            # while a realtime job's storage lookup is not back yet (a step or so).
+            bulk_free = 0 if self.table.realtime_lookup_pending() else max(0, self.policy.max_batch - (self.max_rows - free))
+            decision = refill_plan(items, now, self.policy, free, left, reserved=free - bulk_free)
+            for item in decision.expired:
+                self.table.expire(item.payload, now, out)
+            chosen = [item.payload for item in decision.batch]
+            if chosen:
+                self._start(chosen, batch.rows, batch.timer)
+            taken = {id(w) for w in chosen} | {id(i.payload) for i in decision.expired}
+            if any(self._needs_own_batch(i, now, left) for i in items if id(i.payload) not in taken):
+                # Refills would keep this batch going past it: let the batch end instead.
+                batch.drain = True
+        # Served from storage, expired or refused: acked now, not when the batch ends (a
+        # long batch would hold their prefetch slots).
+        kwargs = {r.id: r.kwargs for r in arrived} | {j.id: j.kwargs for j in self.table.jobs.values()}
+        for job_id in out.finished - before:
+            if job_id in kwargs:
+                self.settle(job_id, kwargs[job_id])
         return [w.request for w in chosen]
+
+    def _needs_own_batch(self, item: PlanItem[Work], now: float, left: int) -> bool:
+        """A held item no refill will take: a suspect, one larger than any batch's budget,
+        or one that has waited past the aging time and does not fit in what is left."""
+        return (item.alone or item.steps > self.policy.token_budget
+                or (item.steps > left and now - item.arrived >= self.policy.aging_s))
 
 
 class _Refill:
     """The engine's refill callback for one batch. It never raises into the engine (which
     would take the error for its rows' own and rerun them): an error stops the refills
-    and is raised once the batch is over. Storage going down (rows made now could not be
-    stored) and a warm shutdown stop them too."""
+    and is raised once the batch is over. Refills also stop when storage is found down
+    (rows made now could not be stored), on a warm shutdown, when a held job needs a
+    batch of its own, and after REFILL_WINDOW_S: the batch then ends, within the
+    visibility timeout, and what only a new batch can run gets its turn."""
 
-    def __init__(self, runner: BatchRunner, rows: list[Work], timer: BatchTimer, storage_down: Callable[[], bool],
+    def __init__(self, runner: BatchRunner, rows: list[Work], timer: BatchTimer, delivery: BatchDelivery,
                  out: Outcome) -> None:
-        self.runner, self.rows, self.timer, self.storage_down, self.out = runner, rows, timer, storage_down, out
+        self.runner, self.rows, self.timer, self.delivery, self.out = runner, rows, timer, delivery, out
         self.error: BaseException | None = None
+        self.drain = False
+        self.t0 = time.monotonic()
 
     def __call__(self, free: int) -> list[SynthRequest]:
-        if self.error is not None or self.storage_down() or self.runner.stopping.is_set():
+        if (self.error is not None or self.drain or self.delivery.storage_down.is_set()
+                or self.runner.stopping.is_set()):
+            return []
+        if time.monotonic() - self.t0 > self.runner.refill_window_s:
+            log.info("the batch has taken new rows for %.0f s; it ends now", self.runner.refill_window_s)
+            self.drain = True
             return []
         try:
-            return self.runner.refill(free, self.rows, self.timer, self.out)
+            return self.runner.refill(free, self)
         except Exception as err:  # noqa: BLE001 - raised again after the batch, see above
             log.warning("could not refill the running batch; it runs on without new rows: %s", err)
             self.error = err

@@ -138,12 +138,19 @@ class GpuBatches(Batches):
     def _absorb(self) -> None:
         """While a batch runs: new messages join the held window now, so that the running
         batch can take them into its free rows."""
-        ready = []
         for req in consume_queue(self._buffer):
-            # A message with an ETA waits in celery-batches' own queue for a real flush.
-            (self._pending.put if req.eta else ready.append)(req)
-        with self._lock:
-            self._arrivals.extend(SimpleRequest.from_request(r) for r in self._take(ready))
+            if req.eta:
+                self._pending.put(req)  # waits in celery-batches' own queue for a real flush
+                continue
+            try:
+                taken = self._take([req])
+            except Exception as err:  # noqa: BLE001 - the timer must go on; the message is kept
+                # Settling an id conflict needs Redis: tried again at the next flush.
+                log.warning("could not hold job %s yet: %s", req.id, err)
+                self._buffer.put(req)
+                return
+            with self._lock:
+                self._arrivals.extend(SimpleRequest.from_request(r) for r in taken)
 
     def take_arrivals(self) -> list[Any]:
         """The messages held since the batch started, each offered once."""
@@ -162,7 +169,7 @@ class GpuBatches(Batches):
             del self._held[job_id]
         try:
             req.acknowledge()
-        except RedisError as err:
+        except Exception as err:  # noqa: BLE001 - kept held: settled again when the batch ends
             log.warning("could not ack job %s, kept: %s", job_id, err)
             with self._lock:
                 self._held.setdefault(job_id, req)

@@ -6,9 +6,10 @@ The hand-off is bounded (`capacity` rows handed over and not yet stored): when s
 slow, `hand` blocks the GPU thread rather than buffer audio without limit (one row is up
 to ~4 MB of float32, 43.7 s at 24 kHz).
 
-One retry budget per GPU batch: a row's upload is retried in place until the batch's
-deadline; once a row has used it up, storage is down, and the batch's rows not stored yet
-go back to the queue untried (per row, a batch of 16 held the worker for 16 budgets).
+One retry budget per GPU batch, counted from its first failed upload: a row's upload is
+retried in place until then; once a row has used it up, storage is down, and the batch's
+rows not stored yet go back to the queue untried (per row, a batch of 16 held the worker
+for 16 budgets).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class Delivery:
         self._slots = threading.BoundedSemaphore(capacity)
 
     def batch(self, retry_s: float) -> "BatchDelivery":
-        return BatchDelivery(self, time.monotonic() + retry_s)
+        return BatchDelivery(self, retry_s)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -53,9 +54,12 @@ class Delivery:
 class BatchDelivery:
     """The store stage of one GPU batch."""
 
-    def __init__(self, stage: Delivery, deadline: float) -> None:
+    def __init__(self, stage: Delivery, retry_s: float) -> None:
         self.stage = stage
-        self.deadline = deadline
+        self.retry_s = retry_s
+        # Set by the batch's first failed upload: a long batch (refilled for minutes) would
+        # have spent a budget counted from its start before storage ever failed.
+        self._deadline: float | None = None
         self.storage_down = threading.Event()
         self.finished: set[str] = set()
         self.requeue: set[str] = set()
@@ -88,12 +92,8 @@ class BatchDelivery:
             self._deliver_row(work, result)
         except BaseException as err:  # noqa: BLE001 - raised again on the GPU thread after the batch
             # Recording failed (Redis gone past its retries, or full): the tick fails once
-            # the batch is over, and every job not recorded is looked for in storage when
-            # its message comes back, instead of being synthesized again.
-            for job in work.jobs:
-                if job.phase is Phase.STORING:
-                    job.move(Phase.READY)
-                    job.cache_checked = False
+            # the batch is over, and every job not recorded (still STORING, so no refill
+            # takes it meanwhile) is looked for in storage when its message comes back.
             with self._lock:
                 self.errors.append(err)
 
@@ -113,8 +113,16 @@ class BatchDelivery:
         if self.storage_down.is_set():
             self._requeue(work)
             return
+        fmt = work.jobs[0].spec.format
         try:
-            record = rec.store_patiently(work.key, result.audio, work.jobs[0].spec.format, self.deadline)
+            try:
+                record = rec.store(work.key, result.audio, fmt)
+            except StorageError as err:
+                deadline = self._deadline_from_now()
+                if time.monotonic() >= deadline:
+                    raise
+                log.warning("upload failed, retrying within the batch's budget: %s", err)
+                record = rec.store_patiently(work.key, result.audio, fmt, deadline)
         except StorageError as err:
             log.warning("upload failed, the job goes back to the queue: %s", err)
             self.storage_down.set()
@@ -123,6 +131,12 @@ class BatchDelivery:
         for job in work.jobs:
             rec.succeed(job, record, cached=False)
             self._finished(job)
+
+    def _deadline_from_now(self) -> float:
+        with self._lock:
+            if self._deadline is None:
+                self._deadline = time.monotonic() + self.retry_s
+            return self._deadline
 
     def _finished(self, job: Job) -> None:
         job.move(Phase.FINISHED)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Collection, Iterable, Sequence
 
 import redis
 
@@ -46,6 +46,7 @@ class HeldWork:
         # Storage lookups of the jobs that arrived in one tick run side by side: one at a
         # time, a tick that took 16 jobs waited 16 storage round trips.
         self._lookups = ThreadPoolExecutor(max_workers=8, thread_name_prefix="cache-lookup")
+        self._looking: dict[str, Future[dict[str, Any] | None]] = {}  # by content key
 
     def close(self) -> None:
         self._lookups.shutdown(wait=False, cancel_futures=True)
@@ -65,29 +66,46 @@ class HeldWork:
     def forget(self, job_ids: Iterable[str]) -> None:
         for job_id in job_ids:
             self.jobs.pop(job_id, None)
+        if self._looking:
+            # A lookup whose jobs all ended (or went back) meanwhile has nobody to serve.
+            keys = {job.key for job in self.jobs.values()}
+            self._looking = {k: f for k, f in self._looking.items() if k in keys}
 
     def recheck(self) -> None:
         """After a failed tick: every held message goes back (workers.batching), and a
         batch may have stored some of its audio before: look in storage again when they
         return, rather than synthesize it a second time."""
         self.running.clear()
+        self._looking.clear()
         for job in self.jobs.values():
             if job.phase in (Phase.RUNNING, Phase.STORING):
                 job.move(Phase.READY)
             job.cache_checked = False
 
-    def ready(self, out: Outcome) -> list[Work]:
+    def ready(self, out: Outcome, wait: bool = True, busy: Collection[str] = ()) -> list[Work]:
         """Work waiting for the GPU: every held job prepared (once) and merged by content
-        key, less what storage already has (served here)."""
+        key, less what storage already has (served here). A running batch asks without
+        `wait`: work still being looked up in storage is left out until its lookup is
+        back (the GPU does not wait for storage), jobs whose voice could not be read are
+        tried again at the next tick only, and keys in `busy` are left for later."""
         works: dict[str, Work] = {}
         for job in list(self.jobs.values()):
-            if job.phase is Phase.ADMITTED and not self._prepare(job, out):
-                continue
-            if job.phase is not Phase.READY:
+            if job.phase is Phase.ADMITTED:
+                if job.voice_wait and not wait:
+                    continue
+                if not self._prepare(job, out):
+                    continue
+            if job.phase is not Phase.READY or job.key in busy:
                 continue
             assert job.key is not None and job.request is not None
             works.setdefault(job.key, Work(job.key, job.request)).jobs.append(job)
-        return self._serve_cached(list(works.values()), out)
+        return self._serve_cached(list(works.values()), out, wait)
+
+    def realtime_lookup_pending(self) -> bool:
+        """Whether a realtime job waits for its storage lookup (a running batch keeps its
+        free rows for it rather than give them to bulk work looked up sooner)."""
+        return any(job.key in self._looking and job.spec.priority == "realtime" and job.phase is Phase.READY
+                   for job in self.jobs.values())
 
     def expire(self, work: Work, now: float, out: Outcome) -> None:
         """Past its deadline: nobody waits for it any more, so it ends without the GPU."""
@@ -152,22 +170,30 @@ class HeldWork:
 
     # -- cache --------------------------------------------------------------------
 
-    def _serve_cached(self, works: list[Work], out: Outcome) -> list[Work]:
+    def _serve_cached(self, works: list[Work], out: Outcome, wait: bool) -> list[Work]:
         """Serve from storage every work whose exact output exists already (no GPU); the
         rest, to synthesize. Each job is looked up once, not on every scheduler tick: the
         new ones' index records in one Redis round trip, then storage for all of them at
         once (an index record may outlive its object: a bucket lifecycle rule)."""
         new = [w for w in works if not all(j.cache_checked for j in w.jobs)]
-        if not new:
-            return works
         for work in new:
             for job in work.jobs:
                 job.cache_checked = True
-        records = self.redis.mget([OBJECTS + w.key for w in new])
-        found = dict(zip((w.key for w in new), self._lookups.map(self._stored_record, new, records)))
+        new = [w for w in new if w.key not in self._looking]  # a job joining a lookup under way
+        if new:
+            records = self.redis.mget([OBJECTS + w.key for w in new])
+            for work, raw in zip(new, records):
+                self._looking[work.key] = self._lookups.submit(self._stored_record, work, raw)
         rest = []
         for work in works:
-            record = found.get(work.key)
+            looking = self._looking.get(work.key)
+            if looking is None:
+                rest.append(work)
+                continue
+            if not wait and not looking.done():
+                continue
+            del self._looking[work.key]
+            record = looking.result()
             if record is None:
                 rest.append(work)
                 continue
