@@ -15,9 +15,9 @@ import sys
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import boto3
 import pytest
@@ -36,6 +36,24 @@ ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "ttspool-test"
 PREFIX = "jobs"
 FAKE_SECRET = "FAKE-SECRET-ttspool-3f9a"
+
+
+@dataclass
+class Request:
+    """What the worker's batch function (BatchRunner) reads of a celery-batches
+    SimpleRequest: for in-process tests that call it directly."""
+
+    id: str
+    kwargs: dict[str, Any]
+    args: list[Any] = field(default_factory=list)
+
+
+@pytest.fixture(scope="module")
+def own_broker() -> Iterator[LocalRedis]:
+    """A Redis of the test module's own (MONITOR sees its commands only)."""
+    server = LocalRedis().start()
+    yield server
+    server.close()
 
 
 @dataclass

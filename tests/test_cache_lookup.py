@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -20,32 +19,17 @@ from tasks.settings import Settings
 from workers.batch_task import BatchRunner
 from workers.engine import Engine
 
-from .conftest import S3Endpoint
+from .conftest import Request, S3Endpoint
 
 _STOP = "stop-monitor"
 
 
-@dataclass
-class Request:
-    """What BatchRunner reads of a celery-batches SimpleRequest."""
-
-    id: str
-    kwargs: dict[str, Any]
-    args: list[Any] = field(default_factory=list)
 
 
 @pytest.fixture(scope="module")
-def broker() -> Iterator[LocalRedis]:
-    # Its own Redis: MONITOR below sees this test's commands only.
-    server = LocalRedis().start()
-    yield server
-    server.close()
-
-
-@pytest.fixture(scope="module")
-def runner(broker: LocalRedis, s3: S3Endpoint) -> BatchRunner:
+def runner(own_broker: LocalRedis, s3: S3Endpoint) -> BatchRunner:
     settings = Settings.from_env({
-        "TTSPOOL_BROKER_URL": broker.url, "TTSPOOL_STORAGE_URL": f"s3://{s3.bucket}/cache-lookup",
+        "TTSPOOL_BROKER_URL": own_broker.url, "TTSPOOL_STORAGE_URL": f"s3://{s3.bucket}/cache-lookup",
         "TTSPOOL_S3_ENDPOINT_URL": s3.url, "TTSPOOL_MODEL": "random-tiny", "TTSPOOL_DEVICE": "cpu",
         "TTSPOOL_MAX_BATCH": "8", "TTSPOOL_MAX_WAIT_MS": "0",
     })
@@ -73,10 +57,10 @@ def _results(runner: BatchRunner, requests: list[Request]) -> list[dict[str, Any
     return [m["result"] for m in metas]
 
 
-def _index_commands(broker: LocalRedis, work: Any) -> list[list[str]]:
+def _index_commands(own_broker: LocalRedis, work: Any) -> list[list[str]]:
     """The commands that touched the output index while `work()` ran, seen by MONITOR."""
     seen: list[list[str]] = []
-    conn = redis.Redis.from_url(broker.url)
+    conn = redis.Redis.from_url(own_broker.url)
     ready = threading.Event()
 
     def watch() -> None:
@@ -95,13 +79,13 @@ def _index_commands(broker: LocalRedis, work: Any) -> list[list[str]]:
     try:
         work()
     finally:
-        redis.Redis.from_url(broker.url).echo(_STOP)
+        redis.Redis.from_url(own_broker.url).echo(_STOP)
         thread.join(30)
     assert not thread.is_alive()
     return seen
 
 
-def test_one_round_trip_looks_up_every_job_of_a_tick(runner: BatchRunner, broker: LocalRedis) -> None:
+def test_one_round_trip_looks_up_every_job_of_a_tick(runner: BatchRunner, own_broker: LocalRedis) -> None:
     texts = [f"Cached line number {w}." for w in ("one", "two", "three", "four", "five", "six")]
     first = _requests(texts)
     _run_until_done(runner, first)
@@ -109,7 +93,7 @@ def test_one_round_trip_looks_up_every_job_of_a_tick(runner: BatchRunner, broker
     assert not any(r["cached"] for r in made)
 
     again = _requests(texts)
-    commands = _index_commands(broker, lambda: _run_until_done(runner, again))
+    commands = _index_commands(own_broker, lambda: _run_until_done(runner, again))
     # One MGET for the six keys; no per-job GET.
     assert [c[0].strip('"').upper() for c in commands] == ["MGET"], commands
     assert len(commands[0]) == 1 + len(texts)
@@ -120,13 +104,13 @@ def test_one_round_trip_looks_up_every_job_of_a_tick(runner: BatchRunner, broker
 
 
 def test_a_record_without_its_object_is_synthesized_and_an_object_without_record_is_served(
-        runner: BatchRunner, broker: LocalRedis, s3: S3Endpoint) -> None:
+        runner: BatchRunner, own_broker: LocalRedis, s3: S3Endpoint) -> None:
     gone, unindexed = "The object of this line is deleted.", "The index record of this line is deleted."
     first = _requests([gone, unindexed])
     _run_until_done(runner, first)
     made = _results(runner, first)
     s3.client().delete_object(Bucket=s3.bucket, Key=made[0]["url"].removeprefix(f"s3://{s3.bucket}/"))
-    redis.Redis.from_url(broker.url).delete("ttspool:objects:" + made[1]["key"])
+    redis.Redis.from_url(own_broker.url).delete("ttspool:objects:" + made[1]["key"])
 
     again = _requests([gone, unindexed])
     _run_until_done(runner, again)
@@ -136,13 +120,13 @@ def test_a_record_without_its_object_is_synthesized_and_an_object_without_record
     assert s3.client().head_object(Bucket=s3.bucket, Key=made[0]["url"].removeprefix(f"s3://{s3.bucket}/"))
 
 
-def test_a_corrupt_index_record_costs_a_synthesis_not_the_tick(runner: BatchRunner, broker: LocalRedis) -> None:
+def test_a_corrupt_index_record_costs_a_synthesis_not_the_tick(runner: BatchRunner, own_broker: LocalRedis) -> None:
     # Raised out of the tick, a lookup error would requeue every held job, and fail again
     # on each redelivery.
     first = _requests(["A line whose index record gets corrupted."])
     _run_until_done(runner, first)
     [made] = _results(runner, first)
-    redis.Redis.from_url(broker.url).set("ttspool:objects:" + made["key"], b"{not json")
+    redis.Redis.from_url(own_broker.url).set("ttspool:objects:" + made["key"], b"{not json")
     again = _requests(["A line whose index record gets corrupted.", "An innocent bystander in the same tick."])
     _run_until_done(runner, again)
     served = _results(runner, again)

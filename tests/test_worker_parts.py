@@ -9,7 +9,6 @@ import json
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -28,6 +27,8 @@ from workers.batching import Outcome
 from workers.engine import SynthRequest, SynthResult
 from workers.engine.requests import Refill
 from workers.jobs import IllegalMove, Job, Phase
+
+from .conftest import Request
 
 
 STEP_S = 0.03
@@ -80,32 +81,18 @@ class FakeEngine:
         raise AssertionError("rows never ended")
 
 
-@dataclass
-class Request:
-    """What BatchRunner reads of a celery-batches SimpleRequest."""
-
-    id: str
-    kwargs: dict[str, Any]
-    args: list[Any] = field(default_factory=list)
 
 
-@pytest.fixture(scope="module")
-def broker() -> Iterator[LocalRedis]:
-    server = LocalRedis().start()
-    yield server
-    server.close()
-
-
-def make_runner(broker: LocalRedis, root: Path, **env: str) -> tuple[BatchRunner, FakeEngine]:
-    settings = Settings.from_env({"TTSPOOL_BROKER_URL": broker.url, "TTSPOOL_STORAGE_URL": root.as_uri(),
+def make_runner(own_broker: LocalRedis, root: Path, **env: str) -> tuple[BatchRunner, FakeEngine]:
+    settings = Settings.from_env({"TTSPOOL_BROKER_URL": own_broker.url, "TTSPOOL_STORAGE_URL": root.as_uri(),
                                   "TTSPOOL_MAX_WAIT_MS": "0", "TTSPOOL_MAX_BATCH": "2", **env})
     engine = FakeEngine()
     return BatchRunner(make_app(settings), engine, storage_for(settings), settings), engine  # type: ignore[arg-type]
 
 
 @pytest.fixture
-def parts(broker: LocalRedis, tmp_path: Path) -> Iterator[tuple[BatchRunner, FakeEngine]]:
-    runner, engine = make_runner(broker, tmp_path / "store")
+def parts(own_broker: LocalRedis, tmp_path: Path) -> Iterator[tuple[BatchRunner, FakeEngine]]:
+    runner, engine = make_runner(own_broker, tmp_path / "store")
     yield runner, engine
     runner.close()
 
@@ -138,9 +125,9 @@ def test_a_job_moves_only_between_phases_that_follow_each_other() -> None:
 
 
 def test_admission_admits_valid_jobs_and_ends_the_others_alone(parts: tuple[BatchRunner, FakeEngine],
-                                                               broker: LocalRedis) -> None:
+                                                               own_broker: LocalRedis) -> None:
     runner, _ = parts
-    r = redis.Redis.from_url(broker.url)
+    r = redis.Redis.from_url(own_broker.url)
     good, bad, mismatch, struck, taken = job(3), job(3, speed=99), job(3), job(3), job(3)
     mismatch.kwargs["job_id"] = "someone-else"
     r.set(f"ttspool:strikes:{struck.id}", runner.settings.max_strikes)
@@ -215,9 +202,9 @@ def test_each_row_is_acked_as_its_audio_is_stored_not_when_the_batch_ends(
     assert status(runner, short)["status"] == "SUCCESS"
 
 
-def test_slow_storage_holds_the_gpu_back_instead_of_buffering_audio(broker: LocalRedis, tmp_path: Path) -> None:
+def test_slow_storage_holds_the_gpu_back_instead_of_buffering_audio(own_broker: LocalRedis, tmp_path: Path) -> None:
     # One store thread, room for two rows (the batch's size) between the stages.
-    runner, engine = make_runner(broker, tmp_path / "store", TTSPOOL_STORE_THREADS="1")
+    runner, engine = make_runner(own_broker, tmp_path / "store", TTSPOOL_STORE_THREADS="1")
     gate = threading.Event()
     writes: list[str] = []
     real_put = LocalStorage.put_bytes
@@ -267,8 +254,8 @@ def test_free_rows_are_refilled_by_the_planner_realtime_first(parts: tuple[Batch
     assert all(status(runner, r)["status"] == "SUCCESS" for r in (first, long, rt, *backlog))
 
 
-def test_with_refill_off_the_batch_keeps_its_rows(broker: LocalRedis, tmp_path: Path) -> None:
-    runner, engine = make_runner(broker, tmp_path / "store", TTSPOOL_REFILL="0")
+def test_with_refill_off_the_batch_keeps_its_rows(own_broker: LocalRedis, tmp_path: Path) -> None:
+    runner, engine = make_runner(own_broker, tmp_path / "store", TTSPOOL_REFILL="0")
     try:
         out = runner([job(1), job(4), job(2)])
         assert len(engine.batches) == 1 and len(engine.batches[0]) == 2 and len(out.finished) == 2
@@ -290,11 +277,11 @@ def test_a_job_arriving_with_the_output_of_a_running_row_shares_it(parts: tuple[
 
 
 def test_storage_down_requeues_the_batch_with_one_try_and_says_so_in_task_events(
-        broker: LocalRedis, tmp_path: Path) -> None:
+        own_broker: LocalRedis, tmp_path: Path) -> None:
     root = tmp_path / "store"
     root.mkdir()
     (root / "audio").write_bytes(b"")  # a file where the audio folder must go: every write fails
-    runner, engine = make_runner(broker, root, TTSPOOL_UPLOAD_RETRY_S="0", TTSPOOL_STORE_THREADS="1")
+    runner, engine = make_runner(own_broker, root, TTSPOOL_UPLOAD_RETRY_S="0", TTSPOOL_STORE_THREADS="1")
     sent: list[tuple[str, dict[str, Any]]] = []
     runner.events.send = lambda event_type, **fields: sent.append((event_type, fields))
     backlog = [job(3) for _ in range(3)]
@@ -334,8 +321,8 @@ def test_storage_down_requeues_the_batch_with_one_try_and_says_so_in_task_events
 
 @pytest.mark.parametrize("realtime_rows", [2, 0])
 def test_a_realtime_job_joins_a_batch_full_of_bulk_rows_at_its_next_step(
-        broker: LocalRedis, tmp_path: Path, realtime_rows: int) -> None:
-    runner, engine = make_runner(broker, tmp_path / "store", TTSPOOL_REALTIME_ROWS=str(realtime_rows))
+        own_broker: LocalRedis, tmp_path: Path, realtime_rows: int) -> None:
+    runner, engine = make_runner(own_broker, tmp_path / "store", TTSPOOL_REALTIME_ROWS=str(realtime_rows))
     bulk = [job(6), job(6), job(6)]
     rt = job(1, priority="realtime")
     offered = [[rt]]
@@ -368,11 +355,11 @@ def test_a_realtime_job_joins_a_batch_full_of_bulk_rows_at_its_next_step(
 
 
 def test_nothing_joins_a_suspect_batch_and_a_batch_stops_taking_rows_after_its_window(
-        parts: tuple[BatchRunner, FakeEngine], broker: LocalRedis) -> None:
+        parts: tuple[BatchRunner, FakeEngine], own_broker: LocalRedis) -> None:
     runner, engine = parts
     suspect, other = job(3), job(1)
     # It was in a batch the worker died in: it runs alone, and no refill joins it there.
-    redis.Redis.from_url(broker.url).set(f"ttspool:strikes:{suspect.id}", 1)
+    redis.Redis.from_url(own_broker.url).set(f"ttspool:strikes:{suspect.id}", 1)
     offered = [[other]]
     runner.arrivals = lambda: offered.pop() if offered else []
     assert runner([suspect]).finished == {suspect.id}
