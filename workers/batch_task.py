@@ -231,7 +231,9 @@ class BatchRunner:
             items = [w.plan_item(now - time.time()) for w in waiting]
             # Of the free rows, those past max_batch are for realtime jobs only; all are
             # while a realtime job's storage lookup is not back yet (a step or so).
-            bulk_free = 0 if self.table.realtime_lookup_pending() else max(0, self.policy.max_batch - (self.max_rows - free))
+            bulk_free = max(0, self.policy.max_batch - (self.max_rows - free))
+            if self.table.realtime_lookup_pending():
+                bulk_free = 0
             decision = refill_plan(items, now, self.policy, free, left, reserved=free - bulk_free)
             for item in decision.expired:
                 self.table.expire(item.payload, now, out)
