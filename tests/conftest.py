@@ -128,6 +128,8 @@ def worker_env(redis_url: str, s3: S3Endpoint, aws_env: dict[str, str], **extra:
         "TTSPOOL_METRICS_PORT": str(free_port()),
         "TTSPOOL_METRICS_ADDR": "127.0.0.1",
         "PYTHONUNBUFFERED": "1",
+        # As the image sets it (deploy/docker/Dockerfile): the soak test bounds RSS growth.
+        "MALLOC_ARENA_MAX": "2",
     })
     env.update(extra)
     return env

@@ -5,8 +5,8 @@ as a queue under sustained load has), so the waits measured are those of a loade
 worker rather than of one burst. Printed (run with -s): queue wait p50/p99 from the
 worker's own ttspool_queue_wait_seconds histogram (enqueue -> start of the job's GPU
 batch), end-to-end latency p50/p99 from the recorded results, throughput, and the
-worker's RSS at the start, every 500 jobs and at the end. docs/RELIABILITY.md keeps
-the numbers and the growth bound asserted here.
+worker's RSS at the start, every 500 jobs and at the end (sampled every 100).
+docs/RELIABILITY.md keeps the numbers and the growth bound asserted here.
 """
 
 from __future__ import annotations
@@ -24,10 +24,14 @@ from .conftest import S3Endpoint, running_worker, worker_env
 
 JOBS = 2000
 WINDOW = 64
-# RSS may grow by this much between the end of the first 500 jobs (allocator pools,
-# caches and torch's workspaces warmed up) and the end; a leak of even 10 KB per job
-# would cross it.
-RSS_GROWTH_BOUND_MB = 15
+# RSS is sampled every SAMPLE_EVERY jobs. Its median over jobs 1,500-2,000 may exceed its
+# median over jobs 500-1,000 (allocator pools, caches and torch's workspaces warmed up)
+# by this much: a leak of 12 KB per job would cross it (the windows' centres are 1,000
+# jobs apart). Medians, not two single samples: those of a flat worker moved by up to
+# 23 MB with glibc's default malloc arenas (a stop-28 CI run failed on 1177 MB at job
+# 1,500 and 1193 MB at 2,000), and by up to 11 MB with the two the image sets.
+RSS_GROWTH_BOUND_MB = 12
+SAMPLE_EVERY = 100
 
 
 def _rss_mb(pid: int) -> float:
@@ -85,7 +89,7 @@ def test_soak_2000_jobs_one_worker(s3: S3Endpoint, aws_env, tmp_path: Path) -> N
                     if st.done:
                         done[job_id] = st.status
                         in_flight.remove(job_id)
-                        if len(done) % 500 == 0:
+                        if len(done) % SAMPLE_EVERY == 0:
                             rss[len(done)] = _rss_mb(proc.pid)
                 time.sleep(0.05)
             elapsed = time.monotonic() - started
@@ -102,5 +106,7 @@ def test_soak_2000_jobs_one_worker(s3: S3Endpoint, aws_env, tmp_path: Path) -> N
     print(f"\nsoak: {JOBS} jobs in {elapsed:.0f} s ({JOBS / elapsed:.1f} jobs/s), {WINDOW} in flight; "
           f"queue wait p50 {wait_p50:.2f} s, p99 {wait_p99:.2f} s (worker histogram); "
           f"latency p50 {_pct(latencies, 0.5):.2f} s, p99 {_pct(latencies, 0.99):.2f} s; "
-          f"RSS MB by jobs done: {', '.join(f'{k}: {v:.0f}' for k, v in rss.items())}")
-    assert rss[JOBS] - rss[500] < RSS_GROWTH_BOUND_MB and rss[JOBS] - rss[0] < 4 * RSS_GROWTH_BOUND_MB, rss
+          f"RSS MB by jobs done: {', '.join(f'{k}: {v:.0f}' for k, v in rss.items() if k % 500 == 0)}")
+    warm = statistics.median(v for k, v in rss.items() if 500 <= k <= 1000)
+    late = statistics.median(v for k, v in rss.items() if 1500 <= k <= JOBS)
+    assert late - warm < RSS_GROWTH_BOUND_MB and rss[JOBS] - rss[0] < 5 * RSS_GROWTH_BOUND_MB, rss

@@ -38,8 +38,10 @@ def load_jobs(path: Path) -> list[dict[str, Any]]:
 def child_env(settings: Settings, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment of a child (a worker) that must see exactly `settings`, flags
     included, not a hand-picked subset: this process' variables without any TTSPOOL_*
-    one, the settings' own, then `extra`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TTSPOOL_")} | settings.to_env()
+    one, the settings' own, then `extra`. Two malloc arenas unless set otherwise, as in
+    the image (deploy/docker/Dockerfile says why)."""
+    env = {"MALLOC_ARENA_MAX": "2"} | {k: v for k, v in os.environ.items() if not k.startswith("TTSPOOL_")}
+    env |= settings.to_env()
     return env | dict(extra or {})
 
 
