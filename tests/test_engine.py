@@ -152,6 +152,39 @@ def test_a_failing_refilled_row_fails_alone(engine: Engine) -> None:
         assert np.array_equal(got[i].codes, engine.generate([job])[0].codes)
 
 
+@pytest.mark.parametrize("express", [True, False])
+def test_an_express_row_steps_alone_while_the_others_wait(engine: Engine, express: bool) -> None:
+    # A realtime job joins two long rows after their 5th step. In the express lane it runs
+    # alone to its end (a small batch's step rate) and the long rows then go on from where
+    # they stopped; otherwise all three step together. Either way every row's tokens are
+    # those of the job alone.
+    long_rows = [_req(engine, LONG, seed=41), _req(engine, LONG[:150], voice=3, seed=42)]
+    rt = _req(engine, SHORT, voice=4, seed=43, express=express)
+    calls = 0
+    seen_at: dict[int, int] = {}  # row -> refill calls before it ended (= steps before its last)
+
+    def refill(free: int) -> list[SynthRequest]:
+        nonlocal calls
+        calls += 1
+        return [rt] if calls == 5 else []
+
+    got = {}
+    for i, res in engine.stream(long_rows, refill=refill, max_rows=4):  # a free row: asked every step
+        seen_at[i], got[i] = calls, res
+    n_rt = predicted_steps(rt.text)
+    n_long = [predicted_steps(r.text) for r in long_rows]
+    assert n_long[1] > 5 + n_rt and got[2].steps == n_rt
+    # It joined after step 5 and ended at step 5 + n_rt either way: alone, or alongside.
+    assert seen_at[2] == 4 + n_rt
+    paused = n_rt if express else 0
+    assert [seen_at[0], seen_at[1]] == [n - 1 + paused for n in n_long]
+    assert engine.last_row_steps == sum(n_long) + n_rt
+    for i, job in enumerate([*long_rows, rt]):
+        alone = engine.generate([job])[0]
+        assert np.array_equal(got[i].codes, alone.codes)
+        assert np.abs(got[i].audio - alone.audio).max() < 1e-3
+
+
 def test_cpu_engine_packs_the_gpt_linears(engine: Engine) -> None:
     from workers.engine.cpu_linear import PackedLinear, can_pack
 

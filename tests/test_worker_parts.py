@@ -45,6 +45,7 @@ class FakeEngine:
 
     def __init__(self) -> None:
         self.batches: list[list[str]] = []  # the texts of each batch's rows, in joining order
+        self.express: dict[str, bool] = {}  # by text: whether its row ran in the express lane
         self.after_step: Callable[[int], None] = lambda step: None
 
     def normalize(self, text: str) -> str:
@@ -63,6 +64,7 @@ class FakeEngine:
         def admit(reqs: Sequence[SynthRequest]) -> None:
             for req in reqs:
                 rows.append([len(texts), len(req.text.split())])
+                self.express[req.text] = req.express
                 texts.append(req.text)
 
         admit(requests)
@@ -342,6 +344,8 @@ def test_a_realtime_job_joins_a_batch_full_of_bulk_rows_at_its_next_step(
             # Offered after step 0; its storage lookup is back after step 1; it joins then,
             # into a kept row.
             assert rt.id in out.finished and joined_at[rt.kwargs["text"]] == 2
+            # In the express lane: it steps alone while the bulk rows wait (Engine.stream).
+            assert engine.express[rt.kwargs["text"]] and not any(engine.express[b.kwargs["text"]] for b in bulk)
         else:
             # No row for it until the bulk rows end (six words: step 5).
             assert joined_at.get(rt.kwargs["text"], 6) >= 6

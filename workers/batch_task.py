@@ -154,7 +154,7 @@ class BatchRunner:
         refill = _Refill(self, rows, timer, delivery, out) if self.settings.refill and not solo else None
         ended = 0
         try:
-            stream = self.engine.stream([w.request for w in batch], refill=refill,
+            stream = self.engine.stream([w.row() for w in batch], refill=refill,
                                         max_rows=self.max_rows if refill else 0)
             for i, result in stream:
                 ended += 1
@@ -250,7 +250,7 @@ class BatchRunner:
         for job_id in out.finished - before:
             if job_id in kwargs:
                 self.settle(job_id, kwargs[job_id])
-        return [w.request for w in chosen]
+        return [w.row() for w in chosen]
 
     def _needs_own_batch(self, item: PlanItem[Work], now: float, left: int) -> bool:
         """A held item no refill will take: a suspect, one larger than any batch's budget,

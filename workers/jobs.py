@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from scheduler.planner import PlanItem
@@ -87,9 +87,17 @@ class Work:
         for job in self.jobs:
             job.move(to)
 
+    @property
+    def realtime(self) -> bool:
+        return any(j.spec.priority == "realtime" for j in self.jobs)
+
+    def row(self) -> SynthRequest:
+        """What the engine runs: realtime work in the express lane (SynthRequest.express)."""
+        return replace(self.request, express=self.realtime)
+
     def plan_item(self, clock_offset: float) -> PlanItem["Work"]:
         """`clock_offset` turns Unix time into the monotonic clock `arrived` is on."""
-        realtime = any(j.spec.priority == "realtime" for j in self.jobs)
+        realtime = self.realtime
         # The work expires only when every job sharing it has (a job without a
         # deadline still wants the audio, so the others get it at no extra cost).
         deadlines = [j.spec.deadline() for j in self.jobs]

@@ -42,7 +42,7 @@ class DtypeReport:
 def teacher_forced(engine: Engine, job: SynthRequest, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits [T, Q, V] (float32) and GPT hidden states [T, H] of `engine` fed `codes` [T, Q]."""
     batch = RunningBatch(engine.parts, 1)
-    batch.admit([job], {})
+    batch.admit([job], [0])
     logits, hidden = [], []
     for t in range(codes.shape[0]):
         hidden.append(batch.hidden[0].float())

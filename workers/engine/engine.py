@@ -203,7 +203,8 @@ class Engine:
         Iteration-level batching: when rows end and fewer than `max_rows` (default:
         len(requests)) are running, `refill(free_rows)` is asked for more, and what it
         returns joins the running batch at once, so a backlog keeps every row busy
-        instead of waiting for the batch's longest row.
+        instead of waiting for the batch's longest row. Express requests
+        (`SynthRequest.express`) step ahead of the others, in a lane of their own.
 
         A failing row fails alone: on an error every row still running is retried in
         halves, down to single rows (this also sheds CUDA OOMs), and the stream ends
@@ -231,27 +232,50 @@ class Engine:
                   keep_finished: bool, pending: dict[int, SynthRequest]) -> Iterator[tuple[int, SynthResult]]:
         if not requests:
             return
-        batch = RunningBatch(self.parts, max_rows)
-        batch.admit(requests, pending, self.on_admit)
+        # Two lanes of one batch: while an express row runs, only the express lane steps
+        # and the other rows wait with their cache kept (a row's tokens do not depend on
+        # its batch-mates, so pausing changes no output). Static batching (keep_finished)
+        # has one lane: it measures what dropping finished rows saves, nothing else.
+        bulk, express = RunningBatch(self.parts, max_rows), RunningBatch(self.parts, max_rows)
+
+        next_index = 0
+
+        def admit(new: Sequence[SynthRequest]) -> None:
+            nonlocal next_index
+            index = list(range(next_index, next_index + len(new)))
+            next_index += len(new)
+            for i, r in zip(index, new):
+                pending[i] = r
+            if self.on_admit is not None:
+                # Every text the batch holds, once the new rows are pending (so what it
+                # raises retries them too).
+                self.on_admit(bulk.texts + express.texts + [r.text for r in new])
+            fast = [not keep_finished and r.express for r in new]
+            for lane, want in ((express, True), (bulk, False)):
+                lane.admit([r for r, f in zip(new, fast) if f is want], [i for i, f in zip(index, fast) if f is want])
+
+        admit(requests)
         self.last_row_steps = 0
-        while batch.size:
-            self.last_row_steps += batch.size
-            done = batch.step(drop=not keep_finished)
+        while bulk.size or express.size:
+            lane = express if express.size else bulk
+            self.last_row_steps += lane.size
+            done = lane.step(drop=not keep_finished)
             if done:
-                failed = [(i, codes) for i, _, codes in done if i in batch.errors]
+                failed = [(i, codes) for i, _, codes in done if i in lane.errors]
                 for i, codes in failed:
                     del pending[i]
-                    yield i, SynthResult(None, len(codes), batch.errors.pop(i))
+                    yield i, SynthResult(None, len(codes), lane.errors.pop(i))
                 ok = [row for row in done if row[0] in pending]
                 for (i, _, _), res in zip(ok, self._decode([(h, c) for _, h, c in ok])):
                     del pending[i]
                     yield i, res
-            if batch.size:
-                batch.forward()
-            if refill is not None and not keep_finished and batch.size < max_rows:
-                more = refill(max_rows - batch.size)
+            if lane.size:
+                lane.forward()
+            running = bulk.size + express.size
+            if refill is not None and not keep_finished and running < max_rows:
+                more = refill(max_rows - running)
                 if more:
-                    batch.admit(more, pending, self.on_admit)
+                    admit(more)
 
     def _decode(self, rows: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[SynthResult]:
         """Decoder + Vocos at each row's own length; rows of equal length go together

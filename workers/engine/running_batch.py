@@ -10,7 +10,7 @@ and sampling is a pure function of (seed, step).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
@@ -49,7 +49,6 @@ class RunningBatch:
         self.e = parts
         self.dev = parts.device
         self.max_rows = max_rows
-        self.next_index = 0
         self.index: list[int] = []  # per row: its position in the stream's order
         self.texts: list[str] = []
         self.errors: dict[int, str] = {}  # stream index -> why the row ended without audio
@@ -66,19 +65,13 @@ class RunningBatch:
 
     # -- rows joining ----------------------------------------------------------------
 
-    def admit(self, requests: Sequence["SynthRequest"], pending: dict[int, "SynthRequest"],
-              check: Callable[[Sequence[str]], None] | None = None) -> None:
-        """Prefill `requests` and join them to the running rows. `check` sees every text of
-        the batch once the new rows are pending (so what it raises retries them too)."""
+    def admit(self, requests: Sequence["SynthRequest"], new_index: Sequence[int]) -> None:
+        """Prefill `requests` (the stream's rows `new_index`) and join them to the running rows."""
         e, dev, n = self.e, self.dev, len(requests)
+        if not n:
+            return
         if self.size + n > self.max_rows:
             raise ValueError(f"{self.size} running + {n} new rows exceed the batch's {self.max_rows}")
-        new_index = list(range(self.next_index, self.next_index + n))
-        self.next_index += n
-        for i, r in zip(new_index, requests):
-            pending[i] = r
-        if check is not None:
-            check(self.texts + [r.text for r in requests])
         prompts = [e.prompt_ids(r) for r in requests]
         # A recording voice's audio codes follow its text, as in ChatTTS' tokenizer.
         codes = [e.prompt_codes(r) for r in requests]
@@ -133,7 +126,7 @@ class RunningBatch:
             self._join(cache, mask)
             for name, value in rows.items():
                 setattr(self, name, torch.cat([getattr(self, name), value]))
-        self.index += new_index
+        self.index += list(new_index)
         self.texts += [r.text for r in requests]
 
     def _reserve(self, cap: int) -> None:
