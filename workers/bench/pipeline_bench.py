@@ -55,8 +55,9 @@ def job_sets(jobs: int, bulk: int, realtime: int) -> JobSets:
 
 
 def as_job(req: Any, priority: str) -> dict[str, Any]:
-    """A SynthRequest as a producer job: the same text, voice, seed and sampling."""
-    return {**asdict(req), "priority": priority}
+    """A SynthRequest as a producer job: the same text, voice, seed and sampling (the
+    priority, not the engine's lane, is the producer's to say)."""
+    return {**{k: v for k, v in asdict(req).items() if k != "express"}, "priority": priority}
 
 
 def engine_side(load: Callable[[], Any], sets: JobSets, batch_size: int,
