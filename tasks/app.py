@@ -50,7 +50,7 @@ def make_app(settings: Settings, *, worker_consumer: str | None = None) -> Celer
         result_backend_always_retry=True,
         result_backend_max_retries=12,
         task_publish_retry_policy={"max_retries": 10, "interval_start": 0, "interval_step": 0.5, "interval_max": 3},
-        result_expires=7 * 86400,
+        result_expires=settings.result_ttl,
         result_extended=False,
         # One process owns one GPU; the buffer must hold more than one batch so the
         # next batch fills while the current one runs (celery-batches needs

@@ -15,9 +15,9 @@ import json
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+# A claim lives as long as its job's result in Redis (Settings.result_ttl): a retried
+# submit within it finds the first job; an id reused after it names a new job.
 CLAIM_PREFIX = "ttspool:jobid:"
-# As long as results are kept (result_expires): a retried submit finds the first job.
-CLAIM_TTL_S = 7 * 86400
 REJECTED = "rejected"
 
 

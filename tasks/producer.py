@@ -10,10 +10,10 @@ from typing import Any, Iterable, Mapping
 import redis
 from celery import Celery
 
-from . import polling
+from . import job_records, polling
 from .app import make_app
 from .broker_redis import broker_redis
-from .claims import CLAIM_TTL_S, Claim, claim_key, digest_of, taken_error
+from .claims import Claim, claim_key, digest_of, taken_error
 from .errors import BrokerFull
 from .ratelimit import Limit, RateLimiter, parse_limits
 from .schema import NAME, JobSpec, JobValidationError, parse_job
@@ -70,7 +70,9 @@ class Client:
             rate_limits = parse_limits(self.settings.rate_limits)
         self.limiter = RateLimiter(rate_limits, self.redis)
         # Voice names are checked against the library's Redis index, and against the
-        # store itself when one is handed in (tasks/voices.py).
+        # store itself when one is handed in (tasks/voices.py). The store also holds the
+        # durable records of jobs Redis no longer keeps (tasks/job_records.py).
+        self.storage = storage
         self.voices = VoiceLibrary(storage, self.redis)
 
     def submit(self, job: Mapping[str, Any] | JobSpec) -> str:
@@ -147,7 +149,7 @@ class Client:
         different job raises JobValidationError, and this call's claims are given back."""
         pipe = self.redis.pipeline(transaction=False)
         for job_id, claim in wanted.items():
-            pipe.set(claim_key(job_id), claim.encode(), nx=True, ex=CLAIM_TTL_S)
+            pipe.set(claim_key(job_id), claim.encode(), nx=True, ex=self.settings.result_ttl)
         won = {j for j, ok in zip(wanted, pipe.execute()) if ok}
         lost = sorted(set(wanted) - won)
         holders = self.redis.mget([claim_key(j) for j in lost]) if lost else []
@@ -175,6 +177,8 @@ class Client:
         meta = self.app.backend.get_task_meta(job_id)
         state = meta.get("status", JobState.PENDING)
         result = meta.get("result")
+        if state == JobState.PENDING and (record := self._durable_record(job_id)) is not None:
+            return _status_of_record(record)
         if state == JobState.SUCCESS and isinstance(result, dict):
             return JobStatus(
                 id=job_id,
@@ -196,6 +200,22 @@ class Client:
             return JobStatus(id=job_id, status=JobState.STARTED)
         return JobStatus(id=job_id, status=JobState.PENDING)
 
+    def record(self, job_id: str) -> dict[str, Any] | None:
+        """A finished job's full result (its storage key among others): Redis' while it
+        keeps it, then the durable record's; None while it runs, or for an unknown id."""
+        meta = self.app.backend.get_task_meta(job_id)
+        if meta.get("status") in TERMINAL and isinstance(meta.get("result"), dict):
+            result: dict[str, Any] = meta["result"]
+            return result
+        return self._durable_record(job_id) if meta.get("status", JobState.PENDING) == JobState.PENDING else None
+
+    def _durable_record(self, job_id: str) -> dict[str, Any] | None:
+        """Read only for an id nobody holds a claim on any more: a queued job's status is
+        PENDING from Redis alone, without a storage round trip on every poll."""
+        if self.storage is None or self.owner(job_id) is not None:
+            return None
+        return job_records.read(self.storage, job_id)
+
     def wait(self, job_ids: list[str], timeout: float = 600.0, poll: float = 0.2) -> list[JobStatus]:
         """Poll until every job is SUCCESS, FAILURE or EXPIRED, or raise TimeoutError."""
         done: dict[str, JobStatus] = {}
@@ -212,6 +232,15 @@ class Client:
     def close(self) -> None:
         self.redis.close()
         self.app.close()
+
+
+def _status_of_record(record: Mapping[str, Any]) -> JobStatus:
+    state = JobState(record["status"])
+    if state == JobState.SUCCESS:
+        return JobStatus(id=record["id"], status=state, url=record.get("url"), duration_s=record.get("duration_s"),
+                         sample_rate=record.get("sample_rate"), spoken_text=record.get("spoken_text"),
+                         format=record.get("format", "wav"), dropped=record.get("dropped"))
+    return JobStatus(id=record["id"], status=state, error=record.get("error"))
 
 
 def error_text(result: Any) -> str:

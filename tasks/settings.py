@@ -87,6 +87,10 @@ class Settings:
     realtime_rows: int = 2
     # Threads that encode, upload and record finished rows while the GPU runs on.
     store_threads: int = 4
+    # Seconds the broker's Redis keeps a finished job's result and bookkeeping (its id's
+    # claim, delivery count, strikes, the content index); afterwards its status is read
+    # from its durable record in storage (docs/RELIABILITY.md, retention).
+    result_ttl: int = 6 * 3600
     # Worker /metrics and /healthz; 0 turns the HTTP server off. All interfaces by
     # default so Prometheus and the kubelet can reach it inside a container.
     metrics_port: int = 9808
@@ -183,6 +187,7 @@ class Settings:
                 refill=_bool(env, "TTSPOOL_REFILL", d.refill),
                 realtime_rows=_int(env, "TTSPOOL_REALTIME_ROWS", d.realtime_rows, 0, 64),
                 store_threads=_int(env, "TTSPOOL_STORE_THREADS", d.store_threads, 1, 64),
+                result_ttl=_int(env, "TTSPOOL_RESULT_TTL", d.result_ttl, 10, 30 * 86400),
                 metrics_port=_int(env, "TTSPOOL_METRICS_PORT", d.metrics_port, 0, 65535),
                 metrics_addr=env.get("TTSPOOL_METRICS_ADDR") or d.metrics_addr,
                 cache_dir=env.get("TTSPOOL_CACHE_DIR") or d.cache_dir,
@@ -217,7 +222,8 @@ ENV_NAMES = {
     "max_wait_ms": "TTSPOOL_MAX_WAIT_MS", "aging_ms": "TTSPOOL_AGING_MS",
     "visibility_timeout": "TTSPOOL_VISIBILITY_TIMEOUT", "max_strikes": "TTSPOOL_MAX_STRIKES",
     "upload_retry_s": "TTSPOOL_UPLOAD_RETRY_S", "refill": "TTSPOOL_REFILL",
-    "realtime_rows": "TTSPOOL_REALTIME_ROWS",     "store_threads": "TTSPOOL_STORE_THREADS", "metrics_port": "TTSPOOL_METRICS_PORT",
+    "realtime_rows": "TTSPOOL_REALTIME_ROWS", "store_threads": "TTSPOOL_STORE_THREADS",
+    "result_ttl": "TTSPOOL_RESULT_TTL", "metrics_port": "TTSPOOL_METRICS_PORT",
     "metrics_addr": "TTSPOOL_METRICS_ADDR", "cache_dir": "TTSPOOL_CACHE_DIR",
     "model_source": "TTSPOOL_MODEL_SOURCE", "model_revision": "TTSPOOL_MODEL_REVISION",
     "model_pubkey": "TTSPOOL_MODEL_PUBKEY", "s3_sse": "TTSPOOL_S3_SSE", "rate_limits": "TTSPOOL_RATE_LIMITS",

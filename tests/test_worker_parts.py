@@ -18,8 +18,9 @@ import redis
 
 from storage import storage_for
 from storage.local import LocalStorage
+from tasks import job_records
 from tasks.app import make_app
-from tasks.claims import Claim, claim_key
+from tasks.claims import Claim, claim_key, digest_of
 from tasks.cli.local_redis import LocalRedis
 from tasks.settings import DEAD_LETTER_KEY, Settings
 from workers.batch_task import BatchRunner
@@ -177,6 +178,39 @@ def test_a_job_past_its_deadline_is_expired_without_the_gpu(parts: tuple[BatchRu
     assert runner([late]).finished == {late.id}
     assert engine.batches == [] and status(runner, late)["status"] == "FAILURE"
     assert "deadline" in str(status(runner, late)["result"])
+
+
+# -- retention -----------------------------------------------------------------------
+
+
+def test_every_ended_job_has_a_durable_record_and_its_redis_keys_last_the_result_window(
+        own_broker: LocalRedis, tmp_path: Path) -> None:
+    runner, engine = make_runner(own_broker, tmp_path / "store", TTSPOOL_RESULT_TTL="120")
+    r = redis.Redis.from_url(own_broker.url)
+    ok, bad, late = job(2, seed=3, tenant="acme"), job(2, speed=99), job(2, ttl_s=1, enqueued_at=1_000_000_000.0)
+    sent = time.time()
+    r.set(claim_key(ok.id), Claim(digest_of(ok.kwargs), "acme", "producer").encode(), ex=30)  # as a producer claims, hours ago
+    twin = Request(f"job-{uuid.uuid4().hex[:12]}", dict(ok.kwargs))
+    try:
+        assert runner([ok, bad, late]).finished == {ok.id, bad.id, late.id}
+        assert runner([twin]).finished == {twin.id} and len(engine.batches) == 1  # served from storage
+        store = runner.recorder.storage
+        records = {req.id: job_records.read(store, req.id) for req in (ok, bad, late, twin)}
+        rec = records[ok.id]
+        assert rec is not None and rec["status"] == "SUCCESS" and rec["params"]["tenant"] == "acme"
+        result = status(runner, ok)["result"]
+        assert {k: rec[k] for k in ("url", "key", "duration_s", "sample_rate", "format", "spoken_text")} == {
+            k: result[k] for k in ("url", "key", "duration_s", "sample_rate", "format", "spoken_text")}
+        assert sent <= rec["started_at"] <= rec["finished_at"] <= time.time() and rec["cached"] is False
+        assert records[twin.id]["cached"] is True and records[twin.id]["key"] == rec["key"]  # type: ignore[index]
+        assert records[bad.id]["status"] == "FAILURE" and "speed" in records[bad.id]["error"]  # type: ignore[index]
+        assert records[late.id]["status"] == "EXPIRED" and records[late.id]["enqueued_at"] == 1_000_000_000.0  # type: ignore[index]
+        # Everything this left in Redis goes with the result window (the claim renewed).
+        keys = [k.decode() for k in r.scan_iter(count=1000)]
+        assert keys and all(0 < r.ttl(k) <= 120 for k in keys), {k: r.ttl(k) for k in keys}
+        assert r.ttl(claim_key(ok.id)) > 60
+    finally:
+        runner.close()
 
 
 # -- the store stage and refills -----------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Sequence
 import redis
 from celery import Celery
 
-from tasks.claims import CLAIM_TTL_S, Claim, claim_key, digest_of, taken_error, tenant_of
+from tasks.claims import Claim, claim_key, digest_of, taken_error, tenant_of
 from tasks.envelope import Rejection
 from tasks.errors import RedeliveryLimit
 from tasks.schema import JobValidationError, parse_job
@@ -26,7 +26,7 @@ from tasks.states import JobState
 from . import rejections
 from .batching import Outcome
 from .jobs import Job
-from .recorder import RECORD_TTL, Recorder
+from .recorder import Recorder
 from .task_events import TaskEvents
 
 _DELIVERIES = "ttspool:deliveries:"
@@ -36,12 +36,15 @@ _STRIKES = "ttspool:strikes:"
 
 class Admission:
     def __init__(self, app: Celery, r: redis.Redis, max_strikes: int, recorder: Recorder,
-                 events: TaskEvents) -> None:
+                 events: TaskEvents, ttl_s: int) -> None:
         self.app = app
         self.redis = r
         self.max_strikes = max_strikes
         self.recorder = recorder
         self.events = events
+        # Of claims, delivery counts and strikes: as long as the result. A redelivered
+        # message is recognized as done (delivery count > 1 and a result) while both last.
+        self.ttl_s = ttl_s
 
     def admit(self, requests: Sequence[Any], out: Outcome) -> list[Job]:
         """The jobs among `requests` that may run; the others end here (in `out.finished`)."""
@@ -53,7 +56,7 @@ class Admission:
                     raise JobValidationError("ttspool.synthesize takes keyword arguments only")
                 spec = parse_job(req.kwargs)
             except JobValidationError as err:
-                self.recorder.fail(req.id, err)
+                self.recorder.fail(req.id, req.kwargs, err)
                 out.finished.add(req.id)
                 continue
             if spec.job_id is not None and spec.job_id != req.id:
@@ -69,7 +72,7 @@ class Admission:
         pipe = self.redis.pipeline()
         for job in jobs:
             pipe.incr(_DELIVERIES + job.id)
-            pipe.expire(_DELIVERIES + job.id, RECORD_TTL)
+            pipe.expire(_DELIVERIES + job.id, self.ttl_s)
             pipe.get(_STRIKES + job.id)
         replies = pipe.execute()
         admitted = []
@@ -88,7 +91,7 @@ class Admission:
                 )
                 self.redis.lpush(DEAD_LETTER_KEY, json.dumps({"id": job.id, "kwargs": job.kwargs,
                                                               "reason": str(reason), "at": time.time()}))
-                self.recorder.fail(job.id, reason)
+                self.recorder.fail(job.id, job.kwargs, reason)
                 out.finished.add(job.id)
             else:
                 job.suspect = strikes > 0
@@ -102,7 +105,7 @@ class Admission:
         pipe = self.redis.pipeline()
         for job in jobs:
             pipe.incrby(_STRIKES + job.id, n)
-            pipe.expire(_STRIKES + job.id, RECORD_TTL)
+            pipe.expire(_STRIKES + job.id, self.ttl_s)
         pipe.execute()
 
     @staticmethod
@@ -130,7 +133,7 @@ class Admission:
         pipe = self.redis.pipeline(transaction=False)
         claims = [self._claim_of(req.kwargs) for req in requests]
         for req, claim in zip(requests, claims):
-            pipe.set(claim_key(req.id), claim.encode(), nx=True, ex=CLAIM_TTL_S)
+            pipe.set(claim_key(req.id), claim.encode(), nx=True, ex=self.ttl_s)
             pipe.get(claim_key(req.id))
         replies = pipe.execute()
         owned = []

@@ -60,8 +60,9 @@ class BatchRunner:
         self.redis = broker_redis(settings)
         self.events = TaskEvents()  # register() connects it to the worker's event dispatcher
         self.recorder = Recorder(app, storage, self.redis, BookTracker(app, self.redis), self.metrics, self.events,
-                                 engine.sample_rate)
-        self.admission = Admission(app, self.redis, settings.max_strikes, self.recorder, self.events)
+                                 engine.sample_rate, settings.result_ttl)
+        self.admission = Admission(app, self.redis, settings.max_strikes, self.recorder, self.events,
+                                   settings.result_ttl)
         frontend = FrontEnd.from_settings(settings)
 
         def read_text(text: str) -> str:

@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import redis
 
@@ -107,29 +107,35 @@ class BatchDelivery:
             log.warning("could not take back a row's strike (%s); storing its audio first", err)
         if result.audio is None:
             for job in work.jobs:
-                rec.fail(job.id, JobFailed(result.error or "synthesis failed"))
+                rec.fail(job.id, job.kwargs, JobFailed(result.error or "synthesis failed"), job.started)
                 self._finished(job)
             return
         if self.storage_down.is_set():
             self._requeue(work)
             return
-        fmt = work.jobs[0].spec.format
+        audio, fmt = result.audio, work.jobs[0].spec.format
+
+        def store() -> list[dict[str, Any]]:
+            # The audio, then each job's durable record: retried together.
+            record = rec.store(work.key, audio, fmt)
+            return [rec.keep(job, record, cached=False) for job in work.jobs]
+
         try:
             try:
-                record = rec.store(work.key, result.audio, fmt)
+                results = store()
             except StorageError as err:
                 deadline = self._deadline_from_now()
                 if time.monotonic() >= deadline:
                     raise
                 log.warning("upload failed, retrying within the batch's budget: %s", err)
-                record = rec.store_patiently(work.key, result.audio, fmt, deadline)
+                results = rec.patiently(store, deadline)
         except StorageError as err:
             log.warning("upload failed, the job goes back to the queue: %s", err)
             self.storage_down.set()
             self._requeue(work)
             return
-        for job in work.jobs:
-            rec.succeed(job, record, cached=False)
+        for job, res in zip(work.jobs, results):
+            rec.succeed(job, res)
             self._finished(job)
 
     def _deadline_from_now(self) -> float:

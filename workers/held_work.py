@@ -110,8 +110,8 @@ class HeldWork:
     def expire(self, work: Work, now: float, out: Outcome) -> None:
         """Past its deadline: nobody waits for it any more, so it ends without the GPU."""
         for job in work.jobs:
-            self.recorder.fail(job.id, JobExpired(f"deadline passed before the job could run "
-                                                  f"(held {now - job.arrived:.1f} s)"))
+            self.recorder.fail(job.id, job.kwargs, JobExpired(f"deadline passed before the job could run "
+                                                              f"(held {now - job.arrived:.1f} s)"))
             job.move(Phase.FINISHED)
             out.finished.add(job.id)
 
@@ -127,7 +127,7 @@ class HeldWork:
                 raise JobFailed("text is empty after normalization (no speakable characters)", reason="empty_text")
             voice = self.voices.resolve(s.voice, s.voice_name)
         except JobFailed as err:
-            self.recorder.fail(job.id, err)
+            self.recorder.fail(job.id, job.kwargs, err)
             job.move(Phase.FINISHED)
             out.finished.add(job.id)
             return False
@@ -184,7 +184,7 @@ class HeldWork:
             records = self.redis.mget([OBJECTS + w.key for w in new])
             for work, raw in zip(new, records):
                 self._looking[work.key] = self._lookups.submit(self._stored_record, work, raw)
-        rest = []
+        rest, found = [], []
         for work in works:
             looking = self._looking.get(work.key)
             if looking is None:
@@ -196,9 +196,21 @@ class HeldWork:
             record = looking.result()
             if record is None:
                 rest.append(work)
+            else:
+                found.append((work, record))
+        # Each job's durable record, side by side (one storage round trip in all).
+        keeping = {job.id: self._lookups.submit(self.recorder.keep, job, record, True)
+                   for work, record in found for job in work.jobs}
+        for work, record in found:
+            try:
+                results = [keeping[job.id].result() for job in work.jobs]
+            except StorageError as err:
+                # Synthesized instead: the store stage retries (and requeues) as for any row.
+                log.warning("could not write the durable record of a job served from storage: %s", err)
+                rest.append(work)
                 continue
-            for job in work.jobs:
-                self.recorder.succeed(job, record, cached=True)
+            for job, result in zip(work.jobs, results):
+                self.recorder.succeed(job, result)
                 job.move(Phase.FINISHED)
                 out.finished.add(job.id)
         return rest

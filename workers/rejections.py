@@ -20,7 +20,7 @@ from typing import Any, Callable
 import redis
 from celery import Celery
 
-from tasks.claims import CLAIM_TTL_S, REJECTED, Claim, claim_key
+from tasks.claims import REJECTED, Claim, claim_key
 from tasks.envelope import Rejection
 from tasks.errors import MessageRejected
 from tasks.settings import DEAD_LETTER_KEY
@@ -34,10 +34,11 @@ _RAW_BYTES = 2048
 
 
 class Rejections:
-    def __init__(self, app: Celery, r: redis.Redis, count: Callable[[str], None]) -> None:
+    def __init__(self, app: Celery, r: redis.Redis, count: Callable[[str], None], ttl_s: int) -> None:
         self.app = app
         self.redis = r
         self.count = count
+        self.ttl_s = ttl_s  # of a claim (Settings.result_ttl)
 
     def record(self, rejection: Rejection, raw: bytes | str | None, owner: bool = False) -> None:
         """`owner`: the caller knows the message holds its id's claim."""
@@ -60,7 +61,7 @@ class Rejections:
         """Claim an unclaimed id for the refusal (a claim no job matches): a failure is
         recorded only under an id no job holds, never over somebody else's."""
         claim = Claim(REJECTED, None, "worker").encode()
-        return bool(self.redis.set(claim_key(job_id), claim, nx=True, ex=CLAIM_TTL_S))
+        return bool(self.redis.set(claim_key(job_id), claim, nx=True, ex=self.ttl_s))
 
 
 _current: Rejections | None = None

@@ -44,7 +44,8 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
     runner = batch_task.BatchRunner(app, engine, storage, settings, metrics)
     _require_redis_7(runner.redis)
     task = batch_task.register(app, runner, settings)
-    rejections.install(rejections.Rejections(app, runner.redis, lambda reason: metrics.rejected.labels(reason).inc()))
+    rejections.install(rejections.Rejections(app, runner.redis, lambda reason: metrics.rejected.labels(reason).inc(),
+                                             settings.result_ttl))
     # A worker whose scheduler stopped ticking, or whose batch never returns, fails
     # /healthz so that its orchestrator restarts it. A batch past the visibility timeout
     # has been handed to another worker already.

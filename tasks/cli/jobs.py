@@ -61,10 +61,11 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _status(args: argparse.Namespace, settings: Settings) -> int:
-    from ..producer import Client
     from .bulk import print_book_status
+    from .common import producer
 
-    client = Client(settings)
+    # With the store: a job past the result window is read from its durable record.
+    client = producer(settings)
     try:
         if not print_book_status(client, args.job_id, args.json):
             print_status(client.status(args.job_id), args.json)

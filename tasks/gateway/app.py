@@ -22,6 +22,7 @@ from kombu.exceptions import OperationalError
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector,
                                generate_latest)
 
+from .. import job_records
 from ..app import make_app
 from ..errors import RateLimited, TtspoolError
 from ..producer import Client, JobStatus, error_text
@@ -96,7 +97,13 @@ class Gateway:
         if tenant is None:
             return
         claim = await anyio.to_thread.run_sync(self.client.owner, job_id)
-        if claim is None or claim.tenant != tenant:
+        if claim is not None:
+            owner = claim.tenant
+        else:
+            # Claims go with the result window; a job past it names its tenant in its record.
+            record = await anyio.to_thread.run_sync(job_records.read, self.storage, job_id)
+            owner = (record or {}).get("params", {}).get("tenant")
+        if owner != tenant:
             raise HTTPException(404, f"no job {job_id!r}")
 
 
@@ -280,6 +287,13 @@ def create_app(settings: Settings, storage: Storage) -> FastAPI:
     async def job_audio(job_id: str, tenant: str | None = Depends(tenant_of)) -> Response:
         await gw.owned(job_id, tenant)
         meta = await gw.waiter.get(job_id)
+        if meta is None:
+            # Past the result window: the durable record, if the job ended.
+            record = await anyio.to_thread.run_sync(gw.client.record, job_id)
+            if record is not None and record["status"] != JobState.SUCCESS:
+                raise HTTPException(502, f"synthesis failed: {record.get('error')}")
+            if record is not None:
+                meta = {"status": JobState.SUCCESS, "result": record}
         if meta is None or meta.get("status") not in (JobState.SUCCESS, JobState.FAILURE):
             raise HTTPException(404, f"job {job_id!r} has no audio (yet)")
         result = meta.get("result") or {}
@@ -381,6 +395,7 @@ def _mp3_frames(data: bytes) -> bytes:
 def _audio_url(gw: Gateway, job_id: str, status: JobStatus, base_url: str) -> str:
     """S3: a presigned HTTPS URL; a local folder: this gateway's own audio route."""
     if status.url and status.url.startswith("s3://"):
-        meta = gw.client.app.backend.get_task_meta(job_id)
-        return gw.storage.presigned_url(meta["result"]["key"], 3600)
+        record = gw.client.record(job_id)
+        assert record is not None  # the status said SUCCESS
+        return gw.storage.presigned_url(record["key"], 3600)
     return f"{base_url.rstrip('/')}/v1/jobs/{job_id}/audio"
