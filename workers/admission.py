@@ -26,12 +26,10 @@ from tasks.states import JobState
 from . import rejections
 from .batching import Outcome
 from .jobs import Job
-from .recorder import Recorder
+from .recorder import STRIKES, Recorder
 from .task_events import TaskEvents
 
 _DELIVERIES = "ttspool:deliveries:"
-# Per job: GPU batches it was in that never returned (the worker died or hung in them).
-_STRIKES = "ttspool:strikes:"
 
 
 class Admission:
@@ -73,7 +71,7 @@ class Admission:
         for job in jobs:
             pipe.incr(_DELIVERIES + job.id)
             pipe.expire(_DELIVERIES + job.id, self.ttl_s)
-            pipe.get(_STRIKES + job.id)
+            pipe.get(STRIKES + job.id)
         replies = pipe.execute()
         admitted = []
         for job, count, raw_strikes in zip(jobs, replies[::3], replies[2::3]):
@@ -104,8 +102,8 @@ class Admission:
         dies (or hangs past the visibility timeout) in leaves one."""
         pipe = self.redis.pipeline()
         for job in jobs:
-            pipe.incrby(_STRIKES + job.id, n)
-            pipe.expire(_STRIKES + job.id, self.ttl_s)
+            pipe.incrby(STRIKES + job.id, n)
+            pipe.expire(STRIKES + job.id, self.ttl_s)
         pipe.execute()
 
     @staticmethod

@@ -217,12 +217,14 @@ class HeldWork:
 
     def _stored_record(self, work: Work, raw: bytes | None) -> dict[str, Any] | None:
         try:
-            if raw is not None:
-                return json.loads(raw) if self.storage.exists(work.key) else None
             if not self.storage.exists(work.key):
                 return None
             fmt = work.jobs[0].spec.format
-            duration, sr = duration_of(self.storage.get_bytes(work.key), fmt, self.engine.sample_rate)
+            if raw is not None:
+                index = json.loads(raw)
+                duration, sr = float(index["d"]), int(index["r"])
+            else:
+                duration, sr = duration_of(self.storage.get_bytes(work.key), fmt, self.engine.sample_rate)
             return {"url": self.storage.url_for(work.key), "key": work.key,
                     "duration_s": round(duration, 6), "sample_rate": sr, "format": fmt}
         except Exception as err:  # noqa: BLE001 - a bad record or object costs a synthesis, not the tick

@@ -29,6 +29,8 @@ from .task_events import TaskEvents
 log = logging.getLogger(__name__)
 
 OBJECTS = "ttspool:objects:"
+# Per job: GPU batches it was in that never returned (the worker died or hung in them).
+STRIKES = "ttspool:strikes:"
 T = TypeVar("T")
 
 
@@ -81,8 +83,9 @@ class Recorder:
 
     def _hold_claim(self, job_id: str) -> None:
         """The id's claim lives as long as the result (it was set when the job was sent,
-        which may be hours before): a resubmission meanwhile finds this job, not a new one."""
-        self.redis.expire(claim_key(job_id), self.ttl_s)
+        which may be hours before): a resubmission meanwhile finds this job, not a new one.
+        Its strikes are of no more use: an ended job is not run again."""
+        self.redis.pipeline().expire(claim_key(job_id), self.ttl_s).delete(STRIKES + job_id).execute()
 
     def mark_queued(self, job_ids: set[str]) -> None:
         """Back to the queue: the job's state says so (not STARTED) while it waits again."""
@@ -117,7 +120,8 @@ class Recorder:
             url = self.storage.put_bytes(key, data, FORMATS[fmt].content_type)
         record = {"url": url, "key": key, "duration_s": round(seconds, 6), "sample_rate": rate, "format": fmt}
         try:
-            self.redis.set(OBJECTS + key, json.dumps(record), ex=self.ttl_s)
+            # Only what the key does not say (the URL and format follow from it).
+            self.redis.set(OBJECTS + key, json.dumps({"d": record["duration_s"], "r": rate}), ex=self.ttl_s)
         except redis.exceptions.OutOfMemoryError:
             pass  # only an index: a cache lookup without it asks storage
         return record

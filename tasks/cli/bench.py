@@ -58,8 +58,15 @@ def add_commands(sub: Any) -> None:
                    help="with --pipeline: long bulk jobs in the latency run (default twice the batch size)")
     p.add_argument("--rt-jobs", type=int, help="with --pipeline: short realtime jobs in the latency run (default 4, "
                                                "at most the batch size: one batch)")
+    p.add_argument("--footprint", action="store_true",
+                   help="instead: the broker's Redis memory and commands per job (submit, run, status), in the "
+                        "result window and after it (a throwaway Redis, S3 and worker, as --pipeline)")
+    p.add_argument("--footprint-jobs", type=int, default=500, help="with --footprint: jobs (default 500)")
+    p.add_argument("--result-ttl", type=int, default=15,
+                   help="with --footprint: the worker's TTSPOOL_RESULT_TTL, seconds (default 15)")
     p.add_argument("--timeout", type=float, default=1800.0,
-                   help="with --pipeline: longest wait for the worker to be ready, and for each run (default 1800 s)")
+                   help="with --pipeline or --footprint: longest wait for the worker to be ready, and for each "
+                        "run (default 1800 s)")
     p.add_argument("--json-out", type=Path, help="write the results as JSON")
     p.add_argument("--plot", type=Path, help="write a PNG bar chart")
     p.set_defaults(handler=_bench)
@@ -77,6 +84,10 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
     console = Console(stderr=True)
     # Random weights never emit EOS, so the baseline would log "hit max_new_token" per job.
     logging.getLogger("ChatTTS").setLevel(logging.ERROR)
+    if args.footprint:
+        from .bench_footprint import run_footprint
+
+        return run_footprint(args, settings, console)
     if args.pipeline:
         from .bench_pipeline import run_pipeline
 

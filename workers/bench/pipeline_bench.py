@@ -8,9 +8,10 @@ endpoint behind a delay proxy, the worker) and hands in what it needs to steer t
   engine in this process, then submitted at once (bulk) to the worker, once per storage
   delay: wall time from the first submit to the last recorded result.
 - Latency: long bulk jobs keep the worker busy; short realtime jobs are submitted as the
-  first bulk result is recorded, i.e. just as the next bulk batch starts. A worker does
-  not preempt a running batch, so that is close to the worst moment for a realtime job;
-  their latency is set against the engine's time for the same realtime jobs.
+  first bulk result is recorded, i.e. while a full batch of long bulk rows runs. With
+  refill they join it and step ahead of its bulk rows (the engine's express lane);
+  without, they wait for it to end. Their latency is set against the engine's time for
+  the same realtime jobs alone.
 
 Every number comes from what the worker recorded (status SUCCESS, duration_s); a job
 that ends otherwise, or is served from storage instead of synthesized, fails the bench.
