@@ -1,6 +1,7 @@
 """Retention: Redis keeps a job for TTSPOOL_RESULT_TTL only, and its status is read from
 its durable record in storage afterwards (tasks/job_records.py), by the Python API and
-`ttspool status` alike. A real worker, a real Redis, moto's S3."""
+`ttspool status` and the gateway alike. A real worker, a real Redis, moto's S3, a real
+gateway process."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from tasks.cli.local_redis import LocalRedis
 from tasks.producer import Client
 from tasks.settings import Settings
 
-from .conftest import ROOT, S3Endpoint, running_worker, worker_env
+from .conftest import ROOT, S3Endpoint, running_worker, stop_process, worker_env
+from .test_gateway import KEY_A, KEY_B, start_gateway
 
 TTL_S = 10
 
@@ -34,10 +36,14 @@ def test_after_the_result_window_redis_holds_nothing_of_a_job_and_its_status_com
         with running_worker(env, tmp_path / "worker.log"):
             client = Client(settings, storage=storage_for(settings))
             r = redis.Redis.from_url(broker.url)
+            gw = start_gateway(env, tmp_path / "gateway.log", TTSPOOL_API_KEYS=f"acme={KEY_A},beta={KEY_B}")
             try:
-                ok = client.submit({"text": "Kept for good.", "seed": 4, "max_tokens": 24, "job_id": "keep-1"})
+                ok = client.submit({"text": "Kept for good.", "seed": 4, "max_tokens": 24, "job_id": "keep-1",
+                                    "tenant": "acme"})
                 late = client.submit({"text": "Too late.", "expires_at": time.time() - 1})
                 before = {j: client.wait([j], timeout=120)[0] for j in (ok, late)}
+                audio = gw.request("GET", f"/v1/jobs/{ok}/audio")
+                assert audio[0] == 200 and audio[2][:4] == b"RIFF"
                 assert before[ok].status == "SUCCESS" and before[late].status == "EXPIRED"
                 key = client.record(ok)["key"]  # type: ignore[index]
                 assert _keys_naming(r, [ok, late])
@@ -54,6 +60,14 @@ def test_after_the_result_window_redis_holds_nothing_of_a_job_and_its_status_com
                 assert cli.returncode == 0, cli.stderr
                 assert json.loads(cli.stdout)["status"] == "SUCCESS"
                 assert json.loads(cli.stdout)["url"] == before[ok].url
+                # The gateway: the tenant from the record (the claim is gone), the audio from storage.
+                code, _, body = gw.request("GET", f"/v1/jobs/{ok}")
+                assert code == 200 and json.loads(body)["status"] == "SUCCESS"
+                assert json.loads(body)["audio_url"].startswith(s3.url)  # presigned
+                assert gw.request("GET", f"/v1/jobs/{ok}/audio")[2] == audio[2]
+                assert gw.request("GET", f"/v1/jobs/{ok}", key=KEY_B)[0] == 404
+                assert gw.request("GET", f"/v1/jobs/{ok}/audio", key=KEY_B)[0] == 404
             finally:
+                stop_process(gw.proc)
                 client.close()
                 r.close()
