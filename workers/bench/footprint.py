@@ -10,7 +10,8 @@ this module measures, with Redis' own counters:
   bound of the run path's per job;
 - status: one `Client.status` per finished job;
 - kept: every key the jobs left, by kind, with MEMORY USAGE (the key, its value and
-  Redis' own overhead for it), and `used_memory` against the start;
+  Redis' own overhead for it), and `used_memory` against the start; "other" is what the
+  worker itself keeps (its queue bindings, the unacked index), not per job;
 - after the window: the same, once every key the jobs left has expired, and one status
   per job again (now read from the durable record in storage).
 """
@@ -103,7 +104,7 @@ def measure(r: redis.Redis, client: Any, n_jobs: int, ttl_s: int, start_worker: 
     log(f"ran them: {(c2 - c1) / n_jobs:.1f} commands per job; {sum(k['bytes'] for k in kept.values()) / n_jobs:.0f} "
         f"bytes per job kept; waiting {ttl_s} s for the result window to pass")
     deadline = time.monotonic() + 3 * ttl_s + 30  # bounded: every key the jobs left has a TTL
-    while time.monotonic() < deadline and keys_by_kind(r, before):
+    while time.monotonic() < deadline and set(keys_by_kind(r, before)) - {"other"}:
         time.sleep(1)
     left = keys_by_kind(r, before)
     mem2 = int(r.info("memory")["used_memory"])
