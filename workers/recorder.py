@@ -1,7 +1,7 @@
 """Storing a job's audio and recording how it ended: its durable record (in storage), the
-result (in Redis, for TTSPOOL_RESULT_TTL), its task event, its book, its metrics. Safe to call from several threads (the store stage runs rows side by
-side): boto3 clients, redis-py's pool, Celery's per-thread backend and prometheus_client
-all are."""
+result (in Redis, for TTSPOOL_RESULT_TTL), its task event, its book, its metrics. Safe
+to call from several threads (the store stage runs rows side by side): boto3 clients,
+redis-py's pool, Celery's per-thread backend and prometheus_client all are."""
 
 from __future__ import annotations
 
@@ -85,7 +85,8 @@ class Recorder:
         """The id's claim lives as long as the result (it was set when the job was sent,
         which may be hours before): a resubmission meanwhile finds this job, not a new one.
         Its strikes are of no more use: an ended job is not run again."""
-        self.redis.pipeline().expire(claim_key(job_id), self.ttl_s).delete(STRIKES + job_id).execute()
+        self.redis.pipeline(transaction=False).expire(claim_key(job_id), self.ttl_s).delete(
+            STRIKES + job_id).execute()
 
     def mark_queued(self, job_ids: set[str]) -> None:
         """Back to the queue: the job's state says so (not STARTED) while it waits again."""
