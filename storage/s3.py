@@ -12,6 +12,7 @@ from boto3.exceptions import Boto3Error
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+from botocore.handlers import add_expect_header
 
 from storage.base import StorageError, safe_key
 
@@ -50,6 +51,11 @@ class S3Storage:
         self._client: Any = boto3.session.Session().client(
             "s3", endpoint_url=endpoint_url, config=config
         )
+        # botocore sends every upload with "Expect: 100-continue": a second round trip per
+        # object, to spare sending a body the server would refuse. Ours are small (a WAV,
+        # a job's record), and each job stores two: at 50 ms per round trip that waiting
+        # showed in the pipeline's throughput (docs/PERF.md).
+        self._client.meta.events.unregister("before-call.s3", add_expect_header)
 
     @property
     def base_url(self) -> str:
@@ -60,20 +66,13 @@ class S3Storage:
     ) -> str:
         name = self._name(key)
         with self._errors("upload", name):
-            if len(data) < _TRANSFER.multipart_threshold:
-                # One PutObject as the transfer manager would make, but with the bytes
-                # themselves: botocore sends a file-like body with "Expect: 100-continue",
-                # a second round trip per object (a job's WAV and its record: 4 instead
-                # of 2, which showed at 50 ms per round trip; docs/PERF.md).
-                self._client.put_object(Bucket=self._bucket, Key=name, Body=data, **self._extra_args(content_type))
-            else:
-                self._client.upload_fileobj(
-                    io.BytesIO(data),
-                    self._bucket,
-                    name,
-                    ExtraArgs=self._extra_args(content_type),
-                    Config=_TRANSFER,
-                )
+            self._client.upload_fileobj(
+                io.BytesIO(data),
+                self._bucket,
+                name,
+                ExtraArgs=self._extra_args(content_type),
+                Config=_TRANSFER,
+            )
         return self._url(name)
 
     def get_bytes(self, key: str) -> bytes:
