@@ -20,6 +20,7 @@ Handler = Callable[[argparse.Namespace, Settings], int]
 _COMMAND_MODULES: tuple[str, ...] = (
     "tasks.cli.jobs", "tasks.cli.run", "tasks.cli.exporter", "tasks.cli.model", "tasks.cli.bulk",
     "tasks.cli.bench", "tasks.cli.doctor", "tasks.cli.text", "tasks.cli.serve", "tasks.cli.voices",
+    "tasks.cli.simulate",
 )
 
 

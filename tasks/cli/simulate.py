@@ -1,0 +1,269 @@
+"""`ttspool simulate`: capacity planning by simulation (scheduler/simulation.py).
+
+A profile of arrivals (from flags, or real submissions in a JSONL file) against N
+workers, each as fast as `ttspool bench --json-out` measured, batching with the real
+planner, optionally scaled by KEDA: queue waits per priority, expired jobs, utilization,
+GPU-hours; `--target-p99` finds the smallest fleet that meets a wait target. With
+`--check-against-worker` it checks itself against a real worker on this machine
+(tasks/cli/simulate_check.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import UsageError
+from ..settings import Settings
+
+if TYPE_CHECKING:
+    from scheduler.simulation import Arrival, Report, Scaling, Search, WorkerModel
+
+
+def _peaks(raw: str) -> list[tuple[float, float]]:
+    """"9-12,14-17" (hours of the day, fractions allowed) -> [(start_s, end_s), ...]."""
+    out = []
+    for part in (p.strip() for p in raw.split(",")):
+        if not part:
+            continue
+        try:
+            start, end = (float(x) * 3600 for x in part.split("-"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--peaks are hour spans like 9-12,14-17.5, got {raw!r}") from None
+        out.append((start, end))
+    return out
+
+
+def add_commands(sub: Any) -> None:
+    p = sub.add_parser("simulate", help="capacity planning: an arrival profile against simulated workers")
+    curve = p.add_argument_group("worker speed (one of)")
+    curve.add_argument("--bench", type=Path, metavar="JSON", help="a `ttspool bench --json-out` file")
+    curve.add_argument("--curve", metavar="B:AUDIO_S_PER_S,...", help="the same numbers inline, e.g. 1:0.9,8:4.1,32:7.5")
+
+    prof = p.add_argument_group("arrivals: real submissions, or a profile from these flags")
+    prof.add_argument("--arrivals", type=Path, metavar="JSONL",
+                      help="one submission a line, with t or enqueued_at (tasks/cli/simulate_arrivals.py)")
+    prof.add_argument("--hours", type=float, default=24.0, help="profile length (default 24)")
+    prof.add_argument("--base-rate", type=float, default=600.0, help="jobs per hour outside peaks (default 600)")
+    prof.add_argument("--peak-rate", type=float, default=3000.0, help="jobs per hour in peaks (default 3000)")
+    prof.add_argument("--peaks", type=_peaks, default=_peaks("9-12,14-17"),
+                      help="peak hours of the day (default 9-12,14-17)")
+    prof.add_argument("--realtime-fraction", type=float, default=0.3, help="share of realtime jobs (default 0.3)")
+    prof.add_argument("--realtime-audio-s", type=float, default=4.0, help="median audio s of a realtime job (default 4)")
+    prof.add_argument("--bulk-audio-s", type=float, default=15.0, help="median audio s of a bulk job (default 15)")
+    prof.add_argument("--length-sigma", type=float, default=0.5, help="log-normal spread of lengths (default 0.5)")
+    prof.add_argument("--realtime-ttl-s", type=float, help="realtime deadline from enqueue (default none)")
+    prof.add_argument("--bulk-ttl-s", type=float, help="bulk deadline from enqueue (default none)")
+    prof.add_argument("--seed", type=int, default=0, help="the profile's random draws (default 0)")
+
+    fleet = p.add_argument_group("fleet")
+    fleet.add_argument("--workers", type=int, default=1, help="a fixed fleet of this many warm workers (default 1)")
+    fleet.add_argument("--autoscale", action="store_true",
+                       help="KEDA on queue depth instead, as deploy/k8s/keda.yaml sets it up")
+    fleet.add_argument("--min-workers", type=int, default=1, help="with --autoscale (default 1, as keda.yaml)")
+    fleet.add_argument("--max-workers", type=int, default=8, help="with --autoscale (default 8, as keda.yaml)")
+    fleet.add_argument("--keda-target", type=float, default=64.0,
+                       help="jobs waiting in Redis per worker (scalingModifiers.target, default 64)")
+    fleet.add_argument("--poll-s", type=float, default=15.0, help="KEDA pollingInterval (default 15)")
+    fleet.add_argument("--reaction-s", type=float, default=30.0,
+                       help="scale decision to a running pod: scheduling, image, start (default 30)")
+    fleet.add_argument("--load-s", type=float, default=60.0, help="model load before a new worker serves (default 60)")
+    fleet.add_argument("--scale-down-window-s", type=float, default=300.0,
+                       help="scale down to the most workers wanted over this window (default 300)")
+    fleet.add_argument("--scale-down-period-s", type=float, default=180.0,
+                       help="at most one worker removed per this period (default 180)")
+
+    pol = p.add_argument_group("worker settings (default: this machine's TTSPOOL_* settings)")
+    pol.add_argument("--max-batch", type=int, help="rows per GPU batch (TTSPOOL_MAX_BATCH)")
+    pol.add_argument("--max-wait-ms", type=int, help="longest wait to fill a batch (TTSPOOL_MAX_WAIT_MS)")
+    pol.add_argument("--aging-ms", type=int, help="bulk ranks as realtime after this (TTSPOOL_AGING_MS)")
+    pol.add_argument("--realtime-rows", type=int, help="rows past max batch for realtime (TTSPOOL_REALTIME_ROWS)")
+    pol.add_argument("--no-refill", action="store_true", help="batches end with their longest row (TTSPOOL_REFILL=0)")
+
+    out = p.add_argument_group("results")
+    out.add_argument("--target-p99", type=float, metavar="SECONDS",
+                     help="find the smallest fleet (or --max-workers) whose realtime p99 queue wait meets this")
+    out.add_argument("--target-p99-bulk", type=float, metavar="SECONDS", help="and whose bulk p99 meets this")
+    out.add_argument("--json-out", type=Path, help="write the results as JSON")
+    out.add_argument("--plot", type=Path, metavar="PNG", help="queue depth and workers over time")
+
+    chk = p.add_argument_group("validation against a real worker on this machine")
+    chk.add_argument("--check-against-worker", action="store_true",
+                     help="instead: replay a scaled-down profile through Redis and a real worker, measure the "
+                          "curve here, simulate the same arrivals, compare mean queue waits")
+    chk.add_argument("--model", help="with --check-against-worker: the worker's model (default random-tiny)")
+    chk.add_argument("--device", help="with --check-against-worker: auto | cpu | cuda | cuda:N")
+    chk.add_argument("--minutes", type=float, default=3.0, help="with --check-against-worker: replay length (default 3)")
+    chk.add_argument("--load", type=float, default=0.8,
+                     help="with --check-against-worker: mean offered load, a share of one worker's measured "
+                          "capacity (default 0.8): 0.75x that, the middle third 1.5x")
+    chk.add_argument("--timeout-s", type=float, default=1800.0,
+                     help="with --check-against-worker: longest wait for the worker's warm-up, and for the "
+                          "replayed jobs to start after the last was sent (default 1800)")
+    p.set_defaults(handler=_simulate)
+
+
+def worker_model(args: argparse.Namespace, settings: Settings, curve: Any) -> "WorkerModel":
+    from scheduler.simulation import WorkerModel, worker_policy
+
+    aging = args.aging_ms if args.aging_ms is not None else settings.aging_ms
+    rows = args.realtime_rows if args.realtime_rows is not None else settings.realtime_rows
+    return WorkerModel(curve, worker_policy(settings.max_batch, settings.max_wait_ms, aging), realtime_rows=rows,
+                       refill=settings.refill and not args.no_refill,
+                       refill_window_s=min(600.0, settings.visibility_timeout / 4))
+
+
+def _scaling(args: argparse.Namespace) -> "Scaling":
+    from scheduler.simulation import Scaling
+
+    if not args.autoscale:
+        if args.workers < 1:
+            raise UsageError("--workers must be at least 1")
+        return Scaling.fixed(args.workers)
+    return Scaling(args.min_workers, args.max_workers, args.keda_target, args.poll_s, args.reaction_s, args.load_s,
+                   args.scale_down_window_s, args.scale_down_period_s)
+
+
+def _curve(args: argparse.Namespace) -> Any:
+    from scheduler.simulation import Curve
+
+    if (args.bench is None) == (args.curve is None):
+        raise UsageError("give the worker's speed: --bench FILE (ttspool bench --json-out) or --curve B:AUDIO_S_PER_S,...")
+    if args.curve is not None:
+        return Curve.parse(args.curve)
+    try:
+        return Curve.from_bench(json.loads(args.bench.read_text()))
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{args.bench}: not JSON ({err.msg})") from None
+
+
+def _arrivals(args: argparse.Namespace, settings: Settings) -> tuple[list["Arrival"], dict[str, Any]]:
+    if args.arrivals is not None:
+        from ..text.frontend import FrontEnd
+        from .simulate_arrivals import load_arrivals
+
+        return load_arrivals(args.arrivals, FrontEnd.from_settings(settings)), {"arrivals": str(args.arrivals)}
+    from dataclasses import asdict
+
+    from scheduler.profile import Profile, arrivals
+
+    profile = Profile(args.hours * 3600, args.base_rate, args.peak_rate, tuple(args.peaks), args.realtime_fraction,
+                      args.realtime_audio_s, args.bulk_audio_s, args.length_sigma, args.realtime_ttl_s,
+                      args.bulk_ttl_s)
+    return arrivals(profile, args.seed), {**asdict(profile), "seed": args.seed}
+
+
+def _simulate(args: argparse.Namespace, settings: Settings) -> int:
+    if args.check_against_worker:
+        from .simulate_check import check_against_worker
+
+        return check_against_worker(args, settings, lambda curve: worker_model(args, settings, curve))
+    from dataclasses import asdict
+
+    from scheduler.simulation import simulate, smallest_fleet
+
+    model = worker_model(args, settings, _curve(args))
+    scaling = _scaling(args)
+    jobs, source = _arrivals(args, settings)
+    if not jobs:
+        raise UsageError("the profile has no jobs: raise the rates or the hours")
+    report = simulate(jobs, model, scaling)
+    search = None
+    if args.target_p99 is not None or args.target_p99_bulk is not None:
+        search = smallest_fleet(lambda s: simulate(jobs, model, s), scaling, args.target_p99, args.target_p99_bulk)
+    _print(jobs, model, scaling, report, search, args)
+    if args.json_out:
+        result: dict[str, Any] = {
+            "jobs": len(jobs), "profile": source, "curve": [list(p) for p in model.curve.points],
+            "worker": {**asdict(model.policy), "realtime_rows": model.realtime_rows, "refill": model.refill,
+                       "prefetch": model.slots},
+            "scaling": asdict(scaling), "report": report.to_dict(),
+        }
+        if search is not None:
+            result["search"] = {"target_p99_s": args.target_p99, "target_p99_bulk_s": args.target_p99_bulk,
+                                "workers": search.workers, "simulations": search.runs,
+                                "report": search.report.to_dict(),
+                                "fewer": search.fewer.to_dict() if search.fewer else None}
+        args.json_out.write_text(json.dumps(result, indent=2) + "\n")
+    if args.plot:
+        plot(report, scaling, args.plot)
+    return 0
+
+
+def _s(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return "never" if math.isinf(x) else f"{x:.2f}"
+
+
+def _fleet_text(scaling: "Scaling") -> str:
+    if scaling.is_fixed:
+        return f"{scaling.min_workers} worker(s)"
+    return (f"KEDA {scaling.min_workers}-{scaling.max_workers} workers, {scaling.target:g} waiting per worker, "
+            f"+{scaling.reaction_s + scaling.load_s:g} s to serve")
+
+
+def _print(jobs: list["Arrival"], model: "WorkerModel", scaling: "Scaling", report: "Report",
+           search: "Search | None", args: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    pol = model.policy
+    table = Table(title=f"{len(jobs)} jobs over {report.duration_s / 3600:.2f} h, {_fleet_text(scaling)}; "
+                        f"max batch {pol.max_batch}, refill {'on' if model.refill else 'off'}: queue wait "
+                        "(enqueue to GPU row)")
+    for col in ("priority", "jobs", "expired", "not started", "mean s", "p50 s", "p99 s", "max s"):
+        table.add_column(col, justify="left" if col == "priority" else "right")
+    for prio, w in report.waits.items():
+        table.add_row(prio, str(w.jobs), str(w.expired), str(w.unstarted), _s(w.mean_s), _s(w.p50_s), _s(w.p99_s),
+                      _s(w.max_s))
+    console = Console(width=120)
+    console.print(table)
+    hours = report.end_s / 3600
+    print(f"{report.gpu_hours:.1f} GPU-hours over {hours:.2f} h (mean {report.gpu_hours / hours if hours else 0:.1f} "
+          f"workers, peak {report.peak_workers}); busy {report.utilization:.0%} of it, "
+          f"{report.mean_rows:.1f} rows stepping at a time")
+    if search is not None:
+        what = "workers" if scaling.is_fixed else "--max-workers"
+        targets = " and ".join(f"{name} p99 <= {t:g} s" for name, t in (("realtime", args.target_p99),
+                                                                         ("bulk", args.target_p99_bulk)) if t is not None)
+        r = search.report
+        line = (f"smallest fleet with {targets}: {search.workers} {what} (p99 realtime {_s(r.waits['realtime'].p99_s)} s, "
+                f"bulk {_s(r.waits['bulk'].p99_s)} s, {r.gpu_hours:.1f} GPU-hours)")
+        if search.fewer is not None:
+            f = search.fewer
+            line += (f"; {search.workers - 1}: p99 realtime {_s(f.waits['realtime'].p99_s)} s, "
+                     f"bulk {_s(f.waits['bulk'].p99_s)} s")
+        print(line)
+
+
+def plot(report: "Report", scaling: "Scaling", path: Path) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        raise UsageError("--plot needs matplotlib (the worker extra: pip install 'ttspool[worker]')") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tl = report.timeline
+    hours = [s.t / 3600 for s in tl]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True, height_ratios=(2, 1))
+    top.plot(hours, [s.queued + s.held for s in tl], color="#4477aa", label="waiting (Redis + prefetched)")
+    top.plot(hours, [s.queued for s in tl], color="#aa7744", label="in Redis (what KEDA sees)")
+    top.plot(hours, [s.running for s in tl], color="#44aa77", linewidth=0.8, label="rows on the GPUs")
+    top.set_ylabel("jobs")
+    top.legend(loc="upper left")
+    bottom.step(hours, [s.workers for s in tl], where="post", color="#bbbbbb", linewidth=3, label="provisioned")
+    bottom.step(hours, [s.ready for s in tl], where="post", color="#222222", label="serving")
+    bottom.set_ylabel("workers")
+    bottom.set_xlabel("hours")
+    bottom.legend(loc="upper left")
+    w = report.waits
+    top.set_title(f"{_fleet_text(scaling)}\np99 queue wait realtime {_s(w['realtime'].p99_s)} s, bulk "
+                  f"{_s(w['bulk'].p99_s)} s; {report.gpu_hours:.1f} GPU-hours", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,318 @@
+"""The capacity simulator (scheduler/simulation.py, `ttspool simulate`): pure, no Redis,
+no worker. Its agreement with a real worker is `ttspool simulate --check-against-worker`."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import scheduler.simulation as simulation
+from scheduler.profile import Profile, arrivals
+from scheduler.simulation import (BULK, REALTIME, Arrival, Curve, Scaling, WorkerModel, simulate, smallest_fleet,
+                                  worker_policy)
+from tasks.cli import main
+from tasks.errors import UsageError
+from tasks.text.frontend import FrontEnd
+from tasks.text.lengths import STEPS_PER_SECOND, predicted_steps
+
+PROPS = settings(derandomize=True, max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+# A GPU-like curve: ten times the throughput at 32 rows as at one.
+CURVE = Curve(((1, 1.0), (8, 5.0), (32, 10.0)))
+MODEL = WorkerModel(CURVE, worker_policy(max_batch=16, max_wait_ms=100, aging_ms=10_000))
+
+
+def steady(rate_per_s: float, seconds: float, steps: int = 470, realtime_every: int = 0,
+           ttl_s: float | None = None) -> list[Arrival]:
+    """Evenly spaced arrivals; every `realtime_every`-th one realtime."""
+    n = int(rate_per_s * seconds)
+    return [Arrival(i / rate_per_s, steps, REALTIME if realtime_every and i % realtime_every == 0 else BULK, ttl_s)
+            for i in range(n)]
+
+
+def test_lone_jobs_wait_only_for_company() -> None:
+    jobs = [Arrival(60.0 * i, 200, REALTIME if i % 2 else BULK) for i in range(20)]
+    report = simulate(jobs, MODEL, Scaling.fixed(1))
+    for w in report.waits.values():
+        assert w.started == 10 and w.expired == w.unstarted == 0
+        # An idle worker waits max_wait for batch-mates, nothing more.
+        assert w.max_s is not None and w.max_s <= MODEL.policy.max_wait_s + 1e-3
+
+
+def test_a_backlog_drains_at_the_curves_throughput() -> None:
+    # 64 jobs of 10 s of audio at once, 16 rows (refill keeps them full): the fleet's
+    # audio seconds over the curve's throughput at 16 rows.
+    jobs = [Arrival(0.0, round(10 * STEPS_PER_SECOND), BULK) for _ in range(64)]
+    report = simulate(jobs, MODEL, Scaling.fixed(1))
+    expected = 64 * 10 / CURVE.audio_s_per_s(16)
+    assert report.end_s == pytest.approx(expected, rel=0.02)
+    assert report.mean_rows == pytest.approx(16, rel=0.02)
+
+
+def test_arrivals_above_capacity_grow_the_queue() -> None:
+    # One worker serves about 6.7 audio s/s at 16 rows; 1 job of 10 s a second is 10.
+    jobs = steady(1.0, 1800, steps=round(10 * STEPS_PER_SECOND))
+    report = simulate(jobs, MODEL, Scaling.fixed(1), sample_s=60)
+    waiting = [s.queued + s.held for s in report.timeline if s.t <= 1800]
+    assert waiting[-1] > waiting[len(waiting) // 2] > waiting[2]
+    assert report.waits[BULK].p99_s is not None and report.waits[BULK].p99_s > 300
+    assert report.utilization > 0.95
+
+
+def test_realtime_waits_less_than_bulk_under_load() -> None:
+    jobs = steady(0.9, 1800, steps=round(8 * STEPS_PER_SECOND), realtime_every=5)
+    report = simulate(jobs, MODEL, Scaling.fixed(1))
+    rt, bulk = report.waits[REALTIME], report.waits[BULK]
+    assert rt.p99_s is not None and bulk.p99_s is not None and bulk.mean_s is not None and rt.mean_s is not None
+    assert rt.p99_s <= bulk.p99_s and rt.mean_s < bulk.mean_s / 10
+
+
+def test_a_realtime_job_joins_a_full_bulk_batch_at_once_with_refill() -> None:
+    # 16 rows of 1000 steps: within the token budget (16 x 2048 / 2), nothing else held.
+    long_bulk = [Arrival(0.0, 1000, BULK) for _ in range(16)]
+    late = [Arrival(30.0, 100, REALTIME)]
+    with_refill = simulate(long_bulk + late, MODEL, Scaling.fixed(1))
+    assert with_refill.waits[REALTIME].max_s == pytest.approx(0.0, abs=1e-3)
+    # Without refill it waits for the whole bulk batch: 1000 steps at 16 rows.
+    static = simulate(long_bulk + late, replace(MODEL, refill=False), Scaling.fixed(1))
+    batch_s = 1000 * CURVE.step_s(16)
+    assert static.waits[REALTIME].max_s == pytest.approx(batch_s - 30.0, rel=0.01)
+
+
+def test_tight_deadlines_expire_jobs_that_would_wait() -> None:
+    jobs = steady(1.0, 1200, steps=round(10 * STEPS_PER_SECOND), ttl_s=30.0)
+    report = simulate(jobs, MODEL, Scaling.fixed(1))
+    w = report.waits[BULK]
+    assert w.expired > 0 and w.started + w.expired + w.unstarted == w.jobs == len(jobs)
+    assert w.max_s == math.inf and w.mean_s is not None and w.mean_s <= 30.0 + 1e-6
+    relaxed = simulate([replace(a, ttl_s=None) for a in jobs], MODEL, Scaling.fixed(1))
+    assert relaxed.waits[BULK].expired == 0
+
+
+def test_the_autoscaler_adds_workers_after_the_reaction_and_load_time() -> None:
+    scaling = Scaling(min_workers=1, max_workers=4, target=8, poll_s=15, reaction_s=30, load_s=60)
+    # A burst of 10 minutes, then a trickle for an hour.
+    burst = steady(3.0, 600, steps=round(10 * STEPS_PER_SECOND))
+    jobs = burst + [Arrival(600.0 + 60 * i, 200) for i in range(60)]
+    report = simulate(jobs, MODEL, scaling, sample_s=1.0)
+    first_paid = next(s.t for s in report.timeline if s.workers > 1)
+    first_ready = next(s.t for s in report.timeline if s.ready > 1)
+    assert first_paid >= scaling.poll_s
+    assert first_ready - first_paid >= scaling.reaction_s + scaling.load_s - 1
+    assert report.peak_workers == 4
+    # Scaling down after the load: one worker at a time, no faster than the period.
+    downs = [b.t for a, b in zip(report.timeline, report.timeline[1:]) if b.workers < a.workers]
+    assert downs and all(b - a >= scaling.down_period_s - 1 for a, b in zip(downs, downs[1:]))
+    assert report.gpu_hours < 4 * report.end_s / 3600
+
+
+def test_a_fixed_fleet_pays_for_every_worker_all_along() -> None:
+    report = simulate(steady(0.2, 3600), MODEL, Scaling.fixed(3))
+    assert report.gpu_hours == pytest.approx(3 * report.end_s / 3600)
+    assert 0 < report.busy_hours <= report.gpu_hours
+
+
+def test_target_search_finds_the_smallest_fleet() -> None:
+    jobs = arrivals(Profile(duration_s=5400, base_per_h=2000, peak_per_h=8000, peaks=((1800, 3600),)), seed=3)
+
+    def run(s: Scaling) -> simulation.Report:
+        return simulate(jobs, MODEL, s)
+
+    found = smallest_fleet(run, Scaling.fixed(1), realtime_p99_s=5.0, bulk_p99_s=120.0)
+    assert found.workers > 1 and found.report.meets(5.0, 120.0)
+    assert found.fewer is not None and not found.fewer.meets(5.0, 120.0)
+    assert not run(Scaling.fixed(found.workers - 1)).meets(5.0, 120.0)
+
+
+def test_target_search_refuses_a_max_the_autoscaler_never_reaches() -> None:
+    jobs = steady(3.0, 600, steps=round(10 * STEPS_PER_SECOND))
+    lazy = Scaling(min_workers=1, max_workers=8, target=10_000)  # never sees enough waiting
+    with pytest.raises(ValueError, match="cannot help"):
+        smallest_fleet(lambda s: simulate(jobs, MODEL, s), lazy, realtime_p99_s=None, bulk_p99_s=1.0)
+
+
+def test_the_same_seed_gives_the_same_report() -> None:
+    profile = Profile(duration_s=2 * 3600, peaks=((1800, 3600),))
+    a = simulate(arrivals(profile, seed=7), MODEL, Scaling(1, 4))
+    b = simulate(arrivals(profile, seed=7), MODEL, Scaling(1, 4))
+    assert a.to_dict() == b.to_dict()
+    assert arrivals(profile, seed=8) != arrivals(profile, seed=7)
+
+
+def test_the_planner_makes_every_batching_decision(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = {"next_batch": 0, "refill": 0}
+    for name in calls:
+        real = getattr(simulation, name)
+
+        def spy(*args: object, _real: object = real, _name: str = name, **kwargs: object) -> object:
+            calls[_name] += 1
+            return _real(*args, **kwargs)  # type: ignore[operator]
+
+        monkeypatch.setattr(simulation, name, spy)
+    simulate(steady(1.0, 300, realtime_every=3), MODEL, Scaling.fixed(1))
+    assert calls["next_batch"] > 0 and calls["refill"] > 0
+
+
+def test_curve_interpolates_and_reads_bench_json() -> None:
+    assert CURVE.audio_s_per_s(1) == 1.0 and CURVE.audio_s_per_s(64) == 10.0
+    assert CURVE.audio_s_per_s(20) == pytest.approx(7.5)
+    assert Curve(((8, 4.0),)).audio_s_per_s(2) == pytest.approx(1.0)  # through zero below the smallest size
+    bench = {"runs": [{"batch_size": 1, "mode": "drop", "audio_s_per_s": 0.5},
+                      {"batch_size": 8, "mode": "drop", "audio_s_per_s": 2.0},
+                      {"batch_size": 8, "mode": "refill", "audio_s_per_s": 3.0}]}
+    assert Curve.from_bench(bench).points == ((1, 0.5), (8, 2.0))
+    assert Curve.parse("8:2,1:0.5").points == ((1, 0.5), (8, 2.0))
+    for bad in ("", "1:0", "x:1", "1:2,1:3"):
+        with pytest.raises(ValueError):
+            Curve.parse(bad)
+
+
+def test_curve_scale_recovers_how_much_slower_a_worker_was() -> None:
+    # Below capacity at the curve's own speed, a backlog at 0.7x of it.
+    jobs = steady(0.5, 1200, steps=round(10 * STEPS_PER_SECOND))
+    slower = replace(MODEL, curve=Curve(tuple((b, v * 0.7) for b, v in CURVE.points)))
+    wait = simulation.mean_wait(simulate(jobs, slower, Scaling.fixed(1)))
+    assert wait is not None and wait > 1.0
+    scale = simulation.curve_scale_for(jobs, MODEL, Scaling.fixed(1), wait)
+    assert scale == pytest.approx(0.7, rel=0.02)
+    assert simulation.curve_scale_for(jobs, MODEL, Scaling.fixed(1), 1e9) is None
+
+
+def test_the_worker_check_compares_mean_waits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from tasks.cli.simulate_check import _compare, _sizes
+    from tasks.settings import QUEUE_BULK, QUEUE_REALTIME
+
+    assert _sizes(18) == [1, 2, 4, 8, 16, 18] and _sizes(1) == [1]
+    real = {QUEUE_REALTIME: (10 * 0.5, 10), QUEUE_BULK: (30 * 4.0, 30)}  # (sum of waits, jobs)
+    sim = {QUEUE_REALTIME: simulation.Waits.of([0.4] * 10, 0, 0), QUEUE_BULK: simulation.Waits.of([4.6] * 30, 0, 0)}
+    args = argparse.Namespace(minutes=2.0, load=0.8, model=None, json_out=tmp_path / "check.json")
+    assert _compare(real, sim, CURVE, 0.97, 40, args) == 0
+    out = capsys.readouterr().out
+    assert "agree within 25%" in out and "0.97x" in out
+    result = json.loads(args.json_out.read_text())
+    assert result["waits"]["all"]["real_mean_s"] == pytest.approx(3.125)
+    assert result["waits"]["all"]["ratio"] == pytest.approx(3.55 / 3.125)
+    sim[QUEUE_BULK] = simulation.Waits.of([1.0] * 30, 0, 0)
+    assert _compare(real, sim, CURVE, None, 40, args) == 1
+    assert "DISAGREE" in capsys.readouterr().out
+
+
+def test_the_worker_check_simulates_what_was_replayed(monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    # The check's glue, with the engine, Redis and the worker replaced by their results.
+    import tasks.cli.simulate_check as check
+    from tasks.settings import QUEUE_BULK, QUEUE_REALTIME
+
+    texts = {"realtime": ["Yes."], "bulk": ["A longer text for a bulk job."]}
+    steps = {"Yes.": 40, "A longer text for a bulk job.": 400}
+    monkeypatch.setattr(check, "_pools", lambda: {p: [type("Req", (), {"text": t, "voice": 2})() for t in ts]
+                                                  for p, ts in texts.items()})
+    monkeypatch.setattr(check, "_measure", lambda settings, console, pools, model_for, args: (CURVE, steps))
+
+    def replay(settings: object, jobs: list[dict[str, object]], times: list[float], console: object,
+               args: object) -> tuple[dict[str, tuple[float, int]], list[float]]:
+        n = {q: sum(1 for j in jobs if j["priority"] == p) for q, p in ((QUEUE_REALTIME, "realtime"), (QUEUE_BULK, "bulk"))}
+        return {q: (0.2 * k, k) for q, k in n.items()}, times
+
+    monkeypatch.setattr(check, "_replay", replay)
+    code = main(["simulate", "--check-against-worker", "--minutes", "2", "--load", "0.5"])
+    out = capsys.readouterr().out
+    assert code in (0, 1) and "simulated / real" in out and "tts.realtime" in out
+
+
+@st.composite
+def workloads(draw: st.DrawFn) -> tuple[list[Arrival], WorkerModel, Scaling]:
+    jobs = draw(st.lists(st.builds(
+        Arrival, t=st.floats(0, 600, allow_nan=False), steps=st.integers(1, 2048),
+        priority=st.sampled_from([REALTIME, BULK]),
+        ttl_s=st.one_of(st.none(), st.floats(0.5, 300, allow_nan=False))), max_size=80))
+    model = WorkerModel(CURVE, worker_policy(draw(st.integers(1, 32)), draw(st.integers(0, 500)),
+                                             draw(st.integers(0, 30_000))),
+                        realtime_rows=draw(st.integers(0, 4)), refill=draw(st.booleans()),
+                        refill_window_s=draw(st.sampled_from([5.0, 600.0])))
+    low = draw(st.integers(0, 3))
+    scaling = Scaling(low, low + draw(st.integers(0, 3)) or 1, target=draw(st.sampled_from([1.0, 8.0, 64.0])),
+                      reaction_s=draw(st.floats(0, 60)), load_s=draw(st.floats(0, 120)))
+    return jobs, model, scaling
+
+
+@PROPS
+@given(workloads())
+def test_every_job_is_accounted_for_once(work: tuple[list[Arrival], WorkerModel, Scaling]) -> None:
+    jobs, model, scaling = work
+    report = simulate(jobs, model, scaling, sample_s=5.0)
+    total = 0
+    for prio, w in report.waits.items():
+        mine = [a for a in jobs if a.priority == prio]
+        assert w.jobs == len(mine) == w.started + w.expired + w.unstarted
+        total += w.jobs
+        if w.started:
+            assert w.mean_s is not None and w.mean_s >= 0 and w.p50_s is not None and w.p50_s >= 0
+        if w.expired:
+            deadlines = [a.ttl_s for a in mine if a.ttl_s is not None]
+            assert deadlines
+    assert total == len(jobs)
+    # Every job ran or expired: the drain limit (an hour) is far beyond this much work.
+    assert all(w.unstarted == 0 for w in report.waits.values())
+    assert report.busy_hours <= report.gpu_hours + 1e-9
+    assert all(s.workers <= scaling.max_workers for s in report.timeline)
+
+
+# -- the command -----------------------------------------------------------------------
+
+
+def test_arrivals_file_takes_submit_lines_with_a_time(tmp_path: Path) -> None:
+    from tasks.cli.simulate_arrivals import load_arrivals
+
+    path = tmp_path / "arrivals.jsonl"
+    lines = [
+        {"enqueued_at": 1_764_583_210.0, "text": "Chapter one. It was a dark night.", "voice": 3},
+        {"enqueued_at": 1_764_583_200.0, "audio_s": 2.0, "priority": "realtime", "ttl_s": 30},
+        {"enqueued_at": 1_764_583_205.0, "steps": 300, "expires_at": 1_764_583_215.0},
+    ]
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
+    got = load_arrivals(path, FrontEnd())
+    assert [a.t for a in got] == [0.0, 5.0, 10.0]
+    assert got[0] == Arrival(0.0, math.ceil(2.0 * STEPS_PER_SECOND), REALTIME, 30.0)
+    assert got[1] == Arrival(5.0, 300, BULK, 10.0)
+    assert got[2].steps == predicted_steps("Chapter one. It was a dark night.")
+
+    for bad, why in (({"text": "No time."}, "t .* or enqueued_at"), ({"t": 1, "steps": 0}, "1-2048"),
+                     ({"t": 1, "text": "x", "speed": 12}, "speed"), ({"t": 1, "steps": 5, "expires_at": 9}, "needs enqueued_at")):
+        path.write_text(json.dumps({"t": 0, "steps": 1}) + "\n" + json.dumps(bad) + "\n")
+        with pytest.raises(UsageError, match=f"arrivals.jsonl:2: .*{why}"):
+            load_arrivals(path, FrontEnd())
+
+
+def test_the_command_prints_writes_json_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out, png = tmp_path / "sim.json", tmp_path / "sim.png"
+    code = main(["simulate", "--curve", "1:1,8:5,32:10", "--hours", "2", "--peaks", "0.5-1", "--base-rate", "1000",
+                 "--peak-rate", "6000", "--autoscale", "--max-workers", "4", "--keda-target", "16",
+                 "--json-out", str(out), "--plot", str(png)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "realtime" in text and "GPU-hours" in text
+    result = json.loads(out.read_text())
+    assert result["report"]["waits"]["bulk"]["jobs"] + result["report"]["waits"]["realtime"]["jobs"] == result["jobs"]
+    assert result["scaling"]["max_workers"] == 4 and len(result["report"]["timeline"]["t"]) > 100
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_command_searches_a_fleet(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["simulate", "--curve", "1:1,8:5,32:10", "--hours", "1", "--peaks", "0-0.5", "--base-rate", "1000",
+                 "--peak-rate", "4000", "--target-p99", "5", "--target-p99-bulk", "120"])
+    assert code == 0
+    assert "smallest fleet with realtime p99 <= 5 s and bulk p99 <= 120 s:" in capsys.readouterr().out
+
+
+def test_the_command_needs_a_curve(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["simulate", "--hours", "1"]) == 2
+    assert "--bench FILE" in capsys.readouterr().err
