@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Collection
 
@@ -37,6 +38,10 @@ log = logging.getLogger(__name__)
 class Outcome:
     finished: set[str] = field(default_factory=set)  # result recorded: ack
     requeue: set[str] = field(default_factory=set)  # not done, give back to the broker
+
+
+# How often the event loop sends the task events of batched jobs (GpuBatches.send_event).
+EVENTS_EVERY_S = 0.05
 
 
 class GpuBatches(Batches):
@@ -58,11 +63,30 @@ class GpuBatches(Batches):
         # The consumer's event dispatcher, for the task events of batched jobs
         # (workers.task_events); Strategy sets it, again after every reconnect.
         self.eventer: Any = None
+        # Task events wait here for the consumer's event loop to send them (EVENTS_EVERY_S).
+        self._events: deque[tuple[str, dict[str, Any]]] = deque()
+        self._events_tref: Any = None
 
     def send_event(self, event_type: str, **fields: Any) -> None:
+        """From any thread (the GPU's, the store threads'). Celery's dispatcher belongs to
+        the event loop: it buffers task events in lists its flush empties without a lock,
+        so an event added from another thread during a flush was lost (a Flower test saw
+        a job stay STARTED), and the flush it schedules from there could be lost too."""
+        if self._events_tref is None:
+            # No event loop: Celery's dispatcher does not buffer, it publishes at once.
+            if self.eventer is not None:
+                self.eventer.send(event_type, **fields)
+            return
+        self._events.append((event_type, fields))
+
+    def _send_events(self) -> None:
         eventer = self.eventer
-        if eventer is not None:
-            eventer.send(event_type, **fields)
+        while self._events and eventer is not None:
+            event_type, fields = self._events.popleft()
+            try:
+                eventer.send(event_type, **fields)
+            except Exception as err:  # noqa: BLE001 - events are for watching: never stop the loop
+                log.warning("could not send %s for job %s: %s", event_type, fields.get("uuid"), err)
 
     def stalled(self, tick_s: float, batch_s: float) -> str | None:
         """Why this worker is stuck, or None: no scheduler tick for `tick_s`, or one batch
@@ -91,6 +115,10 @@ class GpuBatches(Batches):
             self._tref.cancel()
             self._tref = None
         self.eventer = consumer.event_dispatcher
+        if self._events_tref is not None:
+            self._events_tref.cancel()
+        # On the event loop: what Celery's dispatcher needs (see send_event).
+        self._events_tref = consumer.hub.call_repeatedly(EVENTS_EVERY_S, self._send_events) if consumer.hub else None
         handler = super().Strategy(task, app, consumer)
 
         def checked(*args: Any, **kwargs: Any) -> Any:
