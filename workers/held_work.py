@@ -220,8 +220,10 @@ class HeldWork:
             if not self.storage.exists(work.key):
                 return None
             fmt = work.jobs[0].spec.format
-            if raw is not None:
-                index = json.loads(raw)
+            # An index value of an older worker ({url, key, duration_s, ...}) has no "d": the
+            # object itself says its length, rather than a second synthesis after an upgrade.
+            index = json.loads(raw) if raw is not None else {}
+            if "d" in index:
                 duration, sr = float(index["d"]), int(index["r"])
             else:
                 duration, sr = duration_of(self.storage.get_bytes(work.key), fmt, self.engine.sample_rate)
