@@ -26,6 +26,8 @@ def make_app(settings: Settings, *, worker_consumer: str | None = None) -> Celer
         "socket_timeout": 10,
         "socket_connect_timeout": 5,
         "health_check_interval": 25,
+        # Read only for sentinel:// URLs (kombu's and Celery's Sentinel support).
+        "master_name": settings.redis_master_name,
     }
     app.conf.update(
         task_serializer="json",

@@ -25,6 +25,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from .app import make_app
+from .broker_redis import redis_client
 from .metrics_http import start_server
 from .settings import DEAD_LETTER_KEY, WORKER_QUEUES, Settings, redact_url
 
@@ -44,8 +45,8 @@ class QueueCollector(Collector):
         self.sep = opts.get("sep", Channel.sep)
         self.prefix = opts.get("global_keyprefix", Channel.global_keyprefix)
         self.unacked_key = self.prefix + opts.get("unacked_key", Channel.unacked_key)
-        self.client = redis.Redis.from_url(
-            settings.broker_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+        self.client = redis_client(
+            settings.broker_url, settings.redis_master_name, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
             retry=Retry(NoBackoff(), 0), health_check_interval=0,
         )
         self.broker = redact_url(settings.broker_url)

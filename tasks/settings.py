@@ -53,6 +53,8 @@ def _bool(env: Mapping[str, str], name: str, default: bool = False) -> bool:
 class Settings:
     broker_url: str = "redis://127.0.0.1:6379/0"
     result_backend: str | None = None
+    # The primary's name in Sentinel's config, for sentinel:// broker and backend URLs.
+    redis_master_name: str = "mymaster"
     storage_url: str = field(default_factory=lambda: Path("out").resolve().as_uri())
     s3_endpoint_url: str | None = None
     model: str = "chattts"
@@ -167,6 +169,7 @@ class Settings:
             cls(
                 broker_url=env.get("TTSPOOL_BROKER_URL") or d.broker_url,
                 result_backend=env.get("TTSPOOL_RESULT_BACKEND") or None,
+                redis_master_name=env.get("TTSPOOL_REDIS_MASTER_NAME") or d.redis_master_name,
                 storage_url=env.get("TTSPOOL_STORAGE_URL") or d.storage_url,
                 s3_endpoint_url=env.get("TTSPOOL_S3_ENDPOINT_URL") or None,
                 model=env.get("TTSPOOL_MODEL") or d.model,
@@ -215,6 +218,7 @@ _FAULT_PREFIX = "TTSPOOL_FAULT_"
 # Every setting's variable. `faults` (a family of variables) and `explicit` have none.
 ENV_NAMES = {
     "broker_url": "TTSPOOL_BROKER_URL", "result_backend": "TTSPOOL_RESULT_BACKEND",
+    "redis_master_name": "TTSPOOL_REDIS_MASTER_NAME",
     "storage_url": "TTSPOOL_STORAGE_URL", "s3_endpoint_url": "TTSPOOL_S3_ENDPOINT_URL",
     "model": "TTSPOOL_MODEL", "model_dir": "TTSPOOL_MODEL_DIR", "device": "TTSPOOL_DEVICE",
     "dtype": "TTSPOOL_DTYPE", "quant": "TTSPOOL_QUANT", "compile": "TTSPOOL_COMPILE",
@@ -252,8 +256,13 @@ def validate(s: Settings) -> Settings:
     if s.s3_sse is not None and s.s3_sse not in SSE_VALUES:
         raise SettingsError(f"TTSPOOL_S3_SSE must be one of {sorted(SSE_VALUES)}, got {s.s3_sse!r}")
     for name, url in (("TTSPOOL_BROKER_URL", s.broker_url), ("TTSPOOL_RESULT_BACKEND", s.backend_url)):
+        if url.startswith("sentinel://"):
+            if not re.fullmatch(r"sentinel://([^/@;]*@)?[^/@;:]+(:\d+)?(/\d*)?(;sentinel://[^/@;:]+(:\d+)?(/\d*)?)*;?", url):
+                raise SettingsError(f"{name} must list its sentinels as sentinel://[:password@]host:port[/db];"
+                                    f"sentinel://host:port;..., got {redact_url(url)!r}")
+            continue
         if not re.match(r"rediss?://", url):
-            raise SettingsError(f"{name} must be a redis:// or rediss:// URL, got {redact_url(url)!r}")
+            raise SettingsError(f"{name} must be a redis://, rediss:// or sentinel:// URL, got {redact_url(url)!r}")
         # Without it kombu would connect with TLS but without checking the certificate.
         if url.startswith("rediss://") and "ssl_cert_reqs=" not in url:
             raise SettingsError(

@@ -16,6 +16,7 @@ PRODUCT = ("tasks", "scheduler", "storage", "workers")
 def test_to_env_round_trips_every_setting() -> None:
     env = {
         "TTSPOOL_BROKER_URL": "redis://127.0.0.1:7000/2", "TTSPOOL_RESULT_BACKEND": "redis://127.0.0.1:7001/0",
+        "TTSPOOL_REDIS_MASTER_NAME": "ttspool-primary",
         "TTSPOOL_STORAGE_URL": "s3://bucket/prefix", "TTSPOOL_S3_ENDPOINT_URL": "http://127.0.0.1:9000",
         "TTSPOOL_MODEL": "random-full", "TTSPOOL_MODEL_DIR": "/models/chattts", "TTSPOOL_DEVICE": "cuda:1",
         "TTSPOOL_DTYPE": "bfloat16", "TTSPOOL_QUANT": "int8", "TTSPOOL_COMPILE": "1", "TTSPOOL_TASK_EVENTS": "0", "TTSPOOL_MAX_BATCH": "32",
@@ -62,3 +63,17 @@ def test_only_settings_reads_the_environment() -> None:
                     readers.append(rel)
     allowed = {"tasks/settings.py", "storage/models/sources.py", "tasks/cli/local_run.py"}
     assert set(readers) <= allowed, sorted(set(readers) - allowed)
+
+
+def test_sentinel_urls_name_their_sentinels_and_the_primary() -> None:
+    from tasks.broker_redis import sentinel_hosts
+    from tasks.errors import SettingsError
+
+    url = "sentinel://:s%40cret@10.0.0.1:26379/2;sentinel://10.0.0.2:26380;sentinel://sentinel-3"
+    assert Settings.from_env({"TTSPOOL_BROKER_URL": url}).broker_url == url
+    assert sentinel_hosts(url) == ([("10.0.0.1", 26379), ("10.0.0.2", 26380), ("sentinel-3", 26379)],
+                                   {"db": 2, "password": "s@cret"})
+    for bad in ("sentinel://", "sentinel://h1:26379;redis://h2:6379", "sentinel://h1:port"):
+        with pytest.raises(SettingsError, match="sentinel://") as err:
+            Settings.from_env({"TTSPOOL_BROKER_URL": bad})
+        assert "s@cret" not in str(err.value)

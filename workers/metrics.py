@@ -23,6 +23,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from storage.models.fetch_progress import FETCH_BYTES
+from tasks.broker_redis import redis_client
 from tasks.errors import JobExpired, JobFailed, RedeliveryLimit
 from tasks.metrics_http import start_server
 from tasks.schema import JobSpec, JobValidationError
@@ -260,7 +261,7 @@ def serve(metrics: Metrics, settings: Settings) -> WSGIServer | None:
     """Start /metrics and /healthz unless TTSPOOL_METRICS_PORT is 0."""
     if not settings.metrics_port:
         return None
-    broker = redis.Redis.from_url(settings.broker_url, socket_timeout=1, socket_connect_timeout=1,
+    broker = redis_client(settings.broker_url, settings.redis_master_name, socket_timeout=1, socket_connect_timeout=1,
                                   retry=Retry(NoBackoff(), 0))
 
     def healthz() -> tuple[int, dict[str, Any]]:

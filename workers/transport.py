@@ -36,6 +36,7 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
 from tasks import envelope
+from tasks.broker_redis import FailoverConnection
 from tasks.settings import ASSEMBLE_TASK, TASK_NAME
 
 from . import rejections
@@ -212,3 +213,14 @@ class Channel(kombu_redis.Channel):
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):
+    """The same fetch, over kombu's Sentinel-managed connection pool (sentinel:// URLs):
+    a reconnect asks the sentinels for the current primary."""
+
+    connection_class = FailoverConnection
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    Channel = SentinelChannel

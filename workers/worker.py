@@ -10,6 +10,7 @@ import redis
 
 from storage import storage_for
 from tasks.app import make_app
+from tasks.broker_redis import is_sentinel
 from tasks.errors import SettingsError
 from tasks.settings import WORKER_QUEUES, Settings, redact_url
 
@@ -39,7 +40,8 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
     # kombu's Redis transport, except that a queue item that is not a valid message is
     # refused instead of stopping the worker, and a fetched message is recorded as unacked
     # in the same step (workers/transport.py).
-    app.conf.broker_transport = "workers.transport:Transport"
+    app.conf.broker_transport = ("workers.transport:SentinelTransport" if is_sentinel(settings.broker_url)
+                                 else "workers.transport:Transport")
     transport.on_fetch = faults.fetch_hook(settings.faults)
     runner = batch_task.BatchRunner(app, engine, storage, settings, metrics)
     _require_redis_7(runner.redis)

@@ -140,11 +140,58 @@ def check_devices(settings: Settings, devices: Probe) -> Check:
     return Check("devices", "ok", line)
 
 
-def _redis_check(name: str, url: str) -> Check:
+def _sentinel_view(name: str, url: str, master_name: str) -> tuple[Check | None, str]:
+    """What the sentinels of a sentinel:// URL say of the primary: a check when they
+    cannot find it or fail it over, and a line for the report."""
     import redis
 
+    from ..broker_redis import sentinel_hosts
+
+    hosts, _ = sentinel_hosts(url)
+    views: list[dict[str, Any]] = []
+    unknown = False
+    for host, port in hosts:
+        sentinel = redis.Redis(host=host, port=port, socket_connect_timeout=2, socket_timeout=3)
+        try:
+            view = sentinel.sentinel_master(master_name)
+            # A lost primary stays on the list as a replica that is down.
+            view["replicas-up"] = sum(not (r["is_sdown"] or r["is_odown"] or r["is_disconnected"])
+                                      for r in sentinel.sentinel_slaves(master_name))
+            views.append(view)
+        except redis.ResponseError:  # "No such master with that name"
+            unknown = True
+        except (redis.RedisError, OSError):
+            pass
+        finally:
+            sentinel.close()
     shown = redact_url(url)
-    client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=5)
+    if not views:
+        if unknown:
+            return Check(name, "fail", f"{shown}: no sentinel knows a primary named {master_name!r}",
+                         "set TTSPOOL_REDIS_MASTER_NAME to the name in the sentinels' `sentinel monitor` line"), ""
+        return Check(name, "fail", f"{shown}: none of its {len(hosts)} sentinels answers",
+                     "start the sentinels, or fix the sentinel:// list"), ""
+    view = views[0]
+    quorum = int(view.get("quorum", 1))
+    line = (f"Sentinel: {len(views)} of {len(hosts)} sentinels answer, primary {view.get('ip')}:{view.get('port')}, "
+            f"{view['replicas-up']} replicas up, quorum {quorum}")
+    if not view["replicas-up"]:
+        return Check(name, "warn", f"{shown}: {line}", "add a replica: with none there is nothing to fail over to"), line
+    if len(views) < max(quorum, 2):
+        return Check(name, "warn", f"{shown}: {line}", "start the missing sentinels: too few to agree on a failover"), line
+    return None, line
+
+
+def _redis_check(name: str, url: str, master_name: str) -> Check:
+    import redis
+
+    from ..broker_redis import is_sentinel, redis_client
+
+    shown = redact_url(url)
+    sentinels, sentinel_line = _sentinel_view(name, url, master_name) if is_sentinel(url) else (None, "")
+    if sentinels is not None and sentinels.status == "fail":
+        return sentinels
+    client = redis_client(url, master_name, socket_connect_timeout=3, socket_timeout=5)
     try:
         info = client.info()
         try:
@@ -156,7 +203,7 @@ def _redis_check(name: str, url: str) -> Check:
                      "start Redis, or point TTSPOOL_BROKER_URL at it")
     finally:
         client.close()
-    detail = f"{shown}: Redis {info.get('redis_version')}"
+    detail = f"{shown}: Redis {info.get('redis_version')}" + (f"; {sentinel_line}" if sentinel_line else "")
     aof = bool(info.get("aof_enabled"))
     if info.get("maxmemory") and info.get("maxmemory_policy") != "noeviction":
         return Check(name, "warn", f"{detail}, maxmemory-policy {info.get('maxmemory_policy')}",
@@ -165,13 +212,15 @@ def _redis_check(name: str, url: str) -> Check:
         what = "AOF off, RDB unknown" if save == "?" else "AOF and RDB both off"
         return Check(name, "warn", f"{detail}, {what}: a Redis restart loses every queued job",
                      "appendonly yes (see docs/OPERATIONS.md)")
+    if sentinels is not None:
+        return Check(name, "warn", f"{detail}, persistence {'AOF' if aof else 'RDB ' + save}", sentinels.fix)
     return Check(name, "ok", f"{detail}, persistence {'AOF' if aof else 'RDB ' + save}")
 
 
 def check_broker(settings: Settings) -> list[Check]:
-    checks = [_redis_check("broker", settings.broker_url)]
+    checks = [_redis_check("broker", settings.broker_url, settings.redis_master_name)]
     if settings.backend_url != settings.broker_url:
-        checks.append(_redis_check("results", settings.backend_url))
+        checks.append(_redis_check("results", settings.backend_url, settings.redis_master_name))
     return checks
 
 

@@ -47,13 +47,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _library(settings: Settings) -> Any:
-    import redis
-
     from storage import storage_for
 
+    from ..broker_redis import redis_client
     from ..voices import VoiceLibrary
 
-    index = redis.Redis.from_url(settings.broker_url, socket_timeout=10, socket_connect_timeout=5)
+    index = redis_client(settings.broker_url, settings.redis_master_name, socket_timeout=10, socket_connect_timeout=5)
     return VoiceLibrary(storage_for(settings), index)
 
 

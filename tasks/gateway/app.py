@@ -64,7 +64,7 @@ class Gateway:
         self.voices = VoiceLibrary(storage, self.client.redis)
         celery = make_app(settings)
         self.waiter = ResultWaiter(
-            settings.backend_url, celery.backend.task_keyprefix.decode(),
+            settings.backend_url, settings.redis_master_name, celery.backend.task_keyprefix.decode(),
             key_for=lambda job_id: celery.backend.get_key_for_task(job_id).decode(),
             decode=celery.backend.decode_result,
         )

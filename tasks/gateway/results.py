@@ -16,9 +16,9 @@ import logging
 import time
 from typing import Any, Callable
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from ..broker_redis import async_redis_client
 from ..states import JobState
 
 log = logging.getLogger(__name__)
@@ -29,9 +29,9 @@ _TICK_S = 0.05
 
 
 class ResultWaiter:
-    def __init__(self, url: str, key_prefix: str, key_for: Callable[[str], str],
+    def __init__(self, url: str, master_name: str, key_prefix: str, key_for: Callable[[str], str],
                  decode: Callable[[bytes], dict[str, Any]]) -> None:
-        self._redis = aioredis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+        self._redis = async_redis_client(url, master_name, socket_timeout=10, socket_connect_timeout=5)
         self._key_for = key_for
         self._decode = decode
         self._pattern = key_prefix + "*"  # every result key

@@ -43,7 +43,7 @@ def _stats(xs: list[float]) -> dict[str, float]:
 
 async def _direct(settings: Settings, texts: list[str]) -> list[float]:
     celery = make_app(settings)
-    waiter = ResultWaiter(settings.backend_url, celery.backend.task_keyprefix.decode(),
+    waiter = ResultWaiter(settings.backend_url, settings.redis_master_name, celery.backend.task_keyprefix.decode(),
                           key_for=lambda i: celery.backend.get_key_for_task(i).decode(),
                           decode=celery.backend.decode_result)
     client = Client(settings)

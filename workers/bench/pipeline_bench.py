@@ -149,7 +149,7 @@ class Driver:
         self.timeout_s = timeout_s
         self.client = Client(settings)
         backend = self.client.app.backend
-        self.waiter = ResultWaiter(settings.backend_url, backend.task_keyprefix.decode(),
+        self.waiter = ResultWaiter(settings.backend_url, settings.redis_master_name, backend.task_keyprefix.decode(),
                                    key_for=lambda i: backend.get_key_for_task(i).decode(),
                                    decode=backend.decode_result)
 
