@@ -23,12 +23,15 @@ from urllib.parse import urlsplit
 
 import kubernetes_validate
 import pytest
+import redis
 import yaml
 from kombu.transport.redis import Channel as RedisChannel
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from tasks.app import make_app
+from tasks.broker_redis import sentinel_hosts
+from tasks.polling import poll
 from tasks.settings import QUEUES, WORKER_QUEUES, Settings
 from tests.deploy_crd_schemas import K8S_VERSION, SCHEMAS, validate_custom
 
@@ -203,8 +206,122 @@ def test_keda_reads_the_redis_the_workers_use() -> None:
     assert secret[ref["key"]] == broker.password
 
 
+# ---- the Sentinel layout (compose.sentinel.yaml, k8s-sentinel/) ---------------------
+
+
+@cache
+def compose_sentinel() -> dict[str, Any]:
+    out = _run(_tool("docker-compose"), "-f", "deploy/compose.yaml", "-f", "deploy/compose.sentinel.yaml",
+               "config", "--format", "json")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def _merge(base: Any, patch: Any) -> Any:
+    """A kustomize patch as it applies to these files: maps merge, anything else (the
+    ScaledObject's trigger list, a CRD field) is replaced."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        return {**base, **{k: _merge(base.get(k), v) for k, v in patch.items()}}
+    return patch
+
+
+def k8s_sentinel_docs() -> list[dict[str, Any]]:
+    overlay = DEPLOY / "k8s-sentinel"
+    kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == ["../k8s"]
+    patches = [yaml.safe_load((overlay / p["path"]).read_text()) for p in kustomization["patches"]]
+    assert sorted(p.name for p in overlay.glob("*.yaml")) == sorted(["kustomization.yaml",
+                                                                     *(p["path"] for p in kustomization["patches"])])
+    docs = []
+    for _, doc in k8s_docs():
+        for patch in patches:
+            if (patch["kind"], patch["metadata"]["name"]) == (doc["kind"], doc["metadata"]["name"]):
+                doc = _merge(doc, patch)
+        docs.append(doc)
+    return docs
+
+
+def test_compose_sentinel_layout_points_every_service_at_the_sentinels() -> None:
+    services = compose_sentinel()["services"]
+    sentinels = sorted(name for name in services if name.startswith("sentinel-"))
+    assert len(sentinels) == 3
+    replica = services["redis-replica"]["command"]
+    assert replica[replica.index("--replicaof") + 1:][:2] == ["redis", "6379"]
+    assert replica[replica.index("--appendonly") + 1] == "yes"
+    for name in ("worker", "gateway", "exporter"):
+        settings = Settings.from_env(services[name]["environment"])
+        hosts, primary = sentinel_hosts(settings.broker_url)
+        assert sorted(host for host, _ in hosts) == sentinels and {port for _, port in hosts} == {26379}, name
+        assert primary["db"] == 0
+        for sentinel in sentinels:
+            (script,) = services[sentinel]["command"]
+            assert f"'sentinel monitor {settings.redis_master_name} redis 6379 2'" in script
+
+
+def test_compose_sentinel_command_starts_a_sentinel(tmp_path: Path) -> None:
+    """The sentinels' shell command as compose runs it, on loopback: it writes a config
+    that redis-server accepts and monitors the primary."""
+    from tasks.cli.local_redis import LocalRedis, free_port
+
+    (script,) = compose_sentinel()["services"]["sentinel-1"]["command"]
+    port = free_port()
+    with LocalRedis() as primary:
+        script = (script.replace("port 26379", f"port {port}").replace("redis 6379", f"127.0.0.1 {primary.port}")
+                  .replace("/tmp/sentinel.conf", str(tmp_path / "sentinel.conf")))
+        proc = subprocess.Popen(["sh", "-c", script + " --bind 127.0.0.1"], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:
+            client = redis.Redis(port=port, socket_connect_timeout=0.5, socket_timeout=1)
+            master = poll(lambda: _sentinel_master(client), timeout=10, every=0.1,
+                          timed_out=lambda: f"the sentinel did not answer on {port}")
+            assert int(master["port"]) == primary.port and master["quorum"] == 2
+            assert master["down-after-milliseconds"] == 5000
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+def _sentinel_master(client: redis.Redis) -> dict[str, Any] | None:
+    try:
+        return client.sentinel_master("ttspool-primary")
+    except (redis.RedisError, OSError):
+        return None
+
+
+def test_k8s_sentinel_overlay_scales_and_connects_through_the_sentinels() -> None:
+    docs = k8s_sentinel_docs()
+    for doc in docs:
+        if doc["kind"] in SCHEMAS:
+            validate_custom(doc)
+        else:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+    def one(kind: str, name: str) -> dict[str, Any]:
+        (found,) = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+        return found
+
+    settings = Settings.from_env({**one("ConfigMap", "ttspool-settings")["data"],
+                                  **one("Secret", "ttspool-credentials")["stringData"]})
+    hosts, primary = sentinel_hosts(settings.broker_url)
+    spec = one("ScaledObject", "ttspool-worker")["spec"]
+    triggers = spec["triggers"]
+    assert {t["type"] for t in triggers} == {"redis-sentinel"}
+    assert {t["metadata"]["listName"] for t in triggers} == priority_lists() and len(triggers) == len(priority_lists())
+    formula = spec["advanced"]["scalingModifiers"]["formula"]
+    assert sorted(re.split(r"\s*\+\s*", formula.strip())) == sorted(t["name"] for t in triggers)
+    for trigger in triggers:
+        meta = trigger["metadata"]
+        assert meta["addresses"].split(",") == [f"{host}:{port}" for host, port in hosts]
+        assert meta["sentinelMaster"] == settings.redis_master_name
+        assert meta["databaseIndex"] == str(primary["db"])
+        assert trigger["authenticationRef"]["name"] == "ttspool-redis"
+    (ref,) = one("TriggerAuthentication", "ttspool-redis")["spec"]["secretTargetRef"]
+    assert one("Secret", ref["name"])["stringData"][ref["key"]] == primary["password"]
+
+
 def _deploy_texts() -> Iterator[tuple[str, str]]:
-    paths = [DEPLOY / "compose.yaml", DEPLOY / "README.md", OPERATIONS, *K8S.glob("*.yaml")]
+    paths = [DEPLOY / "compose.yaml", DEPLOY / "compose.sentinel.yaml", DEPLOY / "README.md", OPERATIONS,
+             *K8S.glob("*.yaml"), *(DEPLOY / "k8s-sentinel").glob("*.yaml")]
     paths += [p for p in (DEPLOY / "prometheus").glob("*.yml")] + list((DEPLOY / "grafana").rglob("*.json"))
     for path in paths:
         yield str(path.relative_to(ROOT)), path.read_text()
