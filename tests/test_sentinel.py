@@ -57,9 +57,14 @@ def test_primary_killed_mid_run(s3: S3Endpoint, aws_env: dict[str, str], tmp_pat
                 final = _wait_all(client, before + after, redis_client(cluster.url, MASTER), log, timeout=120)
                 _assert_stored(s3, final)
                 assert all(dict(zip(before + after, final))[i] == st for i, st in done_before.items())
-                _, text = fetch(f"http://127.0.0.1:{settings.metrics_port}/metrics")
-                # Each job ran to the end once: the warm-up, 20 submitted, 2 spoken.
-                assert value(parse(text), "ttspool_jobs_total", status="success", reason="synthesized") == 23
+                samples = parse(fetch(f"http://127.0.0.1:{settings.metrics_port}/metrics")[1])
+                made = value(samples, "ttspool_jobs_total", status="success", reason="synthesized") or 0
+                # A job whose audio was stored but not recorded when the primary went comes
+                # back and is served from storage.
+                served = value(samples, "ttspool_jobs_total", status="success", reason="cache_hit") or 0
+                # Each job ended once (the warm-up, 20 submitted, 2 spoken), and no audio
+                # was made twice: one GPU row per synthesized job.
+                assert made + served == 23 and value(samples, "ttspool_batch_size_sum") == made
                 assert proc.poll() is None
         finally:
             stop_process(gateway.proc)
@@ -72,4 +77,5 @@ def test_primary_killed_mid_run(s3: S3Endpoint, aws_env: dict[str, str], tmp_pat
         assert check["status"] == "warn", check  # the old primary is gone: no replica left
         assert f"primary 127.0.0.1:{cluster.replica.port}" in check["detail"], check
     print(f"\nSentinel failover: the producer's submit returned {submit_s:.1f} s after the kill; "
-          f"the replica was primary {promoted_s:.1f} s after that; {len(done_before)} of 12 jobs were done at the kill")
+          f"the replica was primary {promoted_s:.1f} s after that; {len(done_before)} of 12 jobs were done at the kill; "
+          f"{served:.0f} job(s) served from storage after it")
