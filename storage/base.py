@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Protocol, runtime_checkable
+from typing import Mapping, Protocol, runtime_checkable
 
 from tasks.errors import TtspoolError
 
@@ -41,12 +41,18 @@ class Storage(Protocol):
     def base_url(self) -> str: ...
 
     def put_bytes(
-        self, key: str, data: bytes, content_type: str = "application/octet-stream"
+        self, key: str, data: bytes, content_type: str = "application/octet-stream",
+        metadata: Mapping[str, str] | None = None,
     ) -> str: ...
 
     def get_bytes(self, key: str) -> bytes: ...
 
     def exists(self, key: str) -> bool: ...
+
+    def head(self, key: str) -> dict[str, str] | None:
+        """The object's metadata as put_bytes was given it ({} from a store that keeps
+        none), or None when there is no object."""
+        ...
 
     def url_for(self, key: str) -> str: ...
 

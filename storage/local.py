@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO
 
@@ -21,9 +21,11 @@ class LocalStorage:
         return self._root.as_uri()
 
     def put_bytes(
-        self, key: str, data: bytes, content_type: str = "application/octet-stream"
+        self, key: str, data: bytes, content_type: str = "application/octet-stream",
+        metadata: Mapping[str, str] | None = None,
     ) -> str:
-        # content_type is accepted for interface parity; a plain file has nowhere to keep it.
+        # content_type and metadata are accepted for interface parity; a plain file has
+        # nowhere to keep them (head() says {}: a reader asks the file itself).
         return self._write(key, lambda out: out.write(data))
 
     def get_bytes(self, key: str) -> bytes:
@@ -35,6 +37,9 @@ class LocalStorage:
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def head(self, key: str) -> dict[str, str] | None:
+        return {} if self.size(key) is not None else None
 
     def url_for(self, key: str) -> str:
         return self._path(key).as_uri()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -62,15 +62,19 @@ class S3Storage:
         return f"s3://{self._bucket}/{self._prefix}" if self._prefix else f"s3://{self._bucket}"
 
     def put_bytes(
-        self, key: str, data: bytes, content_type: str = "application/octet-stream"
+        self, key: str, data: bytes, content_type: str = "application/octet-stream",
+        metadata: Mapping[str, str] | None = None,
     ) -> str:
         name = self._name(key)
+        extra: dict[str, Any] = self._extra_args(content_type)
+        if metadata:
+            extra["Metadata"] = dict(metadata)
         with self._errors("upload", name):
             self._client.upload_fileobj(
                 io.BytesIO(data),
                 self._bucket,
                 name,
-                ExtraArgs=self._extra_args(content_type),
+                ExtraArgs=extra,
                 Config=_TRANSFER,
             )
         return self._url(name)
@@ -85,6 +89,10 @@ class S3Storage:
     def exists(self, key: str) -> bool:
         return self.size(key) is not None
 
+    def head(self, key: str) -> dict[str, str] | None:
+        head = self._head(key)
+        return None if head is None else dict(head.get("Metadata", {}))
+
     def url_for(self, key: str) -> str:
         return self._url(self._name(key))
 
@@ -98,15 +106,19 @@ class S3Storage:
                 "get_object", Params={"Bucket": self._bucket, "Key": name}, ExpiresIn=expires_s))
 
     def size(self, key: str) -> int | None:
+        head = self._head(key)
+        return None if head is None else int(head["ContentLength"])
+
+    def _head(self, key: str) -> dict[str, Any] | None:
         name = self._name(key)
         with self._errors("head", name):
             try:
-                head = self._client.head_object(Bucket=self._bucket, Key=name)
+                head: dict[str, Any] = self._client.head_object(Bucket=self._bucket, Key=name)
             except ClientError as exc:
                 if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
                     return None
                 raise
-            return int(head["ContentLength"])
+            return head
 
     def delete(self, key: str) -> None:
         name = self._name(key)

@@ -5,11 +5,12 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Exchange, Queue
 
+from .result_backend import backend_url
 from .settings import ASSEMBLE_TASK, QUEUE_ASSEMBLE, QUEUE_BULK, WORKER_QUEUES, Settings
 
 
 def make_app(settings: Settings, *, worker_consumer: str | None = None) -> Celery:
-    app = Celery("ttspool", broker=settings.broker_url, backend=settings.backend_url)
+    app = Celery("ttspool", broker=settings.broker_url, backend=backend_url(settings.backend_url))
     transport = {
         # Redis re-delivers an unacked message after this long; it must cover waiting in
         # the worker's buffer, the batch and the upload, or a job runs twice.

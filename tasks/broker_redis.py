@@ -1,4 +1,4 @@
-"""Redis clients for ttspool's own keys (claims, rate limits, strikes, the output index,
+"""Redis clients for ttspool's own keys (claims, rate limits, strikes, deliveries,
 voices), the exporter, the gateway and `ttspool doctor`, from the same URL Celery uses.
 
 A `redis://` or `rediss://` URL names one Redis. A `sentinel://` URL names the Redis

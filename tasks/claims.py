@@ -47,7 +47,9 @@ class Claim:
     token: str  # who wrote it: a producer call (to recognise its own retried SET NX), or "worker"
 
     def encode(self) -> str:
-        return json.dumps({"d": self.digest, "t": self.tenant, "k": self.token}, separators=(",", ":"))
+        # Without a tenant, no "t": a claim is kept for every job of the result window.
+        return json.dumps({"d": self.digest, **({"t": self.tenant} if self.tenant is not None else {}),
+                           "k": self.token}, separators=(",", ":"))
 
     @classmethod
     def decode(cls, raw: bytes | str) -> "Claim":

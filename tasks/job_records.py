@@ -27,6 +27,15 @@ class RecordStore(Protocol):
     def exists(self, key: str) -> bool: ...
 
 
+def audio_key(base_url: str, url: str) -> str:
+    """A result's storage key, from its URL and the store's base URL: Redis keeps only
+    the URL, which is the base URL, '/' and the key."""
+    base = base_url.rstrip("/") + "/"
+    if not url.startswith(base):
+        raise ValueError(f"{url.split('?')[0]!r} is not in the store at {base!r}")
+    return url[len(base):]
+
+
 def record_key(job_id: str) -> str:
     # A job id may start with '.', '_' or '-', which no storage key segment may.
     return f"{RECORDS_PREFIX}job-{job_id}.json"

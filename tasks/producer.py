@@ -201,8 +201,8 @@ class Client:
         return JobStatus(id=job_id, status=JobState.PENDING)
 
     def record(self, job_id: str) -> dict[str, Any] | None:
-        """A finished job's full result (its storage key among others): Redis' while it
-        keeps it, then the durable record's; None while it runs, or for an unknown id."""
+        """A finished job's result (its URL, spoken text, ...): Redis' while it keeps it,
+        then the durable record's; None while it runs, or for an unknown id."""
         meta = self.app.backend.get_task_meta(job_id)
         if meta.get("status") in TERMINAL and isinstance(meta.get("result"), dict):
             result: dict[str, Any] = meta["result"]

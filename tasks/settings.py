@@ -89,9 +89,9 @@ class Settings:
     realtime_rows: int = 2
     # Threads that encode, upload and record finished rows while the GPU runs on.
     store_threads: int = 4
-    # Seconds the broker's Redis keeps a finished job's result and bookkeeping (its id's
-    # claim, delivery count, strikes, the content index); afterwards its status is read
-    # from its durable record in storage (docs/RELIABILITY.md, retention).
+    # Seconds the broker's Redis keeps a finished job's result and its id's claim;
+    # afterwards its status is read from its durable record in storage
+    # (docs/RELIABILITY.md, retention).
     result_ttl: int = 6 * 3600
     # Worker /metrics and /healthz; 0 turns the HTTP server off. All interfaces by
     # default so Prometheus and the kubelet can reach it inside a container.

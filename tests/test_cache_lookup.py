@@ -1,11 +1,11 @@
 """The worker's cache lookups, in process: BatchRunner against a real Redis, a real S3
-endpoint (moto on loopback) and the random-tiny engine. The jobs of one tick are looked
-up in the output index with one Redis round trip, an index record whose object is gone
-is not trusted, and an object whose record is gone is still found."""
+endpoint (moto on loopback) and the random-tiny engine. A lookup is one HEAD on the
+content key: the object's own metadata says its duration, the broker keeps no index of
+objects, an object that is gone is synthesized again, and one stored without the
+metadata (by an older worker) is still served."""
 
 from __future__ import annotations
 
-import threading
 import uuid
 from typing import Any
 
@@ -20,9 +20,6 @@ from workers.batch_task import BatchRunner
 from workers.engine import Engine
 
 from .conftest import Request, S3Endpoint
-
-_STOP = "stop-monitor"
-
 
 
 
@@ -57,62 +54,46 @@ def _results(runner: BatchRunner, requests: list[Request]) -> list[dict[str, Any
     return [m["result"] for m in metas]
 
 
-def _index_commands(own_broker: LocalRedis, work: Any) -> list[list[str]]:
-    """The commands that touched the output index while `work()` ran, seen by MONITOR."""
-    seen: list[list[str]] = []
-    conn = redis.Redis.from_url(own_broker.url)
-    ready = threading.Event()
-
-    def watch() -> None:
-        with conn.monitor() as m:
-            ready.set()
-            for _ in range(100_000):  # bounded: the stop marker ends it long before
-                command = m.next_command()["command"]
-                if _STOP in command:
-                    return
-                if "ttspool:objects:" in command:
-                    seen.append(command.split())
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    assert ready.wait(10)
-    try:
-        work()
-    finally:
-        redis.Redis.from_url(own_broker.url).echo(_STOP)
-        thread.join(30)
-    assert not thread.is_alive()
-    return seen
+def _set_metadata(s3: S3Endpoint, url: str, metadata: dict[str, str]) -> None:
+    """Replace a stored object's metadata (as an older worker, or a hand edit, left it)."""
+    key = url.removeprefix(f"s3://{s3.bucket}/")
+    s3.client().copy_object(Bucket=s3.bucket, Key=key, CopySource={"Bucket": s3.bucket, "Key": key},
+                            Metadata=metadata, MetadataDirective="REPLACE", ContentType="audio/wav")
 
 
-def test_one_round_trip_looks_up_every_job_of_a_tick(runner: BatchRunner, own_broker: LocalRedis) -> None:
+def test_lookups_read_the_objects_metadata_and_no_broker_index(runner: BatchRunner, own_broker: LocalRedis,
+                                                                s3: S3Endpoint) -> None:
     texts = [f"Cached line number {w}." for w in ("one", "two", "three", "four", "five", "six")]
     first = _requests(texts)
     _run_until_done(runner, first)
     made = _results(runner, first)
     assert not any(r["cached"] for r in made)
+    hashes = [r["url"].rsplit("/", 1)[-1].split(".")[0] for r in made]
+    # No key in the broker names an output: its memory follows the jobs, not the outputs.
+    assert not [k for k in redis.Redis.from_url(own_broker.url).scan_iter(count=1000)
+                if any(h in k.decode() for h in hashes)]
+    # The duration a lookup serves is the object's metadata, not a download of the audio.
+    _set_metadata(s3, made[0]["url"], {"duration-s": "1.25", "sample-rate": "24000"})
 
     again = _requests(texts)
-    commands = _index_commands(own_broker, lambda: _run_until_done(runner, again))
-    # One MGET for the six keys; no per-job GET.
-    assert [c[0].strip('"').upper() for c in commands] == ["MGET"], commands
-    assert len(commands[0]) == 1 + len(texts)
+    _run_until_done(runner, again)
     served = _results(runner, again)
     assert all(r["cached"] for r in served)
     assert [r["url"] for r in served] == [r["url"] for r in made]
-    assert [r["duration_s"] for r in served] == [r["duration_s"] for r in made]
+    assert served[0]["duration_s"] == 1.25
+    assert [r["duration_s"] for r in served[1:]] == [r["duration_s"] for r in made[1:]]
 
 
-def test_a_record_without_its_object_is_synthesized_and_an_object_without_record_is_served(
-        runner: BatchRunner, own_broker: LocalRedis, s3: S3Endpoint) -> None:
-    gone, unindexed = "The object of this line is deleted.", "The index record of this line is deleted."
-    first = _requests([gone, unindexed])
+def test_a_gone_object_is_synthesized_and_one_without_metadata_is_served(runner: BatchRunner,
+                                                                         s3: S3Endpoint) -> None:
+    gone, bare = "The object of this line is deleted.", "The metadata of this line is dropped."
+    first = _requests([gone, bare])
     _run_until_done(runner, first)
     made = _results(runner, first)
     s3.client().delete_object(Bucket=s3.bucket, Key=made[0]["url"].removeprefix(f"s3://{s3.bucket}/"))
-    redis.Redis.from_url(own_broker.url).delete("ttspool:objects:" + made[1]["key"])
+    _set_metadata(s3, made[1]["url"], {})
 
-    again = _requests([gone, unindexed])
+    again = _requests([gone, bare])
     _run_until_done(runner, again)
     served = _results(runner, again)
     assert served[0]["cached"] is False and served[0]["url"] == made[0]["url"]
@@ -120,15 +101,14 @@ def test_a_record_without_its_object_is_synthesized_and_an_object_without_record
     assert s3.client().head_object(Bucket=s3.bucket, Key=made[0]["url"].removeprefix(f"s3://{s3.bucket}/"))
 
 
-def test_a_corrupt_index_record_costs_a_synthesis_not_the_tick(runner: BatchRunner, own_broker: LocalRedis) -> None:
+def test_bad_metadata_costs_a_synthesis_not_the_tick(runner: BatchRunner, s3: S3Endpoint) -> None:
     # Raised out of the tick, a lookup error would requeue every held job, and fail again
     # on each redelivery.
-    first = _requests(["A line whose index record gets corrupted."])
+    first = _requests(["A line whose metadata gets corrupted."])
     _run_until_done(runner, first)
     [made] = _results(runner, first)
-    redis.Redis.from_url(own_broker.url).set("ttspool:objects:" + made["key"], b"{not json")
-    again = _requests(["A line whose index record gets corrupted.", "An innocent bystander in the same tick."])
+    _set_metadata(s3, made["url"], {"duration-s": "not a number", "sample-rate": "24000"})
+    again = _requests(["A line whose metadata gets corrupted.", "An innocent bystander in the same tick."])
     _run_until_done(runner, again)
-    served = _results(runner, again)
+    served = _results(runner, again)  # both SUCCESS
     assert served[0]["cached"] is False and served[0]["url"] == made["url"]
-    assert served[1]["status"] == "SUCCESS"

@@ -45,7 +45,7 @@ def test_after_the_result_window_redis_holds_nothing_of_a_job_and_its_status_com
                 audio = gw.request("GET", f"/v1/jobs/{ok}/audio")
                 assert audio[0] == 200 and audio[2][:4] == b"RIFF"
                 assert before[ok].status == "SUCCESS" and before[late].status == "EXPIRED"
-                key = client.record(ok)["key"]  # type: ignore[index]
+                url = client.record(ok)["url"]  # type: ignore[index]
                 assert _keys_naming(r, [ok, late])
                 deadline = time.monotonic() + 4 * TTL_S  # bounded: every key has a TTL of TTL_S
                 while _keys_naming(r, [ok, late]) and time.monotonic() < deadline:
@@ -53,7 +53,8 @@ def test_after_the_result_window_redis_holds_nothing_of_a_job_and_its_status_com
                 assert _keys_naming(r, [ok, late]) == []
                 after = {j: client.status(j) for j in (ok, late)}
                 assert after == before
-                assert client.record(ok)["key"] == key  # type: ignore[index]
+                record = client.record(ok)  # the durable one now: with the storage key
+                assert record is not None and record["url"] == url and url.endswith("/" + record["key"])
                 assert client.status("never-submitted").status == "PENDING"
                 cli = subprocess.run([sys.executable, "-m", "tasks.cli", "status", ok, "--json"], cwd=ROOT,
                                      env=env, capture_output=True, text=True, timeout=60)

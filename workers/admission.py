@@ -2,8 +2,8 @@
 
 Every new message is checked once: its claim on its id (a message that lost its id to a
 different job is refused without touching that job's record), its kwargs (a bad one
-fails alone), its delivery count (a redelivery after its result was recorded is not run
-again) and its strikes (GPU batches it was in that never returned: past the limit it is
+fails alone), its result (a redelivery after its result was recorded is not run again)
+and its strikes (GPU batches it was in that never returned: past the limit it is
 dead-lettered instead of taking the worker down once more).
 """
 
@@ -26,10 +26,10 @@ from tasks.states import JobState
 from . import rejections
 from .batching import Outcome
 from .jobs import Job
-from .recorder import STRIKES, Recorder
+from .recorder import DELIVERIES, STRIKES, Recorder
 from .task_events import TaskEvents
 
-_DELIVERIES = "ttspool:deliveries:"
+_ENDED = (JobState.SUCCESS, JobState.FAILURE)
 
 
 class Admission:
@@ -40,8 +40,8 @@ class Admission:
         self.max_strikes = max_strikes
         self.recorder = recorder
         self.events = events
-        # Of claims, delivery counts and strikes: as long as the result. A redelivered
-        # message is recognized as done (delivery count > 1 and a result) while both last.
+        # Of claims, delivery counts and strikes: at most as long as the result. A
+        # redelivered message is recognized as done by its result while that lasts.
         self.ttl_s = ttl_s
 
     def admit(self, requests: Sequence[Any], out: Outcome) -> list[Job]:
@@ -69,14 +69,15 @@ class Admission:
             return []
         pipe = self.redis.pipeline()
         for job in jobs:
-            pipe.incr(_DELIVERIES + job.id)
-            pipe.expire(_DELIVERIES + job.id, self.ttl_s)
+            pipe.incr(DELIVERIES + job.id)
+            pipe.expire(DELIVERIES + job.id, self.ttl_s)
             pipe.get(STRIKES + job.id)
+            pipe.get(self.app.backend.get_key_for_task(job.id))
         replies = pipe.execute()
         admitted = []
-        for job, count, raw_strikes in zip(jobs, replies[::3], replies[2::3]):
+        for job, raw_strikes, raw_result in zip(jobs, replies[2::4], replies[3::4]):
             strikes = int(raw_strikes or 0)
-            if count > 1 and self._has_result(job.id):
+            if self._ended(raw_result):
                 # Redelivered after its result was recorded (the worker died or Redis
                 # restarted before the ack): report it once, do not run it again.
                 out.finished.add(job.id)
@@ -143,5 +144,12 @@ class Admission:
             out.finished.add(req.id)
         return owned
 
-    def _has_result(self, job_id: str) -> bool:
-        return self.app.backend.get_task_meta(job_id).get("status") in (JobState.SUCCESS, JobState.FAILURE)
+    def _ended(self, raw_result: bytes | None) -> bool:
+        """Whether the job's result (as Redis holds it) says it ended."""
+        if raw_result is None:
+            return False
+        try:
+            meta = self.app.backend.decode_result(raw_result)
+        except Exception:  # noqa: BLE001 - not a result Celery wrote: the job is not over
+            return False
+        return isinstance(meta, dict) and meta.get("status") in _ENDED

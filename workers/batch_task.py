@@ -71,7 +71,7 @@ class BatchRunner:
 
         self.voices = VoiceResolver(VoiceLibrary(storage, self.redis), engine, read_text,
                                     ttl_s=settings.voice_cache_s)
-        self.table = HeldWork(engine, storage, self.redis, frontend, self.voices, self.recorder, self.metrics)
+        self.table = HeldWork(engine, storage, frontend, self.voices, self.recorder, self.metrics)
         # A whole batch's rows may wait for storage before the GPU thread waits for it.
         self.delivery = Delivery(self.recorder, self.admission.strike, lambda job: self.settle(job.id, job.kwargs),
                                  self.metrics, threads=settings.store_threads, capacity=settings.max_batch)

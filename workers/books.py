@@ -22,6 +22,7 @@ import soundfile as sf
 from celery import Celery, Task
 
 from storage import Storage, StorageError
+from tasks import job_records
 from tasks.book import BOOK_TTL, MAX_ATTEMPTS, SEGMENT_ID, book_key, load_spec, segment_job_id
 from tasks.settings import ASSEMBLE_TASK, QUEUE_ASSEMBLE, QUEUE_BULK, TASK_NAME
 from tasks.states import JobState
@@ -147,7 +148,8 @@ def assemble(app: Celery, r: redis.Redis, storage: Storage, book_id: str) -> dic
             raise RuntimeError(f"segment {i} ({jobs[i]}) has no stored audio")
         records.append(meta["result"])
     with ThreadPoolExecutor(max_workers=8) as pool:
-        blobs = list(pool.map(lambda rec: storage.get_bytes(rec["key"]), records))
+        blobs = list(pool.map(lambda rec: storage.get_bytes(job_records.audio_key(storage.base_url, rec["url"])),
+                              records))
     parts = []
     rate = 0
     for i, blob in enumerate(blobs):

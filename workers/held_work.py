@@ -4,13 +4,10 @@ from storage when that audio exists already, and expired when its deadline passe
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Collection, Iterable, Sequence
-
-import redis
 
 from scheduler.keys import content_key, object_key
 from storage import Storage, StorageError
@@ -23,18 +20,17 @@ from .batching import Outcome
 from .engine import Engine, SynthRequest
 from .jobs import Job, Phase, Work
 from .metrics import Metrics
-from .recorder import OBJECTS, Recorder
+from .recorder import DURATION_META, RATE_META, Recorder
 from .voices import VoiceResolver
 
 log = logging.getLogger(__name__)
 
 
 class HeldWork:
-    def __init__(self, engine: Engine, storage: Storage, r: redis.Redis, frontend: FrontEnd,
+    def __init__(self, engine: Engine, storage: Storage, frontend: FrontEnd,
                  voices: VoiceResolver, recorder: Recorder, metrics: Metrics) -> None:
         self.engine = engine
         self.storage = storage
-        self.redis = r
         self.frontend = frontend
         self.voices = voices
         self.recorder = recorder
@@ -172,18 +168,15 @@ class HeldWork:
 
     def _serve_cached(self, works: list[Work], out: Outcome, wait: bool) -> list[Work]:
         """Serve from storage every work whose exact output exists already (no GPU); the
-        rest, to synthesize. Each job is looked up once, not on every scheduler tick: the
-        new ones' index records in one Redis round trip, then storage for all of them at
-        once (an index record may outlive its object: a bucket lifecycle rule)."""
+        rest, to synthesize. Each job is looked up once, not on every scheduler tick: a
+        HEAD on its content key, for all of them side by side."""
         new = [w for w in works if not all(j.cache_checked for j in w.jobs)]
         for work in new:
             for job in work.jobs:
                 job.cache_checked = True
         new = [w for w in new if w.key not in self._looking]  # a job joining a lookup under way
-        if new:
-            records = self.redis.mget([OBJECTS + w.key for w in new])
-            for work, raw in zip(new, records):
-                self._looking[work.key] = self._lookups.submit(self._stored_record, work, raw)
+        for work in new:
+            self._looking[work.key] = self._lookups.submit(self._stored_record, work)
         rest, found = [], []
         for work in works:
             looking = self._looking.get(work.key)
@@ -215,22 +208,22 @@ class HeldWork:
                 out.finished.add(job.id)
         return rest
 
-    def _stored_record(self, work: Work, raw: bytes | None) -> dict[str, Any] | None:
+    def _stored_record(self, work: Work) -> dict[str, Any] | None:
         try:
-            if not self.storage.exists(work.key):
+            meta = self.storage.head(work.key)
+            if meta is None:
                 return None
             fmt = work.jobs[0].spec.format
-            # An index value of an older worker ({url, key, duration_s, ...}) has no "d": the
-            # object itself says its length, rather than a second synthesis after an upgrade.
-            index = json.loads(raw) if raw is not None else {}
-            if "d" in index:
-                duration, sr = float(index["d"]), int(index["r"])
+            if DURATION_META in meta:
+                duration, sr = float(meta[DURATION_META]), int(meta[RATE_META])
             else:
+                # Stored by an older worker, or in a store without metadata (a folder):
+                # the object itself says its length, rather than a second synthesis.
                 duration, sr = duration_of(self.storage.get_bytes(work.key), fmt, self.engine.sample_rate)
             return {"url": self.storage.url_for(work.key), "key": work.key,
                     "duration_s": round(duration, 6), "sample_rate": sr, "format": fmt}
         except Exception as err:  # noqa: BLE001 - a bad record or object costs a synthesis, not the tick
-            # StorageError (an outage), and also a corrupt index record or a stored object
+            # StorageError (an outage), and also bad metadata or a stored object
             # that does not decode: raised out of the tick, either would requeue every
             # held job, and the same lookup would fail again on redelivery, forever.
             log.warning("cache lookup of %s failed, synthesizing instead: %s", work.key, err)

@@ -5,7 +5,6 @@ redis-py's pool, Celery's per-thread backend and prometheus_client all are."""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Any, Callable, Iterator, TypeVar
@@ -17,7 +16,7 @@ from kombu.utils.functional import retry_over_time
 from storage import Storage, StorageError
 from tasks import job_records
 from tasks.audio import FORMATS, encode
-from tasks.claims import claim_key
+from tasks.claims import Claim, claim_key, digest_of, tenant_of
 from tasks.errors import JobExpired
 from tasks.states import JobState
 
@@ -28,9 +27,15 @@ from .task_events import TaskEvents
 
 log = logging.getLogger(__name__)
 
-OBJECTS = "ttspool:objects:"
+# The audio object's metadata (S3 user metadata, x-amz-meta-*).
+DURATION_META = "duration-s"
+RATE_META = "sample-rate"
 # Per job: GPU batches it was in that never returned (the worker died or hung in them).
 STRIKES = "ttspool:strikes:"
+# Per job: times a worker took its message (for operators and tests: a job delivered
+# again after it ended has this key back, at 1).
+DELIVERIES = "ttspool:deliveries:"
+_NOT_IN_REDIS = frozenset({"id", "status", "key"})
 T = TypeVar("T")
 
 
@@ -44,7 +49,6 @@ class Recorder:
         self.metrics = metrics
         self.events = events
         self.sample_rate = sample_rate
-        # Of the content index (OBJECTS): only a shortcut, a lookup without it asks storage.
         self.ttl_s = ttl_s
 
     def fail(self, job_id: str, kwargs: Any, exc: Exception, started: float | None = None) -> None:
@@ -58,7 +62,7 @@ class Recorder:
             # The failure still goes to Redis: readable for TTSPOOL_RESULT_TTL, not after.
             log.warning("job %s: could not write its durable record: %s", job_id, err)
         self.app.backend.mark_as_failure(job_id, exc)
-        self._hold_claim(job_id)
+        self._hold_claim(job_id, kwargs)
         self.events.failed(job_id, exc)
         self.books.job_finished(job_id, error=f"{type(exc).__name__}: {exc}")
         self.metrics.job_failed(exc)
@@ -75,18 +79,26 @@ class Recorder:
 
     def succeed(self, job: Job, result: dict[str, Any]) -> None:
         cached = bool(result["cached"])
-        self.app.backend.mark_as_done(job.id, result)
-        self._hold_claim(job.id)
+        # Redis keeps it through the result window, in every job's bytes: not the storage
+        # key, which the URL ends with (job_records.audio_key), nor the id and state that
+        # Celery's record around it holds already (docs/RELIABILITY.md, retention). The
+        # task event (not kept) carries it whole.
+        self.app.backend.mark_as_done(job.id, {k: v for k, v in result.items() if k not in _NOT_IN_REDIS})
+        self._hold_claim(job.id, job.kwargs)
         self.events.succeeded(job.id, result, 0.0 if job.started is None else time.monotonic() - job.started)
         self.books.job_finished(job.id, duration_s=result["duration_s"])
         self.metrics.job_succeeded(job.spec, cached)
 
-    def _hold_claim(self, job_id: str) -> None:
+    def _hold_claim(self, job_id: str, kwargs: Any) -> None:
         """The id's claim lives as long as the result (it was set when the job was sent,
         which may be hours before): a resubmission meanwhile finds this job, not a new one.
-        Its strikes are of no more use: an ended job is not run again."""
-        self.redis.pipeline(transaction=False).expire(claim_key(job_id), self.ttl_s).delete(
-            STRIKES + job_id).execute()
+        It keeps the job's digest and tenant, not who wrote it (a producer's token, needed
+        only while its submit retries). Its strikes and delivery count are of no more use:
+        an ended job is not run again (its result says it ended), and Redis need not keep
+        them through the window. Called for jobs admitted as their id's owners only."""
+        ended = Claim(digest_of(kwargs), tenant_of(kwargs), "")
+        self.redis.pipeline(transaction=False).set(claim_key(job_id), ended.encode(), xx=True, ex=self.ttl_s).delete(
+            STRIKES + job_id, DELIVERIES + job_id).execute()
 
     def mark_queued(self, job_ids: set[str]) -> None:
         """Back to the queue: the job's state says so (not STARTED) while it waits again."""
@@ -117,15 +129,14 @@ class Recorder:
 
     def store(self, key: str, audio: Any, fmt: str) -> dict[str, Any]:
         data, rate, seconds = encode(audio, self.sample_rate, fmt)
+        duration = round(seconds, 6)
         with self.metrics.upload_seconds.time():
-            url = self.storage.put_bytes(key, data, FORMATS[fmt].content_type)
-        record = {"url": url, "key": key, "duration_s": round(seconds, 6), "sample_rate": rate, "format": fmt}
-        try:
-            # Only what the key does not say (the URL and format follow from it).
-            self.redis.set(OBJECTS + key, json.dumps({"d": record["duration_s"], "r": rate}), ex=self.ttl_s)
-        except redis.exceptions.OutOfMemoryError:
-            pass  # only an index: a cache lookup without it asks storage
-        return record
+            # What the key does not say, on the object itself: a later job with the same
+            # content learns it from the HEAD that finds the object (workers/held_work.py),
+            # without the broker keeping an index of every object.
+            url = self.storage.put_bytes(key, data, FORMATS[fmt].content_type,
+                                         metadata={DURATION_META: repr(duration), RATE_META: str(rate)})
+        return {"url": url, "key": key, "duration_s": duration, "sample_rate": rate, "format": fmt}
 
 
 def _unix(monotonic: float | None) -> float | None:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..job_records import audio_key
 from ..schema import JobSpec
 from ..settings import Settings
 from ..states import JobState
@@ -66,13 +67,14 @@ class _Presigner:
     def __call__(self, url: str | None) -> str | None:
         if url is None or self.storage is None or self.seconds is None:
             return url
-        prefix = self.storage.base_url + "/"
-        if not url.startswith(prefix):
+        try:
+            key = audio_key(self.storage.base_url, url)
+        except ValueError:
             # Results are already in hand at this point (perhaps after hours): keep them.
             print(f"ttspool: warning: {url} is not in storage {self.storage.base_url}; not presigned",
                   file=sys.stderr)
             return url
-        return self.storage.presigned_url(url.removeprefix(prefix), self.seconds)
+        return self.storage.presigned_url(key, self.seconds)
 
 
 # -- book ---------------------------------------------------------------------------

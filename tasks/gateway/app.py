@@ -45,6 +45,9 @@ _LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
 class Storage(Store, Protocol):
     """What the gateway needs of a store (storage.Storage, handed in by the CLI)."""
 
+    @property
+    def base_url(self) -> str: ...
+
     def presigned_url(self, key: str, expires_s: int) -> str: ...
     def url_for(self, key: str) -> str: ...
 
@@ -89,7 +92,8 @@ class Gateway:
         result = meta.get("result")
         if meta.get("status") != JobState.SUCCESS or not isinstance(result, dict):
             raise HTTPException(502, f"synthesis failed: {error_text(result)}")
-        return await anyio.to_thread.run_sync(self.storage.get_bytes, result["key"])
+        key = job_records.audio_key(self.storage.base_url, result["url"])
+        return await anyio.to_thread.run_sync(self.storage.get_bytes, key)
 
     async def owned(self, job_id: str, tenant: str | None) -> None:
         """With API keys, a tenant sees only its own jobs: those submitted with its tenant,
@@ -395,7 +399,5 @@ def _mp3_frames(data: bytes) -> bytes:
 def _audio_url(gw: Gateway, job_id: str, status: JobStatus, base_url: str) -> str:
     """S3: a presigned HTTPS URL; a local folder: this gateway's own audio route."""
     if status.url and status.url.startswith("s3://"):
-        record = gw.client.record(job_id)
-        assert record is not None  # the status said SUCCESS
-        return gw.storage.presigned_url(record["key"], 3600)
+        return gw.storage.presigned_url(job_records.audio_key(gw.storage.base_url, status.url), 3600)
     return f"{base_url.rstrip('/')}/v1/jobs/{job_id}/audio"

@@ -32,7 +32,6 @@ KINDS = (
     ("claim", "ttspool:jobid:"),
     ("deliveries", "ttspool:deliveries:"),
     ("strikes", "ttspool:strikes:"),
-    ("content index", "ttspool:objects:"),
 )
 
 
