@@ -5,7 +5,7 @@ as a queue under sustained load has), so the waits measured are those of a loade
 worker rather than of one burst. Printed (run with -s): queue wait p50/p99 from the
 worker's own ttspool_queue_wait_seconds histogram (enqueue -> start of the job's GPU
 batch), end-to-end latency p50/p99 from the recorded results, throughput, and the
-worker's RSS at the start, every 500 jobs and at the end (sampled every 100).
+worker's RSS at the start, every 500 jobs and at the end (sampled every 20).
 docs/RELIABILITY.md keeps the numbers and the growth bound asserted here.
 """
 
@@ -24,14 +24,17 @@ from .conftest import S3Endpoint, running_worker, worker_env
 
 JOBS = 2000
 WINDOW = 64
-# RSS is sampled every SAMPLE_EVERY jobs. Its median over jobs 1,500-2,000 may exceed its
-# median over jobs 500-1,000 (allocator pools, caches and torch's workspaces warmed up)
-# by this much: a leak of 12 KB per job would cross it (the windows' centres are 1,000
-# jobs apart). Medians, not two single samples: those of a flat worker moved by up to
-# 23 MB with glibc's default malloc arenas (a stop-28 CI run failed on 1177 MB at job
-# 1,500 and 1193 MB at 2,000), and by up to 11 MB with the two the image sets.
+# RSS is sampled every SAMPLE_EVERY jobs. The lowest sample over jobs 1,500-2,000 may exceed
+# the lowest over jobs 500-1,000 (allocator pools, caches and torch's workspaces warmed up)
+# by this much: a leak of 12 KB per job would cross it (the windows are 1,000 jobs apart).
+# The lowest, not the median: the RSS of a flat worker is bimodal, samples sitting either
+# on a floor or about 19 MB above it (freed batch buffers the allocator has or has not
+# handed back yet), and the stop-30 CI run failed a median bound on that step alone (1156
+# against 1175 MB) while another run of the same code gave floors 1291 and 1294 MB. A leak
+# lifts the floor; a buffer held for a while does not. With MALLOC_ARENA_MAX=2 (the image
+# and the tests set it); glibc's default arenas moved single samples by up to 23 MB.
 RSS_GROWTH_BOUND_MB = 12
-SAMPLE_EVERY = 100
+SAMPLE_EVERY = 20
 
 
 def _rss_mb(pid: int) -> float:
@@ -107,6 +110,8 @@ def test_soak_2000_jobs_one_worker(s3: S3Endpoint, aws_env, tmp_path: Path) -> N
           f"queue wait p50 {wait_p50:.2f} s, p99 {wait_p99:.2f} s (worker histogram); "
           f"latency p50 {_pct(latencies, 0.5):.2f} s, p99 {_pct(latencies, 0.99):.2f} s; "
           f"RSS MB by jobs done: {', '.join(f'{k}: {v:.0f}' for k, v in rss.items() if k % 500 == 0)}")
-    warm = statistics.median(v for k, v in rss.items() if 500 <= k <= 1000)
-    late = statistics.median(v for k, v in rss.items() if 1500 <= k <= JOBS)
-    assert late - warm < RSS_GROWTH_BOUND_MB and rss[JOBS] - rss[0] < 5 * RSS_GROWTH_BOUND_MB, rss
+    warm = min(v for k, v in rss.items() if 500 <= k <= 1000)
+    late = min(v for k, v in rss.items() if 1500 <= k <= JOBS)
+    print(f"RSS floor MB: {warm:.1f} over jobs 500-1,000, {late:.1f} over jobs 1,500-2,000; "
+          f"every sample: {', '.join(f'{v:.0f}' for v in rss.values())}")
+    assert late - warm < RSS_GROWTH_BOUND_MB and late - rss[0] < 5 * RSS_GROWTH_BOUND_MB, (warm, late, rss[0])
