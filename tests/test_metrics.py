@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -12,6 +13,7 @@ from tasks.cli.local_redis import LocalRedis, free_port
 from tasks.producer import Client
 from tasks.settings import QUEUE_BULK, Settings
 from tasks.audio import duration_of
+from workers import metrics as worker_metrics
 from workers.engine.dtypes import cpu_has_native_bf16
 
 from .conftest import S3Endpoint, start_worker, stop_process, worker_env
@@ -25,6 +27,19 @@ def test_metrics_port_setting() -> None:
     assert Settings.from_env({"TTSPOOL_METRICS_PORT": "0"}).metrics_port == 0
     with pytest.raises(ValueError, match="TTSPOOL_METRICS_PORT"):
         Settings.from_env({"TTSPOOL_METRICS_PORT": "70000"})
+
+
+def test_recent_throughput_window_stays_bounded_without_scrapes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows older than the window are dropped as rows finish, not only when /metrics is
+    scraped: a worker nobody scraped kept one entry per row for its whole life."""
+    monkeypatch.setattr(worker_metrics, "RECENT_WINDOW_S", 0.2)
+    m = worker_metrics.Metrics()
+    for _ in range(50):
+        m.audio_done(1.0)
+    time.sleep(0.3)
+    m.audio_done(2.0)
+    assert len(m._recent) == 1
+    assert m.recent_throughput() in (0.0, 2.0 / 0.2)
 
 
 def _stored_seconds(s3: S3Endpoint, url: str) -> float:

@@ -146,14 +146,20 @@ class Metrics:
     def audio_done(self, seconds: float) -> None:
         self.audio.inc(seconds)
         with self._lock:
-            self._recent.append((time.monotonic(), seconds))
+            now = time.monotonic()
+            self._recent.append((now, seconds))
+            # Pruned here too, not only when scraped: a worker nobody scrapes (no Prometheus
+            # yet, a broken scrape config) kept one entry per row for its lifetime.
+            self._forget_before(now - RECENT_WINDOW_S)
 
     def recent_throughput(self) -> float:
         with self._lock:
-            start = time.monotonic() - RECENT_WINDOW_S
-            while self._recent and self._recent[0][0] < start:
-                self._recent.popleft()
+            self._forget_before(time.monotonic() - RECENT_WINDOW_S)
             return sum(s for _, s in self._recent) / RECENT_WINDOW_S
+
+    def _forget_before(self, start: float) -> None:
+        while self._recent and self._recent[0][0] < start:
+            self._recent.popleft()
 
 
 class BatchTimer:
