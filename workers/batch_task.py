@@ -32,6 +32,7 @@ from .batching import GpuBatches, Outcome
 from .books import BookTracker
 from .delivery import BatchDelivery, Delivery
 from .engine import Engine, SynthRequest
+from .heap import release_free_heap
 from .held_work import HeldWork
 from .jobs import Job, Phase, Work
 from .metrics import BatchTimer, Metrics
@@ -173,6 +174,7 @@ class BatchRunner:
             self.table.running.clear()
             out.finished |= delivery.finished
             out.requeue |= delivery.requeue
+            release_free_heap()
         if refill is not None and refill.error is not None:
             raise refill.error
         if delivery.errors:
