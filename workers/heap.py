@@ -1,10 +1,12 @@
 """Hands freed heap memory back to the OS after each batch.
 
-glibc keeps the pages of freed blocks inside its arenas, so a worker's RSS stepped up and
-down by about 19 MB with the batch buffers it had last freed (docs/RELIABILITY.md, soak),
-and dashboards, memory limits and the soak test's leak bound saw that, not live memory.
-`malloc_trim(0)` returns the free pages (a few ms against a batch of seconds). Python has
-no binding for it, hence ctypes; libcs without it (musl) are left as they are.
+glibc's dynamic mmap threshold keeps a batch's freed temporaries in its arenas, so a
+worker's RSS sat on its floor or 19-30 MB above it, idle or not, and dashboards, memory
+limits and the soak test's leak bound saw that rather than live memory
+(docs/RELIABILITY.md, soak). `malloc_trim(0)` after each batch returns the free pages
+(about 1 ms against a batch of seconds): an idle worker's RSS is then its live memory;
+under load the next batch fills the heap again. Python has no binding for it, hence
+ctypes; libcs without it (musl) are left as they are.
 """
 
 from __future__ import annotations
