@@ -21,15 +21,13 @@ from tasks.envelope import Rejection
 from tasks.errors import RedeliveryLimit
 from tasks.schema import JobValidationError, parse_job
 from tasks.settings import DEAD_LETTER_KEY
-from tasks.states import JobState
+from tasks.states import TERMINAL, JobState
 
 from . import rejections
 from .batching import Outcome
 from .jobs import Job
 from .recorder import DELIVERIES, STRIKES, Recorder
 from .task_events import TaskEvents
-
-_ENDED = (JobState.SUCCESS, JobState.FAILURE)
 
 
 class Admission:
@@ -152,4 +150,4 @@ class Admission:
             meta = self.app.backend.decode_result(raw_result)
         except Exception:  # noqa: BLE001 - not a result Celery wrote: the job is not over
             return False
-        return isinstance(meta, dict) and meta.get("status") in _ENDED
+        return isinstance(meta, dict) and meta.get("status") in TERMINAL
