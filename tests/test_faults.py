@@ -207,9 +207,9 @@ def test_connection_lost_with_the_fetched_message_loses_nothing(broker: LocalRed
 def test_connection_lost_recording_a_finished_batch_keeps_it(broker: LocalRedis, s3: S3Endpoint, aws_env,
                                                              tmp_path: Path, outage_s: int) -> None:
     # The proxy drops every worker connection at the first row's result, written right
-    # after its upload (and durable record), and refuses new ones for 8 s (redis-py's own default retries
-    # give up after at most 7). The worker's Redis calls reconnect and try again for
-    # longer, so the batch is recorded as made. Before, the batch function raised, every
+    # after its upload and durable record, and refuses new ones for 8 s (redis-py's own
+    # default retries give up after at most 7). The worker's Redis calls reconnect and try
+    # again for longer, so the batch is recorded as made. Before, the batch function raised, every
     # held job went back, and the rows were synthesized a second time.
     # Down for 45 s, longer than any retry: the batch function raises and every held job
     # goes back; the row stored before the outage is then served from storage, not made
