@@ -33,6 +33,7 @@ from .assets import ModelAssets, ModelFetch, resolve
 from .random_models import build_config
 from .dtypes import pick_device, pick_dtype
 from .errors import EngineError
+from .normalizer import Normalizer
 from .parts import ModelParts
 from .requests import Blend, Reference, Refill, SynthRequest, SynthResult, Voice
 from .speakers import blend, seed_vector
@@ -62,6 +63,7 @@ class Engine:
         # error handling: the seam the fault tests inject through (workers/faults.py).
         self.on_admit: Callable[[Sequence[str]], None] | None = None
         self.assets: ModelAssets | None = None
+        self.import_seconds = 0.0  # of ChatTTS (and what it brings: transformers' models, vocos, numba)
         self.load_seconds = 0.0
         self.warmup_seconds = 0.0
         # GPT row-steps the last batch computed: what dropping finished rows saves.
@@ -79,8 +81,10 @@ class Engine:
         return self.assets.model_id
 
     def load(self) -> "Engine":
+        t0 = time.perf_counter()
         import ChatTTS
 
+        self.import_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
         self.assets = resolve(self._model_name, self._model_dir, self._fetch)
         if self.assets.random:
@@ -93,6 +97,7 @@ class Engine:
         if not chat._load(device=self.device, **self.assets.paths()):
             raise EngineError(f"ChatTTS could not load the model from {self.assets.root}")
         self.chat = chat
+        self._normalizer = Normalizer(chat.normalizer)
         self.gpt = chat.gpt.gpt
         self.gpt.to(self.dtype)
         chat.embed.to(self.dtype)
@@ -136,7 +141,7 @@ class Engine:
         return self
 
     def normalize(self, text: str) -> str:
-        return self.chat.normalizer(text, do_text_normalization=True, do_homophone_replacement=True)
+        return self._normalizer(text)
 
     def target_steps(self, req: SynthRequest) -> int | None:
         """Random weights never end sensibly: their length is predicted from the text."""
