@@ -17,7 +17,7 @@ from tasks.app import make_app
 from tasks.cli.local_redis import LocalRedis
 from tasks.settings import Settings
 from workers.batch_task import BatchRunner
-from workers.engine import Engine
+from workers.engine.engine import Engine
 
 from .conftest import Request, S3Endpoint
 

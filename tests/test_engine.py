@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from tasks.text.lengths import predicted_steps, steps_to_samples
-from workers.engine import Engine, SynthRequest
+from workers.engine.engine import Engine
+from workers.engine.requests import SynthRequest
 
 SHORT = "A short line."
 LONG = "A much longer line of text that keeps the batch busy for many more steps than the short one. " * 3
@@ -98,7 +99,7 @@ def test_keeping_finished_rows_changes_only_the_cost(engine: Engine) -> None:
 
 
 def test_compile_flag_is_refused_without_cuda() -> None:
-    from workers.engine import EngineError
+    from workers.engine.errors import EngineError
 
     with pytest.raises(EngineError, match="CUDA"):
         Engine("random-tiny", device="cpu", compile=True)

@@ -14,6 +14,8 @@ package may import which, and no import cycles between modules.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,3 +160,22 @@ def test_the_rules_catch_a_wrong_import(source: str, expected: str) -> None:
     bad = [Import(name, a.name if isinstance(node, ast.Import) else node.module or "", True, 1)
            for node in tree.body for a in node.names]
     assert all(_violation(i) for i in bad)
+
+
+# The worker's data and pipeline modules: what a job is, how it is admitted, held,
+# stored, recorded and reported. They name engine requests and results but need no
+# model, so tests of them (and tools built on them) run without torch's ~8 s import.
+TORCH_FREE_WORKER_MODULES = (
+    "workers.jobs", "workers.engine.requests", "workers.admission", "workers.held_work", "workers.delivery",
+    "workers.recorder", "workers.batching", "workers.books", "workers.rejections", "workers.task_events",
+    "workers.metrics", "workers.transport", "workers.consumer", "workers.voices",
+)
+
+
+def test_the_worker_data_modules_import_no_torch() -> None:
+    code = ("import sys\n"
+            f"for m in {TORCH_FREE_WORKER_MODULES!r}: __import__(m)\n"
+            f"print(sorted(m for m in {sorted(TORCH - CELERY)!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "[]", f"imported by the worker's data modules: {out.stdout}"

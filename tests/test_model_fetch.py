@@ -233,7 +233,8 @@ def test_cli_export_random_writes_a_mirror(tiny_export: Path, tmp_path: Path) ->
 
 def test_engine_loads_a_model_fetched_on_first_use(mirror: RangeServer, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    from workers.engine import Engine, SynthRequest
+    from workers.engine.engine import Engine
+    from workers.engine.requests import SynthRequest
 
     monkeypatch.setenv("TTSPOOL_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("TTSPOOL_MODEL_SOURCE", mirror.url)

@@ -221,7 +221,8 @@ def _letters() -> str:
 def test_numbers_are_spoken_and_reach_the_prompt(worker: WorkerProc, client: Client, s3: S3Endpoint) -> None:
     """Money, a date and a phone number through a real worker: the recorded spoken_text
     holds the words, and the prompt the engine builds from it holds their tokens."""
-    from workers.engine import Engine, SynthRequest
+    from workers.engine.engine import Engine
+    from workers.engine.requests import SynthRequest
 
     tag = _letters()
     text = f"Order {tag}: your balance is $1,234.56, due on 12/03/2026. Call 555-0123."

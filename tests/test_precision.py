@@ -15,7 +15,9 @@ import pybase16384 as b14
 import pytest
 import torch
 
-from workers.engine import Engine, SynthRequest
+from workers.engine.engine import Engine
+
+from workers.engine.requests import SynthRequest
 from workers.engine.dtypes import cpu_has_native_bf16, pick_dtype
 
 from .conftest import ROOT

@@ -25,7 +25,7 @@ from tasks.cli.local_redis import LocalRedis
 from tasks.settings import DEAD_LETTER_KEY, Settings
 from workers.batch_task import BatchRunner
 from workers.batching import Outcome
-from workers.engine import SynthRequest, SynthResult
+from workers.engine.requests import SynthRequest, SynthResult
 from workers.engine.requests import Refill
 from workers.jobs import IllegalMove, Job, Phase
 

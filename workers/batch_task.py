@@ -31,7 +31,8 @@ from .admission import Admission
 from .batching import GpuBatches, Outcome
 from .books import BookTracker
 from .delivery import BatchDelivery, Delivery
-from .engine import Engine, SynthRequest
+from .engine.engine import Engine
+from .engine.requests import SynthRequest
 from .heap import release_free_heap
 from .held_work import HeldWork
 from .jobs import Job, Phase, Work

@@ -25,7 +25,7 @@ import redis
 from storage import StorageError
 from tasks.errors import JobFailed
 
-from .engine import SynthResult
+from .engine.requests import SynthResult
 from .jobs import Job, Phase, Work
 from .metrics import Metrics
 from .recorder import Recorder

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Collection, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Collection, Iterable, Sequence
 
 from scheduler.keys import content_key, object_key
 from storage import Storage, StorageError
@@ -17,11 +17,14 @@ from tasks.text.frontend import FrontEnd
 from tasks.text.lengths import predicted_steps
 
 from .batching import Outcome
-from .engine import Engine, SynthRequest
+from .engine.requests import SynthRequest
 from .jobs import Job, Phase, Work
 from .metrics import Metrics
 from .recorder import DURATION_META, RATE_META, Recorder
 from .voices import VoiceResolver
+
+if TYPE_CHECKING:
+    from .engine.engine import Engine
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from typing import Any
 from scheduler.planner import PlanItem
 from tasks.schema import JobSpec
 
-from .engine import SynthRequest
+from .engine.requests import SynthRequest
 
 
 class Phase(enum.Enum):

@@ -12,14 +12,16 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from tasks.errors import JobFailed
 from tasks.voices import Embedding, Voice, VoiceLibrary
 
-from .engine import Engine
 from .engine.requests import Blend, Reference
 from .engine.requests import Voice as EngineVoice
+
+if TYPE_CHECKING:
+    from .engine.engine import Engine
 
 log = logging.getLogger(__name__)
 

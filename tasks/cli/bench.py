@@ -219,7 +219,7 @@ def _gateway(args: argparse.Namespace, settings: Settings, console: Any) -> int:
 
 
 def _engine(settings: Settings, console: Any) -> Any:
-    from workers.engine import Engine
+    from workers.engine.engine import Engine
     from workers.engine.assets import ModelFetch
 
     with console.status("loading the model"):

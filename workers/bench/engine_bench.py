@@ -34,7 +34,8 @@ from tasks.text.lengths import predicted_steps
 from scheduler.planner import PlanItem, Policy, next_batch
 
 from workers.engine.cpu_linear import stock_linears
-from workers.engine import Engine, SynthRequest
+from workers.engine.engine import Engine
+from workers.engine.requests import SynthRequest
 
 _WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike "
           "november oscar papa quebec romeo sierra tango uniform victor whiskey yankee zulu").split()

@@ -15,7 +15,9 @@ from typing import Any, Callable
 
 from tasks.text.frontend import FrontEnd
 
-from ..engine import Engine, SynthRequest
+from ..engine.engine import Engine
+
+from ..engine.requests import SynthRequest
 
 TEXT_CHARS = 200
 

@@ -91,7 +91,7 @@ def engine_side(load: Callable[[], Any], sets: JobSets, batch_size: int,
 
 
 def _engine_alone(engine: Any, sets: JobSets, batch_size: int, mode: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    from workers.engine import SynthRequest
+    from workers.engine.requests import SynthRequest
 
     from .engine_bench import machine_info, measure_engine, run_engine
 

@@ -21,7 +21,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from workers.engine import Engine, SynthRequest
+from workers.engine.engine import Engine
+
+from workers.engine.requests import SynthRequest
 from workers.engine.running_batch import RunningBatch
 
 from .engine_bench import make_jobs

@@ -17,7 +17,9 @@ from typing import Any, Callable
 import numpy as np
 import soundfile as sf
 
-from ..engine import Engine, SynthRequest
+from ..engine.engine import Engine
+
+from ..engine.requests import SynthRequest
 from ..engine.requests import Reference
 
 _TEXT = ("The quarterly report is ready, and the team will review it together on Monday morning "

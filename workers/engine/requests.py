@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Sequence, Union
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 from tasks.schema import MAX_STEPS
 
