@@ -32,7 +32,9 @@ from tasks.settings import QUEUE_BULK, QUEUE_REALTIME, Settings
 if TYPE_CHECKING:
     import torch
 
-    from .engine import Engine, SynthResult
+    from .engine.engine import Engine
+
+    from .engine.requests import SynthResult
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +110,8 @@ class Metrics:
         recent.set_function(self.recent_throughput)
         self.load_seconds = Gauge("ttspool_model_load_seconds", "Time to load the model", registry=r)
         self.warmup_seconds = Gauge("ttspool_model_warmup_seconds", "Time of the warm-up batch", registry=r)
+        self.start_seconds = Gauge("ttspool_worker_start_seconds", "Cold start of this worker process, by phase: "
+                                   "imports, model_load, warmup, queue_setup", ["phase"], registry=r)
         self.model_loaded = Gauge("ttspool_model_loaded", "1 once the model is loaded and warmed up", registry=r)
         self.info = Info("ttspool_worker", "Model, dtype, weight quantization, device and ttspool version of this worker",
                          registry=r)
@@ -131,6 +135,10 @@ class Metrics:
                 self.registry.register(nvml)
         self.model_loaded.set(1)
         self.ready = True
+
+    def started(self, split: dict[str, float]) -> None:
+        for phase, seconds in split.items():
+            self.start_seconds.labels(phase).set(seconds)
 
     def job_succeeded(self, spec: JobSpec, cached: bool) -> None:
         self.jobs.labels("success", "cache_hit" if cached else "synthesized").inc()

@@ -5,8 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
+from pathlib import Path
 
 import redis
+from celery.signals import worker_ready
 
 from storage import storage_for
 from tasks.app import make_app
@@ -15,7 +18,7 @@ from tasks.errors import SettingsError
 from tasks.settings import WORKER_QUEUES, Settings, redact_url
 
 from . import batch_task, books, faults, rejections, transport
-from .engine import Engine
+from .engine.engine import Engine
 from .engine.assets import ModelFetch
 from .metrics import Metrics, serve as serve_metrics
 
@@ -23,6 +26,9 @@ log = logging.getLogger(__name__)
 
 
 def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
+    # Everything imported so far (the interpreter, torch, transformers, Celery) is the
+    # first part of the cold start that autoscaling from zero and every restart pay.
+    imports_s = process_age_s()
     logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.info("broker %s, storage %s, model %s", redact_url(settings.broker_url), settings.storage_url, settings.model)
     storage = storage_for(settings)
@@ -36,6 +42,7 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
     engine.on_admit = faults.hook(settings.faults)
     engine.load()
     metrics.engine_ready(engine)
+    t_setup = time.perf_counter()
     app = make_app(settings, worker_consumer="workers.consumer:Consumer")
     # kombu's Redis transport, except that a queue item that is not a valid message is
     # refused instead of stopping the worker, and a fetched message is recorded as unacked
@@ -59,6 +66,16 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
     except Exception as err:  # noqa: BLE001 - a worker serves seeds and speakers without it
         log.warning("could not index the voice library: %s", err)
     books.register(app, storage, runner.redis)
+
+    def ready(**_: object) -> None:
+        split = {"imports": (imports_s or 0.0) + engine.import_seconds, "model_load": engine.load_seconds,
+                 "warmup": engine.warmup_seconds, "queue_setup": time.perf_counter() - t_setup}
+        metrics.started(split)
+        total = process_age_s()
+        log.info("worker ready%s: %s", "" if total is None else f" {total:.1f} s after the process started",
+                 ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in split.items()))
+
+    worker_ready.connect(ready, weak=False)
     worker = app.Worker(
         pool="threads",
         concurrency=1,
@@ -75,6 +92,16 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
         runner.close()
     if worker.exitcode:
         raise SystemExit(worker.exitcode)
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux: /proc), None where that is not known."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rpartition(")")[2].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
 
 
 def _require_redis_7(r: redis.Redis) -> None:
