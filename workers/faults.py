@@ -14,6 +14,9 @@ outside the engine (`Engine.on_admit`), only when one is set.
   fetches a queue item containing the substring (a job id), before it delivers it.
 - TTSPOOL_FAULT_HANG_ON_TEXT=<substring>: any GPU batch holding such a job hangs (a
   wedged driver call) for an hour, while the rest of the process runs on.
+- TTSPOOL_FAULT_LEAK_ON_TEXT=<substring>: each row holding such a job keeps LEAK_BYTES
+  (50 KB, written so that they are resident) for the life of the process: a leak, which
+  tests/test_leak.py must see.
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ import torch
 log = logging.getLogger(__name__)
 
 CRASH_EXIT_CODE = 86
-KNOWN = frozenset({"CRASH_ON_TEXT", "OOM_ABOVE", "OOM_ON_TEXT", "HANG_ON_TEXT", "EXIT_AFTER_FETCH"})
+KNOWN = frozenset({"CRASH_ON_TEXT", "OOM_ABOVE", "OOM_ON_TEXT", "HANG_ON_TEXT", "EXIT_AFTER_FETCH", "LEAK_ON_TEXT"})
+LEAK_BYTES = 50 * 1024
+_leaked: list[bytes] = []
 
 
 def hook(faults: Sequence[tuple[str, str]]) -> Callable[[Sequence[str]], None] | None:
@@ -42,8 +47,11 @@ def hook(faults: Sequence[tuple[str, str]]) -> Callable[[Sequence[str]], None] |
         raise ValueError(f"unknown fault(s) {sorted(unknown)}: TTSPOOL_FAULT_ takes {sorted(KNOWN)}")
     crash, oom, hang = conf.get("CRASH_ON_TEXT"), conf.get("OOM_ON_TEXT"), conf.get("HANG_ON_TEXT")
     above = int(conf["OOM_ABOVE"]) if "OOM_ABOVE" in conf else None
+    leak = conf.get("LEAK_ON_TEXT")
 
     def inject(texts: Sequence[str]) -> None:
+        if leak:
+            _leaked.extend(b"\x01" * LEAK_BYTES for t in texts if leak in t)
         if crash and any(crash in t for t in texts):
             log.error("fault injection: crashing the worker process inside a batch of %d", len(texts))
             logging.shutdown()

@@ -64,9 +64,17 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--footprint-jobs", type=int, default=500, help="with --footprint: jobs (default 500)")
     p.add_argument("--result-ttl", type=int, default=15,
                    help="with --footprint: the worker's TTSPOOL_RESULT_TTL, seconds (default 15)")
+    p.add_argument("--soak", action="store_true",
+                   help="instead: many short jobs through one worker process (a throwaway Redis, S3 and worker, "
+                        "as --pipeline): jobs/s, latency, and the worker's idle RSS after each drain (a leak shows "
+                        "as growth per job)")
+    p.add_argument("--soak-jobs", type=int, default=2000, help="with --soak: jobs (default 2000)")
+    p.add_argument("--soak-drain-every", type=int, default=500,
+                   help="with --soak: drain and read the idle RSS after this many jobs (default 500)")
+    p.add_argument("--soak-window", type=int, default=64, help="with --soak: jobs in flight (default 64)")
     p.add_argument("--timeout", type=float, default=1800.0,
-                   help="with --pipeline or --footprint: longest wait for the worker to be ready, and for each "
-                        "run (default 1800 s)")
+                   help="with --pipeline, --footprint or --soak: longest wait for the worker to be ready, and for "
+                        "each run (default 1800 s)")
     p.add_argument("--json-out", type=Path, help="write the results as JSON")
     p.add_argument("--plot", type=Path, help="write a PNG bar chart")
     p.set_defaults(handler=_bench)
@@ -88,6 +96,10 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
         from .bench_footprint import run_footprint
 
         return run_footprint(args, settings, console)
+    if args.soak:
+        from .bench_soak import run_soak
+
+        return run_soak(args, settings, console)
     if args.pipeline:
         from .bench_pipeline import run_pipeline
 
@@ -134,7 +146,7 @@ def _precision(args: argparse.Namespace, settings: Settings, console: Any) -> in
 
     from workers.bench.engine_bench import write_json
     from workers.bench.precision import precision_report
-    from workers.engine import Engine
+    from workers.engine.engine import Engine
     from workers.engine.assets import ModelFetch
     from workers.engine.dtypes import pick_device
 
