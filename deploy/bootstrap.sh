@@ -48,10 +48,11 @@ else
     uv="$root/$tools/bin/uv"
 fi
 
-# Sync only when the lock (or the project's own metadata) changed: a sync for `worker`
+# Sync only when the lock, the project's own metadata or this script changed (how a venv is
+# installed is part of what it is: a new step must reach old venvs too). A sync for `worker`
 # after `test` would remove the test tools, and a test venv holds everything a worker
 # needs, so its stamp serves both. The stamp is written only after the smoke step passed.
-digest="$(cat uv.lock pyproject.toml | sha256sum | cut -c1-16)"
+digest="$(cat uv.lock pyproject.toml deploy/bootstrap.sh | sha256sum | cut -c1-16)"
 if [ ! -e ".venv/.ttspool-$extra-$digest" ] && [ ! -e ".venv/.ttspool-test-$digest" ]; then
     rm -f .venv/.ttspool-*
     # --locked: refuse to run when pyproject.toml changed and uv.lock was not regenerated
