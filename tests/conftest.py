@@ -59,6 +59,16 @@ def own_broker() -> Iterator[LocalRedis]:
     server.close()
 
 
+@pytest.fixture()
+def broker() -> Iterator[LocalRedis]:
+    """A Redis of the test's own, with persistence: the fault tests kill and restart it."""
+    server = LocalRedis(persist=True).start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
 @dataclass
 class S3Endpoint:
     url: str

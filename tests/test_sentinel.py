@@ -20,7 +20,7 @@ from tasks.settings import Settings
 from .conftest import S3Endpoint, run_cli, running_worker, stop_process, worker_env
 from .scrape import fetch, parse, value
 from .sentinel_cluster import MASTER, SentinelCluster
-from .test_faults import VISIBILITY_S, _assert_stored, _jobs, _until, _wait_all
+from .fault_tools import VISIBILITY_S, assert_stored, jobs, until, wait_all
 from .test_gateway import KEY_A, start_gateway
 
 
@@ -41,21 +41,21 @@ def test_primary_killed_mid_run(s3: S3Endpoint, aws_env: dict[str, str], tmp_pat
         try:
             with running_worker(env, log) as (proc, client):
                 assert len(_speak(gateway, "Spoken before the primary is lost.")) > 44
-                before = client.submit_many(_jobs(12, "before"))
-                _until("a finished job and a batch in flight", lambda: 0 < sum(client.status(i).done for i in before) < 8,
+                before = client.submit_many(jobs(12, "before"))
+                until("a finished job and a batch in flight", lambda: 0 < sum(client.status(i).done for i in before) < 8,
                        300, proc, log, poll=0.02)
                 done_before = {i: st for i in before if (st := client.status(i)).done}
                 cluster.kill_primary()
                 killed = time.monotonic()
                 # Nobody waits for the failover: the producer's publish retries until the
                 # sentinels name the new primary.
-                after = client.submit_many(_jobs(8, "after"))
+                after = client.submit_many(jobs(8, "after"))
                 submit_s = time.monotonic() - killed
                 promoted_s = cluster.wait_promoted()
                 assert cluster.primary_port() == cluster.replica.port
                 assert len(_speak(gateway, "Spoken after the replica took over.")) > 44
-                final = _wait_all(client, before + after, redis_client(cluster.url, MASTER), log, timeout=120)
-                _assert_stored(s3, final)
+                final = wait_all(client, before + after, redis_client(cluster.url, MASTER), log, timeout=120)
+                assert_stored(s3, final)
                 assert all(dict(zip(before + after, final))[i] == st for i, st in done_before.items())
                 samples = parse(fetch(f"http://127.0.0.1:{settings.metrics_port}/metrics")[1])
                 made = value(samples, "ttspool_jobs_total", status="success", reason="synthesized") or 0
