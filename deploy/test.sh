@@ -5,4 +5,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/deploy/bootstrap.sh" test yes
 cd "$root"
-exec .venv/bin/python -m pytest "$@"
+# Two test processes (pytest-xdist): on two cores, one runs while the other waits on a
+# worker, an outage or a timeout. --dist loadscope keeps each module on one process, so a
+# module's own worker, gateway or engine (module-scoped fixtures) starts once.
+exec .venv/bin/python -m pytest -n 2 --dist loadscope "$@"
