@@ -9,6 +9,12 @@ from __future__ import annotations
 import base64
 import json
 import os
+
+# The suite runs as two processes on two cores (deploy/test.sh): each torch in it (the
+# tests' own engines and every worker they start, which inherit this) runs one thread,
+# so that two engines never spin their thread pools against each other. Set before
+# anything imports torch.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 import signal
 import subprocess
 import sys

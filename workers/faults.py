@@ -1,6 +1,6 @@
 """Fault injection for the fault tests; inert unless a TTSPOOL_FAULT_* variable is set.
 
-These are test hooks, not features: they let tests/test_faults.py put real faults into
+These are test hooks, not features: they let tests/test_faults_*.py put real faults into
 a real worker process at a chosen point of a GPU batch. The worker installs them from
 outside the engine (`Engine.on_admit`), only when one is set.
 - TTSPOOL_FAULT_CRASH_ON_TEXT=<substring>: the worker process dies (os._exit, like a
