@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -103,11 +104,20 @@ def test_worker_and_exporter_follow_real_jobs(s3: S3Endpoint, aws_env: dict[str,
             assert recent is not None and 0 < recent * 60 <= stored + 1e-6
             load = value(s, "ttspool_model_load_seconds")
             assert load is not None and load > 0
+            # The cold start, split, in the metrics and in the worker's ready line.
+            start = {p: value(s, "ttspool_worker_start_seconds", phase=p)
+                     for p in ("imports", "model_load", "warmup", "queue_setup")}
+            assert all(v is not None and v >= 0 for v in start.values()) and start["imports"] > 0, start
+            assert re.search(r"worker ready [\d.]+ s after the process started: imports [\d.]+ s, model load "
+                             r"[\d.]+ s, warmup [\d.]+ s, queue setup [\d.]+ s", log.read_text()), log.read_text()[-3000:]
             assert value(s, "ttspool_model_loaded") == 1
             info = [dict(labels) for name, labels in s if name == "ttspool_worker_info"]
             assert len(info) == 1 and info[0]["model"] == "random-tiny" and info[0]["device"] == "cpu"
-            # The auto dtype on this CPU (workers.engine.dtypes).
-            assert info[0]["dtype"] == ("bfloat16" if cpu_has_native_bf16() else "float32") and info[0]["version"]
+            # The auto dtype on this CPU (workers.engine.dtypes), unless the run sets one
+            # (TTSPOOL_DTYPE=float32 runs the suite as a CPU without bfloat16 would).
+            dtype = Settings.from_env(env).dtype
+            auto = "bfloat16" if cpu_has_native_bf16() else "float32"
+            assert info[0]["dtype"] == (auto if dtype == "auto" else dtype) and info[0]["version"]
             # No GPU here: the GPU families are simply absent.
             assert not {n for n in names(s) if n.startswith("ttspool_gpu_")}
             check_metrics(text)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import lzma
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +16,9 @@ import pybase16384 as b14
 import pytest
 import torch
 
-from workers.engine.engine import Engine
-
-from workers.engine.requests import SynthRequest
 from workers.engine.dtypes import cpu_has_native_bf16, pick_dtype
+from workers.engine.engine import Engine
+from workers.engine.requests import SynthRequest
 
 from .conftest import ROOT
 
@@ -101,9 +101,11 @@ def test_bench_in_bfloat16_keeps_a_float32_baseline_and_reports_precision(tmp_pa
     assert "(bfloat16+int8," in proc.stdout
 
     report = tmp_path / "precision.json"
+    # Each half dtype against float32, whatever dtype this run's workers are told to use.
+    env = {k: v for k, v in os.environ.items() if k != "TTSPOOL_DTYPE"}
     proc = subprocess.run([sys.executable, "-m", "tasks.cli", "bench", "--precision", "--model", "random-tiny",
                            "--device", "cpu", "--jobs", "2", "--json-out", str(report)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(report.read_text())
     assert result["random_weights"] and set(result["dtypes"]) == {"bfloat16", "float16", "bfloat16+int8"}
