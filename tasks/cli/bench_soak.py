@@ -49,7 +49,7 @@ def run_soak(args: argparse.Namespace, settings: Settings, console: Any) -> int:
 
         try:
             console.log("waiting for the worker to be ready")
-            soak.run_closed_loop(client, soak.jobs(1, first_seed=-1), 1, alive, args.timeout)
+            soak.run_closed_loop(client, soak.jobs(1, first_seed=args.soak_jobs), 1, alive, args.timeout)
             result = soak.soak(client, worker.pid, args.soak_jobs, args.soak_drain_every, args.soak_window, alive,
                                args.timeout, console.log)
         except Exception:
@@ -66,9 +66,10 @@ def run_soak(args: argparse.Namespace, settings: Settings, console: Any) -> int:
 def _print(result: dict[str, Any], console: Any) -> None:
     from rich.table import Table
 
-    table = Table(title=f"Soak: {result['jobs']} jobs, {result['window']} in flight, {result['model']} "
-                        f"(max batch {result['max_batch']}); {result['jobs_per_s']} jobs/s, latency p50 "
-                        f"{result['latency_p50_s']} s, p99 {result['latency_p99_s']} s")
+    console.print(f"soak: {result['jobs']} jobs, {result['window']} in flight, {result['model']} (max batch "
+                  f"{result['max_batch']}): {result['jobs_per_s']} jobs/s, latency p50 {result['latency_p50_s']} s, "
+                  f"p99 {result['latency_p99_s']} s")
+    table = Table(title="the worker's RSS when idle")
     table.add_column("jobs done", justify="right")
     table.add_column("idle RSS MB", justify="right")
     table.add_row("0 (ready)", f"{result['rss_mb_at_start']:.1f}")
