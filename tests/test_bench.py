@@ -195,3 +195,27 @@ def test_bench_pipeline_without_moto_or_an_endpoint_says_what_it_needs() -> None
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "test extra" in proc.stderr and "TTSPOOL_S3_ENDPOINT_URL" in proc.stderr
+
+
+def test_bench_soak_reads_idle_rss_after_each_drain(tmp_path: Path) -> None:
+    out = tmp_path / "soak.json"
+    # Its own Redis, S3 (moto) and worker, as --pipeline: nothing of the caller's configuration.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TTSPOOL_") or k == "TTSPOOL_CACHE_DIR"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tasks.cli", "bench", "--soak", "--model", "random-tiny", "--device", "cpu",
+         "--soak-jobs", "12", "--soak-drain-every", "4", "--soak-window", "4", "--timeout", "300",
+         "--json-out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "the worker's RSS when idle" in proc.stderr and "KB per job" in proc.stderr
+    r = json.loads(out.read_text())
+    assert (r["jobs"], r["window"], r["drain_every"], r["failed"], r["model"]) == (12, 4, 4, 0, "random-tiny")
+    assert [d["jobs"] for d in r["idle_rss_mb"]] == [4, 8, 12] and all(d["mb"] > 0 for d in r["idle_rss_mb"])
+    assert r["jobs_per_s"] > 0 and 0 < r["latency_p50_s"] <= r["latency_p99_s"] and r["rss_mb_at_start"] > 0
+
+
+def test_soak_slope_is_the_least_squares_growth() -> None:
+    from workers.bench.soak import slope
+
+    assert slope([(0, 5.0), (10, 25.0), (20, 45.0)]) == 2.0
+    assert slope([(0, 1.0)]) == 0.0 and slope([]) == 0.0
