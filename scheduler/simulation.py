@@ -1,10 +1,11 @@
 """Capacity planning by simulation: a profile of arrivals against a fleet of workers.
 
 A discrete-event simulation of the queue, the workers and the autoscaler. Batching is
-not modelled but run: every decision a worker takes about its held jobs is
-`scheduler.planner.next_batch` (the GPU is free) or `scheduler.planner.refill` (rows of
-the running batch freed up), with the worker's own `Policy`, at the moments the real
-worker would ask. Around it, the worker (workers/batch_task.py, workers/batching.py,
+not modelled but run: every decision a worker takes about its held jobs is its
+`WorkerPolicy`'s (scheduler/worker_policy.py: `start` when the GPU is free, `admit`
+when rows of the running batch free up; the worker's own object, with every budget:
+rows, token budget, realtime rows, refill window, prefetch), at the moments the real
+worker would ask. Around it, the worker (workers/pipeline/runner.py, workers/broker/gpu_batches.py,
 workers/engine/engine.py) is modelled, not run:
 
 - Redis: one list per queue; a worker takes `tts.realtime` before `tts.bulk`
@@ -17,8 +18,8 @@ workers/engine/engine.py) is modelled, not run:
   Rows that end leave at once; with refill (TTSPOOL_REFILL, on by default) held jobs
   join in their place, up to max_batch rows and `realtime_rows` more for realtime jobs
   only; while a realtime row runs, only the realtime rows step (the engine's express
-  lane). A batch stops taking rows after `refill_window_s`, or when an aged held job
-  does not fit its token budget, and then ends with its longest row. Rows are modelled,
+  lane). A batch stops taking rows when the policy drains it, and then ends with its
+  longest row. Rows are modelled,
   not whole batches, because the worker runs this way by default: with batches that
   end at their longest row, every realtime job would wait behind a whole bulk batch,
   which the worker no longer does (`refill=False` models TTSPOOL_REFILL=0).
@@ -54,7 +55,8 @@ from typing import Any, Callable, Mapping, Sequence
 from tasks.schema import MAX_STEPS
 from tasks.text.lengths import STEPS_PER_SECOND
 
-from .planner import PlanItem, Policy, next_batch, refill
+from .planner import PlanItem
+from .worker_policy import BatchState, WorkerPolicy
 
 REALTIME, BULK = "realtime", "bulk"
 PRIORITIES = (REALTIME, BULK)
@@ -130,32 +132,13 @@ class Curve:
         return rows / (self.audio_s_per_s(rows) * STEPS_PER_SECOND)
 
 
-def worker_policy(max_batch: int, max_wait_ms: int, aging_ms: int) -> Policy:
-    """The Policy a worker with these settings plans with (workers/batch_task.py)."""
-    return Policy(max_batch=max_batch, token_budget=max(MAX_STEPS, max_batch * MAX_STEPS // 2),
-                  max_wait_s=max_wait_ms / 1000.0, aging_s=aging_ms / 1000.0)
-
-
 @dataclass(frozen=True)
 class WorkerModel:
+    """One worker: its throughput curve, and the policy it batches with (the worker's
+    own object, scheduler.worker_policy: every budget and rule comes from there)."""
+
     curve: Curve
-    policy: Policy
-    realtime_rows: int = 2  # TTSPOOL_REALTIME_ROWS
-    refill: bool = True  # TTSPOOL_REFILL
-    refill_window_s: float = 600.0  # min(600, visibility timeout / 4)
-    prefetch: int = 0  # unacked jobs a worker holds; 0: the worker's, max(4, 2 x max_batch)
-
-    def __post_init__(self) -> None:
-        if self.realtime_rows < 0 or self.prefetch < 0 or self.refill_window_s <= 0:
-            raise ValueError("realtime_rows and prefetch must be >= 0, refill_window_s > 0")
-
-    @property
-    def max_rows(self) -> int:
-        return self.policy.max_batch + (self.realtime_rows if self.refill else 0)
-
-    @property
-    def slots(self) -> int:
-        return self.prefetch or max(4, 2 * self.policy.max_batch)
+    policy: WorkerPolicy
 
 
 @dataclass(frozen=True)
@@ -326,7 +309,7 @@ class _Simulation:
         self.sample_s = sample_s
         self.duration = self.arrivals[-1].t if self.arrivals else 0.0
         self.limit = self.duration + drain_s
-        self.step_s = [math.inf] + [model.curve.step_s(n) for n in range(1, model.max_rows + 1)]
+        self.step_s = [math.inf] + [model.curve.step_s(n) for n in range(1, model.policy.max_rows + 1)]
         self.jobs: list[_Job] = []
         self.queues: dict[str, deque[_Job]] = {REALTIME: deque(), BULK: deque()}
         self.workers: list[_Worker] = []
@@ -356,7 +339,7 @@ class _Simulation:
         # Each job causes a bounded number of events (its arrival, a take, a row start
         # and end, an aging and a deadline wake-up per worker holding it, the batches it
         # is in); polls and samples are bounded by the drain limit.
-        budget = 64 * (len(self.arrivals) + 1) * max(1, self.model.max_rows) \
+        budget = 64 * (len(self.arrivals) + 1) * max(1, self.model.policy.max_rows) \
             + 4 * int(self.limit / self.sample_s + self.limit / self.scaling.poll_s) + 1000
         for _ in range(budget):
             t_arr = self.arrivals[nxt].t if nxt < len(self.arrivals) else math.inf
@@ -410,7 +393,7 @@ class _Simulation:
             self.poke(min(free, key=lambda w: (w.last_take, w.id)), now)
 
     def free(self, w: _Worker) -> int:
-        return self.model.slots - w.rows - len(w.held)
+        return self.model.policy.prefetch - w.rows - len(w.held)
 
     def take(self, w: _Worker, now: float) -> None:
         while self.free(w) > 0 and self.queued() and w.serving(now):
@@ -453,44 +436,36 @@ class _Simulation:
             self.last_done = now
 
     def plan(self, w: _Worker, now: float) -> bool:
-        """The planner's decision for `w`'s held jobs; whether any expired (slots freed)."""
+        """The worker policy's decision for `w`'s held jobs; whether any expired (slots freed)."""
         w.wait_until = None
         if w.stopping or not w.held:
             return False
-        items, policy = w.held, self.policy
         if w.rows:
-            max_rows = self.model.max_rows
-            if not self.model.refill or w.draining or w.rows >= max_rows:
+            if w.draining:
                 return False
             assert w.batch_since is not None
-            if now - w.batch_since > self.model.refill_window_s:
-                w.draining = True
-                return False
-            free = max_rows - w.rows
-            left = policy.token_budget - sum(r.job.arrival.steps for r in (*w.express, *w.bulk))
-            bulk_free = max(0, policy.max_batch - (max_rows - free))
-            decision = refill(items, now, policy, free, left, reserved=free - bulk_free)
-            taken = {id(i) for i in decision.batch} | {id(i) for i in decision.expired}
-            # As the worker does: an aged job no refill will take ends the batch instead.
-            if any(i.steps > left and now - i.arrived >= policy.aging_s for i in items if id(i) not in taken):
-                w.draining = True
+            steps = sum(r.job.arrival.steps for r in (*w.express, *w.bulk))
+            admit = self.policy.admit(w.held, now, BatchState(w.rows, steps, now - w.batch_since))
+            w.draining = admit.drain
+            batch, expired = admit.batch, admit.expired
         else:
             w.batch_since, w.draining = None, False
-            decision = next_batch(items, now, policy)
-            if decision.batch:
+            decision = self.policy.start(w.held, now)
+            batch, expired = decision.batch, decision.expired
+            if batch:
                 w.batch_since = now
-            elif not decision.expired:
+            elif not expired:
                 w.wait_until = now + max(decision.wait_s, _MIN_DELAY_S)
-        gone = {id(i) for i in decision.batch} | {id(i) for i in decision.expired}
+        gone = {id(i) for i in batch} | {id(i) for i in expired}
         if gone:
             w.held = [i for i in w.held if id(i) not in gone]
-        for item in decision.expired:
+        for item in expired:
             item.payload.expired = True
             self.open -= 1
-        for item in decision.batch:
+        for item in batch:
             item.payload.start = now
             (w.express if item.priority == REALTIME else w.bulk).append(_Row(item.payload))
-        return bool(decision.expired)
+        return bool(expired)
 
     def schedule(self, w: _Worker, now: float) -> None:
         w.version += 1
@@ -512,7 +487,7 @@ class _Simulation:
                 if item.deadline is not None and item.deadline >= now:
                     wake = min(wake, item.deadline + _MIN_DELAY_S)
             if w.rows and not w.draining and w.batch_since is not None:
-                closes = w.batch_since + self.model.refill_window_s + _MIN_DELAY_S
+                closes = w.batch_since + self.policy.refill_window_s + _MIN_DELAY_S
                 if closes > now:
                     wake = min(wake, closes)
         if wake < math.inf:

@@ -9,7 +9,7 @@ from .result_backend import backend_url
 from .settings import ASSEMBLE_TASK, QUEUE_ASSEMBLE, QUEUE_BULK, WORKER_QUEUES, Settings
 
 
-def make_app(settings: Settings, *, worker_consumer: str | None = None) -> Celery:
+def make_app(settings: Settings) -> Celery:
     app = Celery("ttspool", broker=settings.broker_url, backend=backend_url(settings.backend_url))
     transport = {
         # Redis re-delivers an unacked message after this long; it must cover waiting in
@@ -55,17 +55,13 @@ def make_app(settings: Settings, *, worker_consumer: str | None = None) -> Celer
         task_publish_retry_policy={"max_retries": 10, "interval_start": 0, "interval_step": 0.5, "interval_max": 3},
         result_expires=settings.result_ttl,
         result_extended=False,
-        # One process owns one GPU; the buffer must hold more than one batch so the
-        # next batch fills while the current one runs (celery-batches needs
-        # prefetch x concurrency > flush_every).
-        worker_prefetch_multiplier=max(4, 2 * settings.max_batch),
+        # One process owns one GPU; its prefetch (the window it batches from) is the
+        # worker policy's (scheduler/worker_policy.py), set by the worker.
         worker_concurrency=1,
         worker_hijack_root_logger=False,
         # Flower and celery-exporter read these; ttspool's batched jobs send theirs
-        # through workers.task_events (celery-batches sends none).
+        # through workers.pipeline.task_events (celery-batches sends none).
         worker_send_task_events=settings.task_events,
         enable_utc=True,
     )
-    if worker_consumer:
-        app.conf.worker_consumer = worker_consumer
     return app

@@ -16,7 +16,7 @@ from storage import storage_for
 from tasks.app import make_app
 from tasks.cli.local_redis import LocalRedis
 from tasks.settings import Settings
-from workers.batch_task import BatchRunner
+from workers.pipeline.runner import BatchRunner
 from workers.engine.engine import Engine
 
 from .conftest import Request, S3Endpoint

@@ -12,7 +12,7 @@ import torch
 
 from tasks.text.lengths import predicted_steps, steps_to_samples
 from workers.engine.engine import Engine
-from workers.engine.requests import SynthRequest
+from workers.engine.requests import SynthRequest, finished_rows
 
 SHORT = "A short line."
 LONG = "A much longer line of text that keeps the batch busy for many more steps than the short one. " * 3
@@ -120,7 +120,7 @@ def test_rows_that_end_are_replaced_from_the_backlog(engine: Engine) -> None:
         del backlog[:1]
         return taken
 
-    got = dict(engine.stream(jobs[:2], refill=refill, max_rows=2))
+    got = dict(finished_rows(engine.stream(jobs[:2], max_rows=2), refill))
     assert sorted(got) == list(range(len(jobs)))
     # Each refill came while the long first job was still running (one row free).
     assert asked[:3] == [1, 1, 1]
@@ -145,7 +145,7 @@ def test_a_failing_refilled_row_fails_alone(engine: Engine) -> None:
         del backlog[:free]
         return taken
 
-    got = dict(engine.stream(first, refill=refill, max_rows=2))
+    got = dict(finished_rows(engine.stream(first, max_rows=2), refill))
     assert sorted(got) == [0, 1, 2] and backlog == [later]
     assert got[2].audio is None and "dimensions" in (got[2].error or "")
     for i, job in zip([0, 1], first):
@@ -170,7 +170,7 @@ def test_an_express_row_steps_alone_while_the_others_wait(engine: Engine, expres
         return [rt] if calls == 5 else []
 
     got = {}
-    for i, res in engine.stream(long_rows, refill=refill, max_rows=4):  # a free row: asked every step
+    for i, res in finished_rows(engine.stream(long_rows, max_rows=4), refill):  # a free row: asked every step
         seen_at[i], got[i] = calls, res
     n_rt = predicted_steps(rt.text)
     n_long = [predicted_steps(r.text) for r in long_rows]

@@ -22,9 +22,15 @@ import numpy as np
 import openai
 import pytest
 import soundfile as sf
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
 
+from storage import storage_for
 from tasks.cli.local_redis import LocalRedis, free_port
+from tasks.gateway import routes_jobs
+from tasks.gateway.deps import GatewayState, gateway_state, tenant_of
 from tasks.gateway.speech import chattts_speed
+from tasks.settings import Settings
 from tasks.voices import OPENAI_VOICES
 
 from .conftest import ROOT, S3Endpoint, WorkerProc, stop_process
@@ -274,6 +280,32 @@ def test_voice_library_routes_and_speech_by_name(gateway: Gateway) -> None:
 
 def test_speed_mapping() -> None:
     assert [chattts_speed(f) for f in (0.25, 0.5, 0.8, 1.0, 1.2, 1.4, 4.0)] == [0, 0, 3, 5, 7, 9, 9]
+
+
+def test_one_router_alone_with_its_tenant_overridden(own_broker: LocalRedis, tmp_path: Path) -> None:
+    """The job routes on an app of their own, without create_app: state and tenant reach
+    them through their dependencies only, so a test can name the tenant without a key."""
+    settings = Settings.from_env({"TTSPOOL_BROKER_URL": own_broker.url, "TTSPOOL_STORAGE_URL": f"file://{tmp_path}",
+                                  "TTSPOOL_API_KEYS": f"acme={KEY_A}"})
+    state = GatewayState(settings, storage_for(settings))
+    app = FastAPI()
+    app.include_router(routes_jobs.router)
+    app.dependency_overrides[gateway_state] = lambda: state
+    app.dependency_overrides[tenant_of] = lambda: "beta"
+    try:
+        with TestClient(app) as http:
+            resp = http.post("/v1/jobs", json={"text": "Submitted by the overridden tenant."})
+            assert resp.status_code == 202, resp.text
+            [job_id] = resp.json()["ids"]
+            claim = state.client.owner(job_id)
+            assert claim is not None and claim.tenant == "beta"
+            assert http.get(f"/v1/jobs/{job_id}").json()["status"] == "PENDING"
+            assert http.post("/v1/jobs", json={"text": "x", "tenant": "acme"}).status_code == 403
+            # The real dependency back: the gateway has keys and this request sends none.
+            del app.dependency_overrides[tenant_of]
+            assert http.post("/v1/jobs", json={"text": "x"}).status_code == 401
+    finally:
+        state.client.close()
 
 
 def test_broker_outage_is_503_not_a_hang(worker: WorkerProc, tmp_path: Path) -> None:

@@ -166,9 +166,12 @@ def test_the_rules_catch_a_wrong_import(source: str, expected: str) -> None:
 # stored, recorded and reported. They name engine requests and results but need no
 # model, so tests of them (and tools built on them) run without torch's ~8 s import.
 TORCH_FREE_WORKER_MODULES = (
-    "workers.jobs", "workers.engine.requests", "workers.admission", "workers.held_work", "workers.delivery",
-    "workers.recorder", "workers.batching", "workers.books", "workers.rejections", "workers.task_events",
-    "workers.metrics", "workers.transport", "workers.consumer", "workers.voices",
+    "workers.engine.requests", "workers.metrics", "workers.pipeline.jobs", "workers.pipeline.admission",
+    "workers.pipeline.held_work", "workers.pipeline.delivery", "workers.pipeline.recorder",
+    "workers.pipeline.book_tracker", "workers.pipeline.rejections", "workers.pipeline.task_events",
+    "workers.pipeline.voice_resolver", "workers.pipeline.runner", "workers.broker.transport",
+    "workers.broker.consumer", "workers.broker.held_messages", "workers.broker.event_outbox",
+    "workers.broker.gpu_batches",
 )
 
 

@@ -7,15 +7,17 @@ import json
 import math
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import scheduler.simulation as simulation
 from scheduler.profile import Profile, arrivals
-from scheduler.simulation import (BULK, REALTIME, Arrival, Curve, Scaling, WorkerModel, simulate, smallest_fleet,
-                                  worker_policy)
+import scheduler.simulation as simulation
+from scheduler.simulation import BULK, REALTIME, Arrival, Curve, Scaling, WorkerModel, simulate, smallest_fleet
+from scheduler.worker_policy import WorkerPolicy
+from tasks.settings import Settings
 from tasks.cli import main
 from tasks.errors import UsageError
 from tasks.text.frontend import FrontEnd
@@ -25,6 +27,15 @@ PROPS = settings(derandomize=True, max_examples=60, deadline=None, suppress_heal
 
 # A GPU-like curve: ten times the throughput at 32 rows as at one.
 CURVE = Curve(((1, 1.0), (8, 5.0), (32, 10.0)))
+
+
+def worker_policy(max_batch: int, max_wait_ms: int, aging_ms: int, **overrides: Any) -> WorkerPolicy:
+    """The policy of a worker configured with these settings (and the rest at defaults)."""
+    settings = Settings.from_env({"TTSPOOL_MAX_BATCH": str(max_batch), "TTSPOOL_MAX_WAIT_MS": str(max_wait_ms),
+                                  "TTSPOOL_AGING_MS": str(aging_ms)})
+    return replace(WorkerPolicy.from_settings(settings), **overrides)
+
+
 MODEL = WorkerModel(CURVE, worker_policy(max_batch=16, max_wait_ms=100, aging_ms=10_000))
 
 
@@ -42,7 +53,7 @@ def test_lone_jobs_wait_only_for_company() -> None:
     for w in report.waits.values():
         assert w.started == 10 and w.expired == w.unstarted == 0
         # An idle worker waits max_wait for batch-mates, nothing more.
-        assert w.max_s is not None and w.max_s <= MODEL.policy.max_wait_s + 1e-3
+        assert w.max_s is not None and w.max_s <= MODEL.policy.planner.max_wait_s + 1e-3
 
 
 def test_a_backlog_drains_at_the_curves_throughput() -> None:
@@ -80,7 +91,7 @@ def test_a_realtime_job_joins_a_full_bulk_batch_at_once_with_refill() -> None:
     with_refill = simulate(long_bulk + late, MODEL, Scaling.fixed(1))
     assert with_refill.waits[REALTIME].max_s == pytest.approx(0.0, abs=1e-3)
     # Without refill it waits for the whole bulk batch: 1000 steps at 16 rows.
-    static = simulate(long_bulk + late, replace(MODEL, refill=False), Scaling.fixed(1))
+    static = simulate(long_bulk + late, replace(MODEL, policy=replace(MODEL.policy, refill=False)), Scaling.fixed(1))
     batch_s = 1000 * CURVE.step_s(16)
     assert static.waits[REALTIME].max_s == pytest.approx(batch_s - 30.0, rel=0.01)
 
@@ -145,18 +156,18 @@ def test_the_same_seed_gives_the_same_report() -> None:
     assert arrivals(profile, seed=8) != arrivals(profile, seed=7)
 
 
-def test_the_planner_makes_every_batching_decision(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = {"next_batch": 0, "refill": 0}
+def test_the_worker_policy_makes_every_batching_decision(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = {"start": 0, "admit": 0}
     for name in calls:
-        real = getattr(simulation, name)
+        real = getattr(WorkerPolicy, name)
 
         def spy(*args: object, _real: object = real, _name: str = name, **kwargs: object) -> object:
             calls[_name] += 1
             return _real(*args, **kwargs)  # type: ignore[operator]
 
-        monkeypatch.setattr(simulation, name, spy)
+        monkeypatch.setattr(WorkerPolicy, name, spy)
     simulate(steady(1.0, 300, realtime_every=3), MODEL, Scaling.fixed(1))
-    assert calls["next_batch"] > 0 and calls["refill"] > 0
+    assert calls["start"] > 0 and calls["admit"] > 0
 
 
 def test_curve_interpolates_and_reads_bench_json() -> None:
@@ -235,9 +246,9 @@ def workloads(draw: st.DrawFn) -> tuple[list[Arrival], WorkerModel, Scaling]:
         priority=st.sampled_from([REALTIME, BULK]),
         ttl_s=st.one_of(st.none(), st.floats(0.5, 300, allow_nan=False))), max_size=80))
     model = WorkerModel(CURVE, worker_policy(draw(st.integers(1, 32)), draw(st.integers(0, 500)),
-                                             draw(st.integers(0, 30_000))),
-                        realtime_rows=draw(st.integers(0, 4)), refill=draw(st.booleans()),
-                        refill_window_s=draw(st.sampled_from([5.0, 600.0])))
+                                             draw(st.integers(0, 30_000)), realtime_rows=draw(st.integers(0, 4)),
+                                             refill=draw(st.booleans()),
+                                             refill_window_s=draw(st.sampled_from([5.0, 600.0]))))
     low = draw(st.integers(0, 3))
     scaling = Scaling(low, low + draw(st.integers(0, 3)) or 1, target=draw(st.sampled_from([1.0, 8.0, 64.0])),
                       reaction_s=draw(st.floats(0, 60)), load_s=draw(st.floats(0, 120)))

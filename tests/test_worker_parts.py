@@ -9,6 +9,7 @@ import json
 import threading
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -23,11 +24,11 @@ from tasks.app import make_app
 from tasks.claims import Claim, claim_key, digest_of
 from tasks.cli.local_redis import LocalRedis
 from tasks.settings import DEAD_LETTER_KEY, Settings
-from workers.batch_task import BatchRunner
-from workers.batching import Outcome
-from workers.engine.requests import SynthRequest, SynthResult
-from workers.engine.requests import Refill
-from workers.jobs import IllegalMove, Job, Phase
+from workers.pipeline.runner import BatchRunner
+from workers.pipeline.jobs import Outcome
+from workers.engine.requests import BatchStream, Event, RowsFree, SynthRequest, SynthResult
+from workers.pipeline.task_events import TaskEvents
+from workers.pipeline.jobs import IllegalMove, Job, Phase
 
 from .conftest import Request
 
@@ -55,9 +56,11 @@ class FakeEngine:
     def speaker(self, voice: Any) -> None:
         return None
 
-    def stream(self, requests: Sequence[SynthRequest], refill: Refill | None = None, max_rows: int = 0,
-               keep_finished: bool = False) -> Iterator[tuple[int, SynthResult]]:
-        max_rows = max_rows or len(requests)
+    def stream(self, requests: Sequence[SynthRequest], max_rows: int = 0, keep_finished: bool = False) -> BatchStream:
+        return BatchStream(lambda inbox: self._rows(requests, inbox, max_rows))
+
+    def _rows(self, requests: Sequence[SynthRequest], inbox: list[SynthRequest], max_rows: int) -> Iterator[Event]:
+        grows, max_rows = bool(max_rows), max_rows or len(requests)
         texts: list[str] = []
         self.batches.append(texts)
         rows: list[list[Any]] = []  # [index, steps left]
@@ -79,18 +82,51 @@ class FakeEngine:
                 rows.remove(row)
                 yield row[0], SynthResult(np.zeros(2400, dtype=np.float32), 1)
             self.after_step(step)
-            if refill is not None and len(rows) < max_rows:
-                admit(refill(max_rows - len(rows)))
+            if grows and len(rows) < max_rows:
+                yield RowsFree(max_rows - len(rows))
+                admit(inbox)
+                inbox.clear()
         raise AssertionError("rows never ended")
 
 
+class Offered:
+    """The broker's side of the held messages (workers.broker.held_messages), as a test
+    drives it: each `take_arrivals` hands out the next list offered; settles are kept."""
+
+    def __init__(self) -> None:
+        self.offered: list[list[Request]] = []
+        self.settled: list[str] = []
+        self.on_settle: Callable[[str], None] = lambda job_id: None
+
+    def take_arrivals(self) -> list[Any]:
+        return self.offered.pop() if self.offered else []
+
+    def settle(self, job_id: str, kwargs: Any) -> None:
+        self.settled.append(job_id)
+        self.on_settle(job_id)
 
 
-def make_runner(own_broker: LocalRedis, root: Path, **env: str) -> tuple[BatchRunner, FakeEngine]:
+class Sent(TaskEvents):
+    """Task events as sent, kept."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, dict[str, Any]]] = []
+        super().__init__(lambda event_type, **fields: self.sent.append((event_type, fields)))
+
+
+def make_runner(own_broker: LocalRedis, root: Path, events: TaskEvents | None = None,
+                **env: str) -> tuple[BatchRunner, FakeEngine]:
     settings = Settings.from_env({"TTSPOOL_BROKER_URL": own_broker.url, "TTSPOOL_STORAGE_URL": root.as_uri(),
                                   "TTSPOOL_MAX_WAIT_MS": "0", "TTSPOOL_MAX_BATCH": "2", **env})
     engine = FakeEngine()
-    return BatchRunner(make_app(settings), engine, storage_for(settings), settings), engine  # type: ignore[arg-type]
+    runner = BatchRunner(make_app(settings), engine, storage_for(settings), settings,  # type: ignore[arg-type]
+                         messages=Offered(), events=events)
+    return runner, engine
+
+
+def offered(runner: BatchRunner) -> Offered:
+    assert isinstance(runner.messages, Offered)
+    return runner.messages
 
 
 @pytest.fixture
@@ -228,7 +264,7 @@ def test_each_row_is_acked_as_its_audio_is_stored_not_when_the_batch_ends(
     acked: list[str] = []
     seen_at_step: dict[int, list[str]] = {}
     stored = threading.Event()
-    runner.settle = lambda job_id, kwargs: (acked.append(job_id), stored.set())
+    offered(runner).on_settle = lambda job_id: (acked.append(job_id), stored.set())
 
     def after_step(step: int) -> None:
         if step == 0:
@@ -285,8 +321,7 @@ def test_free_rows_are_refilled_by_the_planner_realtime_first(parts: tuple[Batch
     backlog = [job(3) for _ in range(2)]
     rt = job(2, priority="realtime")
     # Messages that arrive while the batch runs: the bulk backlog first, then a realtime job.
-    offered = [[*backlog, rt]]
-    runner.arrivals = lambda: offered.pop() if offered else []
+    offered(runner).offered = [[*backlog, rt]]
     out = runner([first, long])
     [rows] = engine.batches
     # The row `first` frees on step 0 goes to the realtime job, ahead of the older bulk
@@ -310,8 +345,7 @@ def test_a_job_arriving_with_the_output_of_a_running_row_shares_it(parts: tuple[
     runner, engine = parts
     running = job(4, seed=9)
     twin = Request(f"job-{uuid.uuid4().hex[:12]}", dict(running.kwargs))
-    offered = [twin]
-    runner.arrivals = lambda: [offered.pop()] if offered else []
+    offered(runner).offered = [[twin]]
     out = runner([running])
     assert engine.batches == [[running.kwargs["text"]]]
     assert out.finished == {running.id, twin.id}
@@ -324,12 +358,11 @@ def test_storage_down_requeues_the_batch_with_one_try_and_says_so_in_task_events
     root = tmp_path / "store"
     root.mkdir()
     (root / "audio").write_bytes(b"")  # a file where the audio folder must go: every write fails
-    runner, engine = make_runner(own_broker, root, TTSPOOL_UPLOAD_RETRY_S="0", TTSPOOL_STORE_THREADS="1")
-    sent: list[tuple[str, dict[str, Any]]] = []
-    runner.events.send = lambda event_type, **fields: sent.append((event_type, fields))
+    events = Sent()
+    runner, engine = make_runner(own_broker, root, events, TTSPOOL_UPLOAD_RETRY_S="0", TTSPOOL_STORE_THREADS="1")
+    sent = events.sent
     backlog = [job(3) for _ in range(3)]
-    offered = [backlog]
-    runner.arrivals = lambda: offered.pop() if offered else []
+    offered(runner).offered = [backlog]
     def tries() -> float:
         """Uploads tried (the upload timer observes failed ones too)."""
         return next(x.value for m in runner.metrics.upload_seconds.collect() for x in m.samples
@@ -357,7 +390,7 @@ def test_storage_down_requeues_the_batch_with_one_try_and_says_so_in_task_events
         assert sorted(retried) == sorted([first.id, second.id])
         assert not any(t == "task-succeeded" for t, _ in sent)
         # The backlog was not even taken in: it stays held for the next batch.
-        assert offered == [backlog]
+        assert offered(runner).offered == [backlog]
     finally:
         runner.close()
 
@@ -368,7 +401,7 @@ def test_a_realtime_job_joins_a_batch_full_of_bulk_rows_at_its_next_step(
     runner, engine = make_runner(own_broker, tmp_path / "store", TTSPOOL_REALTIME_ROWS=str(realtime_rows))
     bulk = [job(6), job(6), job(6)]
     rt = job(1, priority="realtime")
-    offered = [[rt]]
+    offered(runner).offered = [[rt]]
     joined_at: dict[str, int] = {}
 
     def after_step(step: int) -> None:
@@ -377,7 +410,6 @@ def test_a_realtime_job_joins_a_batch_full_of_bulk_rows_at_its_next_step(
             joined_at.setdefault(text, step)
 
     engine.after_step = after_step
-    runner.arrivals = lambda: offered.pop() if offered else []
     try:
         out = runner(bulk)
         # Two bulk rows fill max_batch; the third bulk job waits for one of them either way.
@@ -405,12 +437,11 @@ def test_nothing_joins_a_suspect_batch_and_a_batch_stops_taking_rows_after_its_w
     suspect, other = job(3), job(1)
     # It was in a batch the worker died in: it runs alone, and no refill joins it there.
     redis.Redis.from_url(own_broker.url).set(f"ttspool:strikes:{suspect.id}", 1)
-    offered = [[other]]
-    runner.arrivals = lambda: offered.pop() if offered else []
+    offered(runner).offered = [[other]]
     assert runner([suspect]).finished == {suspect.id}
-    assert engine.batches == [[suspect.kwargs["text"]]] and offered == [[other]]
+    assert engine.batches == [[suspect.kwargs["text"]]] and offered(runner).offered == [[other]]
 
-    runner.refill_window_s = 0.0
+    runner.policy = replace(runner.policy, refill_window_s=1e-9)
     first = job(3)
     assert runner([first]).finished == {first.id}
-    assert engine.batches[-1] == [first.kwargs["text"]] and offered == [[other]]
+    assert engine.batches[-1] == [first.kwargs["text"]] and offered(runner).offered == [[other]]

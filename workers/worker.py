@@ -17,10 +17,18 @@ from tasks.broker_redis import is_sentinel
 from tasks.errors import SettingsError
 from tasks.settings import WORKER_QUEUES, Settings, redact_url
 
-from . import batch_task, books, faults, rejections, transport
-from .engine.engine import Engine
-from .engine.assets import ModelFetch
-from .metrics import Metrics, serve as serve_metrics
+from workers import faults
+from workers.broker.consumer import consumer_for
+from workers.broker.event_outbox import EventOutbox
+from workers.broker.gpu_batches import register
+from workers.broker.held_messages import HeldMessages
+from workers.broker.transport import transport_for
+from workers.engine.assets import ModelFetch
+from workers.engine.engine import Engine
+from workers.metrics import Metrics, serve as serve_metrics
+from workers.pipeline import book_tracker
+from workers.pipeline.runner import BatchRunner
+from workers.pipeline.task_events import TaskEvents
 
 log = logging.getLogger(__name__)
 
@@ -38,23 +46,23 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
     # The model loads and warms up before the worker takes its first message. The
     # threads pool never forks, so CUDA is initialized in this one process only.
     engine = Engine(settings.model, settings.model_dir, settings.device, settings.dtype, settings.compile,
-                    ModelFetch.from_settings(settings), quant=settings.quant)
-    engine.on_admit = faults.hook(settings.faults)
+                    ModelFetch.from_settings(settings), quant=settings.quant, on_admit=faults.hook(settings.faults))
     engine.load()
     metrics.engine_ready(engine)
     t_setup = time.perf_counter()
-    app = make_app(settings, worker_consumer="workers.consumer:Consumer")
-    # kombu's Redis transport, except that a queue item that is not a valid message is
-    # refused instead of stopping the worker, and a fetched message is recorded as unacked
-    # in the same step (workers/transport.py).
-    app.conf.broker_transport = ("workers.transport:SentinelTransport" if is_sentinel(settings.broker_url)
-                                 else "workers.transport:Transport")
-    transport.on_fetch = faults.fetch_hook(settings.faults)
-    runner = batch_task.BatchRunner(app, engine, storage, settings, metrics)
+    app = make_app(settings)
+    messages, outbox = HeldMessages(), EventOutbox()
+    runner = BatchRunner(app, engine, storage, settings, metrics, messages=messages, events=TaskEvents(outbox.send))
     _require_redis_7(runner.redis)
-    task = batch_task.register(app, runner, settings)
-    rejections.install(rejections.Rejections(app, runner.redis, lambda reason: metrics.rejected.labels(reason).inc(),
-                                             settings.result_ttl))
+    # Celery's consumer and kombu's Redis transport, except that a queue item that is not
+    # a valid message is refused and recorded instead of stopping the worker, and a
+    # fetched message is recorded as unacked in the same step (workers/broker/transport.py).
+    app.conf.worker_consumer = consumer_for(runner.rejections)
+    app.conf.broker_transport = transport_for(is_sentinel(settings.broker_url), runner.rejections,
+                                              faults.fetch_hook(settings.faults))
+    # Two batches' worth of messages: the next batch fills while the current one runs.
+    app.conf.worker_prefetch_multiplier = runner.policy.prefetch
+    task = register(app, runner, messages, outbox)
     # A worker whose scheduler stopped ticking, or whose batch never returns, fails
     # /healthz so that its orchestrator restarts it. A batch past the visibility timeout
     # has been handed to another worker already.
@@ -65,7 +73,7 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
         log.info("voice library: %d voices", len(runner.voices.library.list()))
     except Exception as err:  # noqa: BLE001 - a worker serves seeds and speakers without it
         log.warning("could not index the voice library: %s", err)
-    books.register(app, storage, runner.redis)
+    book_tracker.register(app, storage, runner.redis)
 
     def ready(**_: object) -> None:
         split = {"imports": (imports_s or 0.0) + engine.import_seconds, "model_load": engine.load_seconds,
@@ -105,7 +113,7 @@ def process_age_s() -> float | None:
 
 
 def _require_redis_7(r: redis.Redis) -> None:
-    """The fetch script (workers/transport.py) declares itself a writer, which Redis 6
+    """The fetch script (workers/broker/transport.py) declares itself a writer, which Redis 6
     cannot parse: say so at start, not as an error on every fetch."""
     try:
         version = str(r.info("server").get("redis_version", "7"))

@@ -107,13 +107,12 @@ def add_commands(sub: Any) -> None:
 
 
 def worker_model(args: argparse.Namespace, settings: Settings, curve: Any) -> "WorkerModel":
-    from scheduler.simulation import WorkerModel, worker_policy
+    from scheduler.simulation import WorkerModel
+    from scheduler.worker_policy import WorkerPolicy
 
-    aging = args.aging_ms if args.aging_ms is not None else settings.aging_ms
-    rows = args.realtime_rows if args.realtime_rows is not None else settings.realtime_rows
-    return WorkerModel(curve, worker_policy(settings.max_batch, settings.max_wait_ms, aging), realtime_rows=rows,
-                       refill=settings.refill and not args.no_refill,
-                       refill_window_s=min(600.0, settings.visibility_timeout / 4))
+    return WorkerModel(curve, WorkerPolicy.from_settings(settings, aging_ms=args.aging_ms,
+                                                         realtime_rows=args.realtime_rows,
+                                                         refill=settings.refill and not args.no_refill))
 
 
 def _scaling(args: argparse.Namespace) -> "Scaling":
@@ -178,8 +177,7 @@ def _simulate(args: argparse.Namespace, settings: Settings) -> int:
     if args.json_out:
         result: dict[str, Any] = {
             "jobs": len(jobs), "profile": source, "curve": [list(p) for p in model.curve.points],
-            "worker": {**asdict(model.policy), "realtime_rows": model.realtime_rows, "refill": model.refill,
-                       "prefetch": model.slots},
+            "worker": asdict(model.policy),
             "scaling": asdict(scaling), "report": report.to_dict(),
         }
         if search is not None:
@@ -213,7 +211,7 @@ def _print(jobs: list["Arrival"], model: "WorkerModel", scaling: "Scaling", repo
 
     pol = model.policy
     table = Table(title=f"{len(jobs)} jobs over {report.duration_s / 3600:.2f} h, {_fleet_text(scaling)}; "
-                        f"max batch {pol.max_batch}, refill {'on' if model.refill else 'off'}: queue wait "
+                        f"max batch {pol.max_batch}, refill {'on' if pol.refill else 'off'}: queue wait "
                         "(enqueue to GPU row)")
     for col in ("priority", "jobs", "expired", "not started", "mean s", "p50 s", "p99 s", "max s"):
         table.add_column(col, justify="left" if col == "priority" else "right")

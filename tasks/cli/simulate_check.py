@@ -114,7 +114,7 @@ def _measure(settings: Settings, console: Any, pools: dict[str, list[Any]], mode
         frontend = FrontEnd.from_settings(settings)
         spoken = {r.text: engine.normalize(frontend.speak(r.text).spoken_text) for p in pools.values() for r in p}
         steps = {text: predicted_steps(s, 5) for text, s in spoken.items()}
-        top = model_for(Curve(((1, 1.0),))).max_rows  # rows do not depend on the curve
+        top = model_for(Curve(((1, 1.0),))).policy.max_rows  # rows do not depend on the curve
         rng = random.Random(args.seed)
         mix = [replace(r, text=spoken[r.text])
                for r in (rng.choice(pools["realtime" if rng.random() < args.realtime_fraction else "bulk"])

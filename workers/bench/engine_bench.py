@@ -35,7 +35,7 @@ from scheduler.planner import PlanItem, Policy, next_batch
 
 from workers.engine.cpu_linear import stock_linears
 from workers.engine.engine import Engine
-from workers.engine.requests import SynthRequest
+from workers.engine.requests import SynthRequest, finished_rows
 
 _WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike "
           "november oscar papa quebec romeo sierra tango uniform victor whiskey yankee zulu").split()
@@ -165,7 +165,8 @@ def run_engine(engine: Engine, jobs: Sequence[SynthRequest], batch_size: int, mo
     audio_s, steps = 0.0, 0
     while batch := backlog.take(batch_size):
         refill = backlog.take if mode == "refill" else None
-        for _, res in engine.stream(batch, refill=refill, max_rows=batch_size, keep_finished=mode == "keep"):
+        stream = engine.stream(batch, max_rows=batch_size if refill else 0, keep_finished=mode == "keep")
+        for _, res in finished_rows(stream, refill):
             if res.audio is None:
                 raise RuntimeError(f"benchmark job failed: {res.error}")
             audio_s += len(res.audio) / engine.sample_rate

@@ -35,7 +35,8 @@ from .dtypes import pick_device, pick_dtype
 from .errors import EngineError
 from .normalizer import Normalizer
 from .parts import ModelParts
-from .requests import Blend, Reference, Refill, SynthRequest, SynthResult, Voice
+from .requests import (BatchStream, Blend, Event, Reference, RowsFree, SynthRequest, SynthResult, Voice,
+                       finished_rows)
 from .speakers import blend, seed_vector
 from .running_batch import RunningBatch
 
@@ -46,7 +47,8 @@ class Engine:
     sample_rate = 24_000
 
     def __init__(self, model: str, model_dir: str | None = None, device: str = "auto", dtype: str = "auto",
-                 compile: bool = False, fetch: ModelFetch | None = None, quant: str = "none") -> None:
+                 compile: bool = False, fetch: ModelFetch | None = None, quant: str = "none",
+                 on_admit: Callable[[Sequence[str]], None] | None = None) -> None:
         self.device = pick_device(device)
         self.dtype, self.dtype_reason = pick_dtype(dtype, self.device)
         check_quant(quant, self.device, self.dtype)
@@ -61,7 +63,7 @@ class Engine:
         self._fetch = fetch
         # Called with every text of the batch as rows are admitted, inside the batch's
         # error handling: the seam the fault tests inject through (workers/faults.py).
-        self.on_admit: Callable[[Sequence[str]], None] | None = None
+        self.on_admit = on_admit
         self.assets: ModelAssets | None = None
         self.import_seconds = 0.0  # of ChatTTS (and what it brings: transformers' models, vocos, numba)
         self.load_seconds = 0.0
@@ -195,34 +197,38 @@ class Engine:
         batching does (same output, more work): only for measuring what dropping
         them saves."""
         out: list[SynthResult | None] = [None] * len(requests)
-        for i, res in self.stream(requests, keep_finished=keep_finished):
+        for i, res in finished_rows(self.stream(requests, keep_finished=keep_finished)):
             out[i] = res
         return [r for r in out if r is not None]
 
-    @torch.inference_mode()
-    def stream(self, requests: Sequence[SynthRequest], refill: Refill | None = None, max_rows: int = 0,
-               keep_finished: bool = False) -> Iterator[tuple[int, SynthResult]]:
-        """Run a batch and yield (index, result) as each row ends, index counting
-        `requests` first and then every request `refill` returned, in order.
+    def stream(self, requests: Sequence[SynthRequest], max_rows: int = 0,
+               keep_finished: bool = False) -> BatchStream:
+        """Run a batch: its events are (index, result) as each row ends, index counting
+        `requests` first and then every request added, in order; and, while fewer than
+        `max_rows` rows run (0: the batch takes no new rows), RowsFree after each step.
 
-        Iteration-level batching: when rows end and fewer than `max_rows` (default:
-        len(requests)) are running, `refill(free_rows)` is asked for more, and what it
-        returns joins the running batch at once, so a backlog keeps every row busy
-        instead of waiting for the batch's longest row. Express requests
-        (`SynthRequest.express`) step ahead of the others, in a lane of their own.
+        Iteration-level batching: requests added on a RowsFree join the running batch at
+        once, so a backlog keeps every row busy instead of waiting for the batch's
+        longest row. Express requests (`SynthRequest.express`) step ahead of the others,
+        in a lane of their own.
 
         A failing row fails alone: on an error every row still running is retried in
         halves, down to single rows (this also sheds CUDA OOMs), and the stream ends
-        without asking `refill` again."""
+        without asking for rows again."""
+        return BatchStream(lambda inbox: self._isolated(requests, inbox, max_rows, keep_finished))
+
+    @torch.inference_mode()
+    def _isolated(self, requests: Sequence[SynthRequest], inbox: list[SynthRequest], max_rows: int,
+                  keep_finished: bool) -> Iterator[Event]:
         pending: dict[int, SynthRequest] = {}
         try:
-            yield from self._run_rows(requests, refill, max_rows or len(requests), keep_finished, pending)
+            yield from self._run_rows(requests, inbox, max_rows, keep_finished, pending)
         except Exception as err:  # noqa: BLE001 - any failure is isolated to its row below
             if isinstance(err, torch.cuda.OutOfMemoryError):
                 torch.cuda.empty_cache()
             left = list(pending.items())
             if not left:
-                raise  # nothing of the batch's own failed (refill itself raised)
+                raise
             if len(left) == 1:
                 log.warning("synthesis failed: %s", err)
                 yield left[0][0], SynthResult(None, 0, f"{type(err).__name__}: {err}")
@@ -233,10 +239,12 @@ class Engine:
                 results = self.generate([r for _, r in half], keep_finished)
                 yield from zip([i for i, _ in half], results)
 
-    def _run_rows(self, requests: Sequence[SynthRequest], refill: Refill | None, max_rows: int,
-                  keep_finished: bool, pending: dict[int, SynthRequest]) -> Iterator[tuple[int, SynthResult]]:
+    def _run_rows(self, requests: Sequence[SynthRequest], inbox: list[SynthRequest], max_rows: int,
+                  keep_finished: bool, pending: dict[int, SynthRequest]) -> Iterator[Event]:
         if not requests:
             return
+        grows = bool(max_rows) and not keep_finished
+        max_rows = max_rows or len(requests)
         # Two lanes of one batch: while an express row runs, only the express lane steps
         # and the other rows wait with their cache kept (a row's tokens do not depend on
         # its batch-mates, so pausing changes no output). Static batching (keep_finished)
@@ -277,9 +285,11 @@ class Engine:
             if lane.size:
                 lane.forward()
             running = bulk.size + express.size
-            if refill is not None and not keep_finished and running < max_rows:
-                more = refill(max_rows - running)
-                if more:
+            if grows and running < max_rows:
+                yield RowsFree(max_rows - running)
+                if inbox:
+                    more = list(inbox)
+                    inbox.clear()
                     admit(more)
 
     def _decode(self, rows: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[SynthResult]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence, Union
 
 import numpy as np
 
@@ -58,5 +58,44 @@ class SynthResult:
     codes: np.ndarray | None = None  # [steps, num_vq] audio codes the GPT sampled
 
 
+@dataclass(frozen=True)
+class RowsFree:
+    """A running batch has `rows` free rows: requests added now join it at its next step."""
+
+    rows: int
+
+
+# What a batch stream yields: a row that ended (its index in the stream's order, its
+# result), or its free rows.
+Event = Union[tuple[int, SynthResult], RowsFree]
+
+
+class BatchStream:
+    """One running batch, as its owner sees it: iterate for its events, and answer a
+    RowsFree with `add` (or not). The engine computes; whoever iterates decides what
+    joins, and does its I/O between steps, outside the engine's loop."""
+
+    def __init__(self, run: Callable[[list[SynthRequest]], Iterator[Event]]) -> None:
+        self._inbox: list[SynthRequest] = []
+        self._events = run(self._inbox)
+
+    def __iter__(self) -> Iterator[Event]:
+        return self._events
+
+    def add(self, requests: Sequence[SynthRequest]) -> None:
+        self._inbox.extend(requests)
+
+
 # Asked for at most N more requests when rows are free; returns those to start now.
 Refill = Callable[[int], Sequence[SynthRequest]]
+
+
+def finished_rows(stream: BatchStream, refill: Refill | None = None) -> Iterator[tuple[int, SynthResult]]:
+    """The rows of `stream` as they end, its free rows filled from `refill` (none: the
+    batch takes no new rows)."""
+    for event in stream:
+        if isinstance(event, RowsFree):
+            if refill is not None:
+                stream.add(refill(event.rows))
+        else:
+            yield event

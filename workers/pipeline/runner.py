@@ -1,11 +1,14 @@
-"""`ttspool.synthesize`: from buffered broker messages to stored WAVs and recorded results.
+"""The batch function: from the messages a worker holds to stored WAVs and recorded results.
 
-The batch function composes the worker's parts: admission (workers.admission), the table
-of held work (workers.held_work), the planner (scheduler.planner), the engine, and the
-store stage (workers.delivery, workers.recorder). Two stages overlap: the GPU thread runs
-the batch and hands each row over as it ends; the store stage encodes, uploads, records
-and acks it meanwhile. When rows free up, the planner picks held jobs to join the
-running batch (iteration-level batching, TTSPOOL_REFILL).
+It composes the worker's parts: admission (workers.pipeline.admission), the table of held
+work (workers.pipeline.held_work), the worker's scheduling policy
+(scheduler.worker_policy), the engine, and the store stage (workers.pipeline.delivery,
+workers.pipeline.recorder). The runner drives and the engine computes: the engine's
+batch stream yields each row as it ends and says when rows are free; the runner hands
+the row to the store stage (encode, upload, record and ack on its own threads while
+the GPU goes on) and, when rows are free, asks the policy which held jobs join
+(iteration-level batching, TTSPOOL_REFILL). Its Redis and storage work happens
+between the engine's steps, never inside them.
 """
 
 from __future__ import annotations
@@ -13,33 +16,34 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 import redis
 from celery import Celery
-from celery.signals import worker_shutting_down
 
-from scheduler.planner import PlanItem, Policy, next_batch, refill as refill_plan
+from scheduler.planner import PlanItem
+from scheduler.worker_policy import BatchState, WorkerPolicy
 from storage import Storage
 from tasks.broker_redis import broker_redis
-from tasks.schema import MAX_STEPS
-from tasks.settings import TASK_NAME, Settings
+from tasks.settings import Settings
 from tasks.text.frontend import FrontEnd
 from tasks.voices import VoiceLibrary
 
-from .admission import Admission
-from .batching import GpuBatches, Outcome
-from .books import BookTracker
-from .delivery import BatchDelivery, Delivery
-from .engine.engine import Engine
-from .engine.requests import SynthRequest
-from .heap import release_free_heap
-from .held_work import HeldWork
-from .jobs import Job, Phase, Work
-from .metrics import BatchTimer, Metrics
-from .recorder import Recorder
-from .task_events import TaskEvents
-from .voices import VoiceResolver
+from workers.engine.requests import RowsFree, SynthRequest
+from workers.heap import release_free_heap
+from workers.metrics import BatchTimer, Metrics
+from workers.pipeline.admission import Admission
+from workers.pipeline.book_tracker import BookTracker
+from workers.pipeline.delivery import BatchDelivery, Delivery
+from workers.pipeline.held_work import HeldWork
+from workers.pipeline.jobs import Job, Outcome, Phase, Work
+from workers.pipeline.recorder import Recorder
+from workers.pipeline.rejections import Rejections
+from workers.pipeline.task_events import TaskEvents
+from workers.pipeline.voice_resolver import VoiceResolver
+
+if TYPE_CHECKING:
+    from workers.engine.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -52,19 +56,28 @@ class BatchRunner:
     """
 
     def __init__(self, app: Celery, engine: Engine, storage: Storage, settings: Settings,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, *, messages: Messages | None = None,
+                 events: TaskEvents | None = None, rejections: Rejections | None = None) -> None:
+        """`messages`: the broker's side of the held messages (arrivals while a batch runs,
+        acks as rows are recorded; workers.broker.held_messages); `events`: where task
+        events go; `rejections`: where refused messages are recorded. Left out, the
+        runner sees no arrivals, acks nothing, and sends no events: it runs in process."""
         self.app = app
         self.engine = engine
         self.settings = settings
+        self.policy = WorkerPolicy.from_settings(settings)
         self.metrics = metrics if metrics is not None else Metrics()
+        self.messages: Messages = messages if messages is not None else NoMessages()
         # Retried like the producer's: a dropped connection while recording a finished
         # batch must not throw away the batch (the rows not uploaded yet, the requeue).
         self.redis = broker_redis(settings)
-        self.events = TaskEvents()  # register() connects it to the worker's event dispatcher
+        self.events = events if events is not None else TaskEvents()
+        self.rejections = rejections if rejections is not None else Rejections(
+            app, self.redis, lambda reason: self.metrics.rejected.labels(reason).inc(), settings.result_ttl)
         self.recorder = Recorder(app, storage, self.redis, BookTracker(app, self.redis), self.metrics, self.events,
                                  engine.sample_rate, settings.result_ttl)
         self.admission = Admission(app, self.redis, settings.max_strikes, self.recorder, self.events,
-                                   settings.result_ttl)
+                                   self.rejections, settings.result_ttl)
         frontend = FrontEnd.from_settings(settings)
 
         def read_text(text: str) -> str:
@@ -75,25 +88,9 @@ class BatchRunner:
                                     ttl_s=settings.voice_cache_s)
         self.table = HeldWork(engine, storage, frontend, self.voices, self.recorder, self.metrics)
         # A whole batch's rows may wait for storage before the GPU thread waits for it.
-        self.delivery = Delivery(self.recorder, self.admission.strike, lambda job: self.settle(job.id, job.kwargs),
+        self.delivery = Delivery(self.recorder, self.admission.strike,
+                                 lambda job: self.messages.settle(job.id, job.kwargs),
                                  self.metrics, threads=settings.store_threads, capacity=settings.max_batch)
-        self.policy = Policy(
-            max_batch=settings.max_batch,
-            # Steps one GPU batch may hold (sum of predicted lengths): half the rows at
-            # the longest length, so a batch of long jobs stays within memory.
-            token_budget=max(MAX_STEPS, settings.max_batch * MAX_STEPS // 2),
-            max_wait_s=settings.max_wait_ms / 1000.0,
-            aging_s=settings.aging_ms / 1000.0,
-        )
-        # Rows a running batch may have: max_batch, and a few more for realtime jobs only.
-        self.max_rows = settings.max_batch + settings.realtime_rows
-        # How long a running batch takes new rows (then it ends): well within the
-        # visibility timeout, past which another worker would get its jobs.
-        self.refill_window_s = min(600.0, settings.visibility_timeout / 4)
-        # Set by register() to GpuBatches': ack a finished job's message at once, and the
-        # messages buffered while a batch runs (candidates for its free rows).
-        self.settle: Callable[[str, dict[str, Any]], None] = lambda job_id, kwargs: None
-        self.arrivals: Callable[[], list[Any]] = list
         self._refused_since: float | None = None  # Redis has refused writes since then
         # A warm shutdown waits for the running batch: it must not take in held jobs
         # then (they go back to the queue), or the batch would outlast the grace period.
@@ -109,7 +106,7 @@ class BatchRunner:
         try:
             self._admit(self.table.sync(requests), out)
             now = time.monotonic()
-            decision = next_batch([w.plan_item(now - time.time()) for w in self.table.ready(out)], now, self.policy)
+            decision = self.policy.start([w.plan_item(now - time.time()) for w in self.table.ready(out)], now)
             for item in decision.expired:
                 self.table.expire(item.payload, now, out)
             if decision.batch:
@@ -121,7 +118,7 @@ class BatchRunner:
             # tried again after a pause. Audio already uploaded is found in storage then.
             self._back_off(err)
         except BaseException:
-            # Every held message goes back (workers.batching).
+            # Every held message goes back (workers.broker.gpu_batches).
             self.table.recheck()
             raise
         finally:
@@ -154,12 +151,16 @@ class BatchRunner:
         self._start(batch, rows, timer)
         # A suspect runs alone (planner): nothing joins its batch either.
         solo = any(job.suspect for work in batch for job in work.jobs)
-        refill = _Refill(self, rows, timer, delivery, out) if self.settings.refill and not solo else None
+        feed = _Feed(self, rows, timer, delivery, out, solo)
         ended = 0
         try:
-            stream = self.engine.stream([w.row() for w in batch], refill=refill,
-                                        max_rows=self.max_rows if refill else 0)
-            for i, result in stream:
+            stream = self.engine.stream([w.row() for w in batch],
+                                        max_rows=self.policy.max_rows if self.policy.refill else 0)
+            for event in stream:
+                if isinstance(event, RowsFree):
+                    stream.add(feed.rows_for(event.rows))
+                    continue
+                i, result = event
                 ended += 1
                 work = rows[i]
                 self.table.running.pop(work.key, None)
@@ -176,8 +177,8 @@ class BatchRunner:
             out.finished |= delivery.finished
             out.requeue |= delivery.requeue
             release_free_heap()
-        if refill is not None and refill.error is not None:
-            raise refill.error
+        if feed.error is not None:
+            raise feed.error
         if delivery.errors:
             # Jobs whose recording failed are looked for in storage again (recheck) when
             # their messages come back.
@@ -211,16 +212,21 @@ class BatchRunner:
             job.started = at
             self.events.started(job.id)
 
-    def refill(self, free: int, batch: "_Refill") -> list[SynthRequest]:
+    def refill(self, free: int, feed: "_Feed") -> list[SynthRequest]:
         """Held jobs to join the running batch in `free` rows: messages that arrived while
-        it ran are admitted first; the planner then chooses, as for a new batch."""
-        out = batch.out
+        it ran are admitted first; the policy then chooses."""
+        out = feed.out
+        closed = self.policy.closed(self._state(free, feed, time.monotonic(), lookup_pending=False))
+        if closed is not None:
+            log.info("the running batch takes no more rows: %s", closed)
+            feed.drain = True
+            return []
         before = set(out.finished)
-        arrived = [r for r in self.arrivals() if r.id not in self.table.jobs]
+        arrived = [r for r in self.messages.take_arrivals() if r.id not in self.table.jobs]
         self._admit(arrived, out)
         # A row whose audio is being stored: jobs that want the same audio wait until it
         # is stored (then served from storage) instead of synthesizing it a second time.
-        storing = {w.key for w in batch.rows if w.jobs[0].phase is Phase.STORING}
+        storing = {w.key for w in feed.rows if w.jobs[0].phase is Phase.STORING}
         waiting = []
         for work in self.table.ready(out, wait=False, busy=storing):
             running = self.table.running.get(work.key)
@@ -228,63 +234,49 @@ class BatchRunner:
                 self._join(work, running)
             else:
                 waiting.append(work)
-        chosen: list[Work] = []
-        if waiting:
-            now = time.monotonic()
-            left = self.policy.token_budget - sum(w.steps for w in self.table.running.values())
-            items = [w.plan_item(now - time.time()) for w in waiting]
-            # Of the free rows, those past max_batch are for realtime jobs only; all are
-            # while a realtime job's storage lookup is not back yet (a step or so).
-            bulk_free = max(0, self.policy.max_batch - (self.max_rows - free))
-            if self.table.realtime_lookup_pending():
-                bulk_free = 0
-            decision = refill_plan(items, now, self.policy, free, left, reserved=free - bulk_free)
-            for item in decision.expired:
-                self.table.expire(item.payload, now, out)
-            chosen = [item.payload for item in decision.batch]
-            if chosen:
-                self._start(chosen, batch.rows, batch.timer)
-            taken = {id(w) for w in chosen} | {id(i.payload) for i in decision.expired}
-            if any(self._needs_own_batch(i, now, left) for i in items if id(i.payload) not in taken):
-                # Refills would keep this batch going past it: let the batch end instead.
-                batch.drain = True
+        now = time.monotonic()
+        items: list[PlanItem[Work]] = [w.plan_item(now - time.time()) for w in waiting]
+        decision = self.policy.admit(items, now, self._state(free, feed, now, self.table.realtime_lookup_pending()))
+        for item in decision.expired:
+            self.table.expire(item.payload, now, out)
+        chosen = [item.payload for item in decision.batch]
+        if chosen:
+            self._start(chosen, feed.rows, feed.timer)
+        if decision.drain:
+            log.info("the running batch takes no more rows: %s", decision.why)
+            feed.drain = True
         # Served from storage, expired or refused: acked now, not when the batch ends (a
         # long batch would hold their prefetch slots).
         kwargs = {r.id: r.kwargs for r in arrived} | {j.id: j.kwargs for j in self.table.jobs.values()}
         for job_id in out.finished - before:
             if job_id in kwargs:
-                self.settle(job_id, kwargs[job_id])
+                self.messages.settle(job_id, kwargs[job_id])
         return [w.row() for w in chosen]
 
-    def _needs_own_batch(self, item: PlanItem[Work], now: float, left: int) -> bool:
-        """A held item no refill will take: a suspect, one larger than any batch's budget,
-        or one that has waited past the aging time and does not fit in what is left."""
-        return (item.alone or item.steps > self.policy.token_budget
-                or (item.steps > left and now - item.arrived >= self.policy.aging_s))
+
+    def _state(self, free: int, feed: "_Feed", now: float, lookup_pending: bool) -> BatchState:
+        return BatchState(rows=self.policy.max_rows - free, steps=sum(w.steps for w in self.table.running.values()),
+                          age_s=now - feed.t0, solo=feed.solo, lookup_pending=lookup_pending)
 
 
-class _Refill:
-    """The engine's refill callback for one batch. It never raises into the engine (which
-    would take the error for its rows' own and rerun them): an error stops the refills
-    and is raised once the batch is over. Refills also stop when storage is found down
-    (rows made now could not be stored), on a warm shutdown, when a held job needs a
-    batch of its own, and after REFILL_WINDOW_S: the batch then ends, within the
-    visibility timeout, and what only a new batch can run gets its turn."""
+class _Feed:
+    """What one batch's free rows are filled with. It never raises into the batch's loop
+    (which would leave the running rows unstored): an error stops the refills and is
+    raised once the batch is over. Refills also stop when storage is found down (rows
+    made now could not be stored), on a warm shutdown, and when the policy drains the
+    batch."""
 
     def __init__(self, runner: BatchRunner, rows: list[Work], timer: BatchTimer, delivery: BatchDelivery,
-                 out: Outcome) -> None:
+                 out: Outcome, solo: bool) -> None:
         self.runner, self.rows, self.timer, self.delivery, self.out = runner, rows, timer, delivery, out
+        self.solo = solo
         self.error: BaseException | None = None
         self.drain = False
         self.t0 = time.monotonic()
 
-    def __call__(self, free: int) -> list[SynthRequest]:
+    def rows_for(self, free: int) -> list[SynthRequest]:
         if (self.error is not None or self.drain or self.delivery.storage_down.is_set()
                 or self.runner.stopping.is_set()):
-            return []
-        if time.monotonic() - self.t0 > self.runner.refill_window_s:
-            log.info("the batch has taken new rows for %.0f s; it ends now", self.runner.refill_window_s)
-            self.drain = True
             return []
         try:
             return self.runner.refill(free, self)
@@ -294,24 +286,19 @@ class _Refill:
             return []
 
 
-def register(app: Celery, runner: BatchRunner, settings: Settings) -> GpuBatches:
-    @app.task(
-        name=TASK_NAME,
-        base=GpuBatches,
-        bind=False,
-        acks_late=True,
-        flush_every=settings.max_batch,
-        # The scheduler's clock: held jobs are looked at again on every tick.
-        flush_interval=max(10, min(settings.max_wait_ms, 50)) / 1000.0,
-    )
-    def synthesize(requests: Sequence[Any]) -> Outcome:
-        return runner(requests)
+class Messages(Protocol):
+    """The broker's side of the messages a worker holds (workers.broker.held_messages)."""
 
-    task: GpuBatches = app.tasks[TASK_NAME]
-    task.owns = runner.admission.owns
-    task.refuse = runner.admission.refuse
-    runner.events.send = task.send_event
-    runner.settle = task.settle
-    runner.arrivals = task.take_arrivals
-    worker_shutting_down.connect(lambda **_: runner.stopping.set(), weak=False)
-    return task
+    def take_arrivals(self) -> list[Any]: ...
+
+    def settle(self, job_id: str, kwargs: Any) -> None: ...
+
+
+class NoMessages:
+    """No broker: nothing arrives while a batch runs, and nothing needs an ack."""
+
+    def take_arrivals(self) -> list[Any]:
+        return []
+
+    def settle(self, job_id: str, kwargs: Any) -> None:
+        return None

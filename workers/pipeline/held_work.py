@@ -9,22 +9,22 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Collection, Iterable, Sequence
 
-from scheduler.keys import content_key, object_key
+from storage.keys import content_key, object_key
 from storage import Storage, StorageError
 from tasks.audio import FORMATS, duration_of
 from tasks.errors import JobExpired, JobFailed
 from tasks.text.frontend import FrontEnd
 from tasks.text.lengths import predicted_steps
 
-from .batching import Outcome
-from .engine.requests import SynthRequest
-from .jobs import Job, Phase, Work
-from .metrics import Metrics
-from .recorder import DURATION_META, RATE_META, Recorder
-from .voices import VoiceResolver
+from workers.pipeline.jobs import Outcome
+from workers.engine.requests import SynthRequest
+from workers.pipeline.jobs import Job, Phase, Work
+from workers.metrics import Metrics
+from workers.pipeline.recorder import DURATION_META, RATE_META, Recorder
+from workers.pipeline.voice_resolver import VoiceResolver
 
 if TYPE_CHECKING:
-    from .engine.engine import Engine
+    from workers.engine.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class HeldWork:
             self._looking = {k: f for k, f in self._looking.items() if k in keys}
 
     def recheck(self) -> None:
-        """After a failed tick: every held message goes back (workers.batching), and a
+        """After a failed tick: every held message goes back (workers.broker.gpu_batches), and a
         batch may have stored some of its audio before: look in storage again when they
         return, rather than synthesize it a second time."""
         self.running.clear()

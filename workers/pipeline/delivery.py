@@ -25,10 +25,10 @@ import redis
 from storage import StorageError
 from tasks.errors import JobFailed
 
-from .engine.requests import SynthResult
-from .jobs import Job, Phase, Work
-from .metrics import Metrics
-from .recorder import Recorder
+from workers.engine.requests import SynthResult
+from workers.pipeline.jobs import Job, Phase, Work
+from workers.metrics import Metrics
+from workers.pipeline.recorder import Recorder
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class Delivery:
                  settle: Callable[[Job], None], metrics: Metrics, threads: int, capacity: int) -> None:
         self.recorder = recorder
         self.strike = strike
-        # Acks a finished job's message at once (workers.batching.GpuBatches.settle).
+        # Acks a finished job's message at once (workers.broker.held_messages.HeldMessages.settle).
         self.settle = settle
         self.metrics = metrics
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="store")

@@ -8,7 +8,9 @@ raises out of the loop, where Celery stops the worker as an "unrecoverable error
 gets into celery-batches' buffer and breaks it. Here every popped item is checked
 against the envelope contract (tasks/envelope.py) first; one that fails is taken off
 the queue (its unacked record is dropped, so it holds no prefetch slot and never comes
-back) and recorded once with its reason (workers/rejections.py). The worker keeps serving.
+back) and recorded once with its reason (workers/pipeline/rejections.py). The worker keeps serving.
+kombu builds the transport from a class, so each worker gets classes of its own
+(`transport_for`) that carry its recorder and test hook as class attributes.
 
 kombu moves a message from its queue list to its unacked set in two steps: BRPOP, then
 a write recording it as unacked. A worker killed between the two, a connection cut
@@ -38,8 +40,8 @@ from kombu.utils.json import loads
 from tasks import envelope
 from tasks.broker_redis import FailoverConnection
 from tasks.settings import ASSEMBLE_TASK, TASK_NAME
+from workers.pipeline.rejections import Rejections
 
-from . import rejections
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +77,7 @@ for i = 1, n do
 end
 return false
 """
-# A test hook (workers/faults.py): called with each fetched item before it is delivered.
-on_fetch: Callable[[bytes], None] | None = None
-
-
-def _admit(item: bytes, recorded: bool) -> dict[str, Any] | None:
+def _admit(item: bytes, recorded: bool, rejections: Rejections) -> dict[str, Any] | None:
     """The decoded envelope, or None when it was refused (and the refusal recorded).
     `recorded`: the fetch recorded it as unacked (Lua's JSON decoder accepted it too)."""
     try:
@@ -111,7 +109,7 @@ class QoS(kombu_redis.QoS):
             # every worker start) at it: it is dropped and dead-lettered instead.
             log.error("dropped an unacked record that could not be restored (%s)", type(exc).__name__)
             self._remove_from_indices(tag).execute()
-            rejections.record(envelope.Rejection("undecodable", f"an unacked record could not be restored "
+            self.channel.rejections.record(envelope.Rejection("undecodable", f"an unacked record could not be restored "
                                                                 f"({type(exc).__name__})", None), None)
             return None
 
@@ -127,6 +125,9 @@ class QoS(kombu_redis.QoS):
 class Channel(kombu_redis.Channel):
     QoS = QoS
     _paused = False  # the command in flight is the idle pause, not a fetch
+    rejections: Rejections  # set by transport_for
+    # A test hook (workers/faults.py): called with each fetched item before it is delivered.
+    on_fetch: Callable[[bytes], None] | None = None
 
     def _brpop_start(self, timeout: Any = None) -> Any:
         queues = self._queue_cycle.consume(len(self.active_queues))
@@ -160,11 +161,11 @@ class Channel(kombu_redis.Channel):
                 self._paused = not paused
                 raise Empty()
             dest, item, tag = reply
-            if on_fetch is not None:
-                on_fetch(item)
+            if self.on_fetch is not None:
+                self.on_fetch(item)
             dest = bytes_to_str(dest).rsplit(self.sep, 1)[0]
             self._queue_cycle.rotate(dest)
-            message = _admit(item, tag is not None)
+            message = _admit(item, tag is not None, self.rejections)
             if message is None:
                 if tag is not None:
                     self.qos._remove_from_indices(tag).execute()
@@ -224,3 +225,12 @@ class SentinelChannel(Channel, kombu_redis.SentinelChannel):
 
 class SentinelTransport(kombu_redis.SentinelTransport):
     Channel = SentinelChannel
+
+
+def transport_for(sentinel: bool, rejections: Rejections,
+                  on_fetch: Callable[[bytes], None] | None = None) -> type[kombu_redis.Transport]:
+    """This worker's transport class (kombu takes a class, not an object): the channel
+    records refusals with `rejections` and calls `on_fetch` with every fetched item."""
+    base = SentinelTransport if sentinel else Transport
+    channel = type(base.Channel.__name__, (base.Channel,), {"rejections": rejections, "on_fetch": on_fetch})
+    return type(base.__name__, (base,), {"Channel": channel})

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any, Callable
 from tasks.errors import JobFailed
 from tasks.voices import Embedding, Voice, VoiceLibrary
 
-from .engine.requests import Blend, Reference
-from .engine.requests import Voice as EngineVoice
+from workers.engine.requests import Blend, Reference
+from workers.engine.requests import Voice as EngineVoice
 
 if TYPE_CHECKING:
-    from .engine.engine import Engine
+    from workers.engine.engine import Engine
 
 log = logging.getLogger(__name__)
 

@@ -23,17 +23,18 @@ from tasks.schema import JobValidationError, parse_job
 from tasks.settings import DEAD_LETTER_KEY
 from tasks.states import TERMINAL, JobState
 
-from . import rejections
-from .batching import Outcome
-from .jobs import Job
-from .recorder import DELIVERIES, STRIKES, Recorder
-from .task_events import TaskEvents
+from workers.pipeline.jobs import Outcome
+from workers.pipeline.jobs import Job
+from workers.pipeline.recorder import DELIVERIES, STRIKES, Recorder
+from workers.pipeline.rejections import Rejections
+from workers.pipeline.task_events import TaskEvents
 
 
 class Admission:
     def __init__(self, app: Celery, r: redis.Redis, max_strikes: int, recorder: Recorder,
-                 events: TaskEvents, ttl_s: int) -> None:
+                 events: TaskEvents, rejections: Rejections, ttl_s: int) -> None:
         self.app = app
+        self.rejections = rejections
         self.redis = r
         self.max_strikes = max_strikes
         self.recorder = recorder
@@ -57,7 +58,7 @@ class Admission:
                 continue
             if spec.job_id is not None and spec.job_id != req.id:
                 # Recorded under one id, the other would stay PENDING forever.
-                rejections.record(Rejection("id_mismatch", f"kwargs job_id {spec.job_id!r} differs from the "
+                self.rejections.record(Rejection("id_mismatch", f"kwargs job_id {spec.job_id!r} differs from the "
                                                            f"message id {req.id!r}", req.id),
                                   json.dumps(req.kwargs, default=str), owner=True)
                 out.finished.add(req.id)
@@ -120,7 +121,7 @@ class Admission:
 
     def refuse(self, request: Any) -> None:
         """A message that lost its id to a different job: dead-lettered, the owner untouched."""
-        rejections.record(Rejection("id_taken", taken_error(request.id), None), json.dumps(request.kwargs, default=str))
+        self.rejections.record(Rejection("id_taken", taken_error(request.id), None), json.dumps(request.kwargs, default=str))
 
     def _owned(self, requests: Sequence[Any], out: Outcome) -> list[Any]:
         """Requests whose id is theirs: claimed here when unclaimed (a plain Celery client),

@@ -16,7 +16,7 @@ from typing import Any
 from scheduler.planner import PlanItem
 from tasks.schema import JobSpec
 
-from .engine.requests import SynthRequest
+from workers.engine.requests import SynthRequest
 
 
 class Phase(enum.Enum):
@@ -104,3 +104,9 @@ class Work:
         deadline = None if None in deadlines else max(d for d in deadlines if d is not None) + clock_offset
         return PlanItem(self, self.steps, "realtime" if realtime else "bulk",
                         min(j.arrived for j in self.jobs), deadline, alone=any(j.suspect for j in self.jobs))
+
+
+@dataclass
+class Outcome:
+    finished: set[str] = field(default_factory=set)  # result recorded: ack
+    requeue: set[str] = field(default_factory=set)  # not done, give back to the broker

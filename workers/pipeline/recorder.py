@@ -20,10 +20,10 @@ from tasks.claims import Claim, claim_key, digest_of, tenant_of
 from tasks.errors import JobExpired
 from tasks.states import JobState
 
-from .books import BookTracker
-from .jobs import Job
-from .metrics import Metrics
-from .task_events import TaskEvents
+from workers.pipeline.book_tracker import BookTracker
+from workers.pipeline.jobs import Job
+from workers.metrics import Metrics
+from workers.pipeline.task_events import TaskEvents
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ class Recorder:
         duration = round(seconds, 6)
         with self.metrics.upload_seconds.time():
             # What the key does not say, on the object itself: a later job with the same
-            # content learns it from the HEAD that finds the object (workers/held_work.py),
+            # content learns it from the HEAD that finds the object (workers/pipeline/held_work.py),
             # without the broker keeping an index of every object.
             url = self.storage.put_bytes(key, data, FORMATS[fmt].content_type,
                                          metadata={DURATION_META: repr(duration), RATE_META: str(rate)})

@@ -1,8 +1,8 @@
 """Queue items the worker will not run: taken off the queue, recorded once, counted.
 
-The transport (workers/transport.py) checks every popped item against the envelope
+The transport (workers/broker/transport.py) checks every popped item against the envelope
 contract (tasks/envelope.py) before kombu or Celery sees it; Celery's own late refusals
-(workers/consumer.py) end here too. A refusal names the job it can: a FAILURE with the
+(workers/broker/consumer.py) end here too. A refusal names the job it can: a FAILURE with the
 reason is recorded under the message's id when the id is the message's own (nobody had
 claimed it, tasks/claims.py; a forged or replayed message must not overwrite another
 job's record). Everything else goes to the dead-letter list, bounded, with the first
@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import redis
 from celery import Celery
@@ -62,23 +61,3 @@ class Rejections:
         recorded only under an id no job holds, never over somebody else's."""
         claim = Claim(REJECTED, None, "worker").encode()
         return bool(self.redis.set(claim_key(job_id), claim, nx=True, ex=self.ttl_s))
-
-
-_current: Rejections | None = None
-_lock = threading.Lock()
-
-
-def install(rejections: Rejections) -> None:
-    """The worker's recorder: the transport and consumer are built by kombu and Celery,
-    which take classes, not objects, so they find it here."""
-    global _current
-    with _lock:
-        _current = rejections
-
-
-def record(rejection: Rejection, raw: Any, owner: bool = False) -> None:
-    current = _current
-    if current is None:
-        log.warning("rejected a queue item (%s): %s", rejection.reason, rejection.detail)
-        return
-    current.record(rejection, raw, owner)
