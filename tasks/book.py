@@ -1,7 +1,7 @@
 """Books: long text as one job per segment, assembled into one file when all are done.
 
 The "chord" is kept in Redis rather than in Celery's chord machinery: the worker records
-each segment's end (`workers.books.BookTracker.job_finished`), resubmits a failed segment a
+each segment's end (`workers.pipeline.book_tracker.BookTracker.job_finished`), resubmits a failed segment a
 bounded number of times, and the call that sees the last segment end sends one
 `ttspool.assemble_book` task (guarded by SET NX, so several workers finishing segments
 at once send it once). A Celery chord cannot do this: the GPU task records results per
