@@ -1,0 +1,112 @@
+"""What the gateway's routes share, as FastAPI dependencies: the gateway's state (one
+per app, built by create_app) and the tenant of the request's API key."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Protocol
+
+import anyio
+from fastapi import Depends, HTTPException, Request
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+
+from .. import job_records
+from ..app import make_app
+from ..producer import Client, error_text
+from ..settings import Settings
+from ..states import JobState
+from ..voices import Store, VoiceLibrary
+from .keys import ApiKeys
+from .results import ResultWaiter
+
+_LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, float("inf"))
+
+
+class Storage(Store, Protocol):
+    """What the gateway needs of a store (storage.Storage, handed in by the CLI)."""
+
+    @property
+    def base_url(self) -> str: ...
+
+    def presigned_url(self, key: str, expires_s: int) -> str: ...
+    def url_for(self, key: str) -> str: ...
+
+
+class GatewayState:
+    """The clients and metrics of one gateway app, kept on `app.state.gateway`."""
+
+    def __init__(self, settings: Settings, storage: Storage) -> None:
+        self.settings = settings
+        self.storage = storage
+        self.keys = ApiKeys(settings.api_keys)
+        self.client = Client(settings, storage=storage)
+        self.voices = VoiceLibrary(storage, self.client.redis)
+        celery = make_app(settings)
+        self.waiter = ResultWaiter(
+            settings.backend_url, settings.redis_master_name, celery.backend.task_keyprefix.decode(),
+            key_for=lambda job_id: celery.backend.get_key_for_task(job_id).decode(),
+            decode=celery.backend.decode_result,
+        )
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)  # memory and file descriptors of the gateway
+        self.requests = Counter("ttspool_gateway_requests", "HTTP requests, by route and status",
+                                ["route", "status"], registry=self.registry)
+        self.latency = Histogram("ttspool_gateway_request_seconds", "Time to the response's last byte, by route",
+                                 ["route"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.in_flight = Gauge("ttspool_gateway_in_flight_requests", "Requests being served", registry=self.registry)
+
+    async def submit(self, jobs: list[dict[str, Any]]) -> list[str]:
+        # Enqueueing is a few quick Redis calls through the sync client: a worker thread
+        # for those only. Waiting for the audio holds no thread (ResultWaiter).
+        # Each job carries the key's tenant, which its id's claim records (tasks/claims.py).
+        ids: list[str] = await anyio.to_thread.run_sync(self.client.submit_many, jobs)
+        return ids
+
+    async def audio_of(self, meta: dict[str, Any]) -> bytes:
+        result = meta.get("result")
+        if meta.get("status") != JobState.SUCCESS or not isinstance(result, dict):
+            raise HTTPException(502, f"synthesis failed: {error_text(result)}")
+        key = job_records.audio_key(self.storage.base_url, result["url"])
+        return await anyio.to_thread.run_sync(self.storage.get_bytes, key)
+
+    async def owned(self, job_id: str, tenant: str | None) -> None:
+        """With API keys, a tenant sees only its own jobs: those submitted with its tenant,
+        through this gateway or any other producer."""
+        if tenant is None:
+            return
+        claim = await anyio.to_thread.run_sync(self.client.owner, job_id)
+        if claim is not None:
+            owner = claim.tenant
+        else:
+            # Claims go with the result window; a job past it names its tenant in its record.
+            record = await anyio.to_thread.run_sync(job_records.read, self.storage, job_id)
+            owner = (record or {}).get("params", {}).get("tenant")
+        if owner != tenant:
+            raise HTTPException(404, f"no job {job_id!r}")
+
+
+def gateway_state(request: Request) -> GatewayState:
+    state: GatewayState = request.app.state.gateway
+    return state
+
+
+State = Annotated[GatewayState, Depends(gateway_state)]
+
+
+def tenant_of(request: Request, state: State) -> str | None:
+    """The API key's tenant; None when the gateway has no keys (nobody to tell apart)."""
+    if not state.keys.enabled:
+        return None
+    tenant = state.keys.tenant_for(request.headers.get("authorization"))
+    if tenant is None:
+        raise HTTPException(401, "missing or invalid API key (Authorization: Bearer KEY)")
+    return tenant
+
+
+Tenant = Annotated[str | None, Depends(tenant_of)]
+
+
+def content_type(fmt: str) -> str:
+    # tasks/audio.py loads numpy and libsndfile: only once a route answers with audio.
+    from ..audio import FORMATS
+
+    return FORMATS[fmt].content_type
