@@ -134,13 +134,11 @@ class WorkerPolicy:
         if why is not None:
             return Admit(drain=True, why=why)
         free = self.max_rows - running.rows
-        if not held or free < 1:
-            return Admit()
         left = self.token_budget - running.steps
         # Of the free rows, those past max_batch are for realtime items only; all are while
         # a realtime item's storage lookup is not back yet (a step or so).
         bulk_free = 0 if running.lookup_pending else max(0, self.max_batch - running.rows)
-        decision = refill(held, now, self.planner, free, left, reserved=free - bulk_free)
+        decision = refill(held, now, self.planner, free, left, reserved=max(0, free - bulk_free))
         taken = {id(i) for i in decision.batch} | {id(i) for i in decision.expired}
         blocked = [i for i in held if id(i) not in taken and self.needs_own_batch(i, now, left)]
         return Admit(decision.batch, decision.expired, drain=bool(blocked),

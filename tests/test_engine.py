@@ -10,9 +10,11 @@ import pybase16384 as b14
 import pytest
 import torch
 
-from tasks.text.lengths import predicted_steps, steps_to_samples
+from tasks.text.lengths import predicted_steps
 from workers.engine.engine import Engine
 from workers.engine.requests import SynthRequest, finished_rows
+
+from .model_facts import steps_to_samples
 
 SHORT = "A short line."
 LONG = "A much longer line of text that keeps the batch busy for many more steps than the short one. " * 3

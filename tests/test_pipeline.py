@@ -17,10 +17,11 @@ from tasks.app import make_app
 from tasks.producer import Client
 from tasks.schema import AUDIO_FORMATS, JobValidationError
 from tasks.settings import QUEUE_BULK, QUEUE_REALTIME, TASK_NAME, Settings
-from tasks.text.lengths import predicted_steps, steps_to_samples
+from tasks.text.lengths import predicted_steps
 from tasks.audio import FORMATS
 
 from .conftest import BUCKET, PREFIX, ROOT, S3Endpoint, WorkerProc, raw_message
+from .model_facts import steps_to_samples
 from .scrape import fetch, parse, value
 
 STATUS_FIELDS = {"id", "status", "url", "duration_s", "sample_rate", "error", "spoken_text", "format", "dropped"}

@@ -17,9 +17,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from storage.keys import content_key, object_key
-from tasks.text.lengths import MAX_STEPS, predicted_steps, steps_to_samples
+from tasks.text.lengths import MAX_STEPS, predicted_steps
 from storage import safe_key
 from tasks.schema import MAX_TEXT_CHARS, JobSpec, JobValidationError, parse_job
+
+from .model_facts import steps_to_samples
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -47,8 +47,3 @@ def predicted_steps(text: str, speed: int = 5, max_tokens: int = MAX_STEPS) -> i
     """GPT steps for the text: at least 1, at most `max_tokens`."""
     steps = math.ceil(predicted_seconds(text, speed) * STEPS_PER_SECOND)
     return max(1, min(steps, max_tokens))
-
-
-def steps_to_samples(steps: int) -> int:
-    """Samples Vocos returns for `steps` GPT steps (2 frames each; centred ISTFT drops one hop)."""
-    return max(0, SAMPLES_PER_STEP * steps - SAMPLES_PER_STEP // 2)
