@@ -15,10 +15,8 @@ import os
 # so that two engines never spin their thread pools against each other. Set before
 # anything imports torch.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-import signal
 import subprocess
 import sys
-import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,7 +27,9 @@ import boto3
 import pytest
 from hypothesis import settings as hypothesis_settings
 
+from tasks.cli import worker_process
 from tasks.cli.local_redis import LocalRedis, free_port
+from tasks.cli.worker_process import stop_worker as stop_process  # noqa: F401 - the tests take it from here
 from tasks.producer import Client
 from tasks.settings import QUEUE_BULK, TASK_NAME, Settings
 
@@ -155,60 +155,35 @@ def worker_env(redis_url: str, s3: S3Endpoint, aws_env: dict[str, str], **extra:
 
 
 def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "tasks.cli", "worker", "--loglevel", "INFO"],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-        )
-
-
-def stop_process(proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    return worker_process.start_worker(env, log, cwd=ROOT)
 
 
 @pytest.fixture(scope="session")
 def worker(redis_server: LocalRedis, s3: S3Endpoint, aws_env: dict[str, str], tmp_path_factory) -> Iterator[WorkerProc]:
     env = worker_env(redis_server.url, s3, aws_env, TTSPOOL_FAULT_LEAK_ON_TEXT=LEAK_MARKER.strip(". "))
     log = tmp_path_factory.mktemp("worker") / "worker.log"
-    proc = start_worker(env, log)
-    settings = Settings.from_env(env)
-    handle = WorkerProc(proc, log, settings, env)
-    client = Client(settings)
-    try:
-        wait_ready(client, proc, log)
-        yield handle
-    finally:
-        client.close()
-        stop_process(proc)
+    with running_worker(env, log) as (proc, _):
+        yield WorkerProc(proc, log, Settings.from_env(env), env)
 
 
 def wait_ready(client: Client, proc: subprocess.Popen[bytes], log: Path, timeout: float = 300) -> None:
     """Ready means: the worker has loaded the model and served a job end to end."""
-    job = client.submit({"text": "warm up", "job_id": "warmup-" + uuid.uuid4().hex})
-    deadline = time.monotonic() + timeout
-    while not client.status(job).done:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            pytest.fail(f"worker did not become ready:\n{log.read_text(errors='replace')[-5000:]}")
-        time.sleep(0.2)
+    try:
+        worker_process.wait_ready(client, proc, log, timeout)
+    except (RuntimeError, TimeoutError):
+        pytest.fail(f"worker did not become ready:\n{log.read_text(errors='replace')[-5000:]}")
 
 
 @contextmanager
 def running_worker(env: dict[str, str], log: Path) -> Iterator[tuple[subprocess.Popen[bytes], Client]]:
     """A ready worker subprocess and a client; both stopped when the block ends, failed or not."""
-    proc = start_worker(env, log)
-    client = Client(Settings.from_env(env))
-    try:
-        wait_ready(client, proc, log)
-        yield proc, client
-    finally:
-        client.close()
-        stop_process(proc)
+    with worker_process.running_worker(env, log, cwd=ROOT) as proc:
+        client = Client(Settings.from_env(env))
+        try:
+            wait_ready(client, proc, log)
+            yield proc, client
+        finally:
+            client.close()
 
 
 def raw_message(job_id: str, body: bytes, content_type: str = "application/json", task: str = TASK_NAME) -> str:

@@ -1,5 +1,6 @@
 """What the fault tests share: a throwaway Redis with persistence per test, the job sets,
-waits on conditions (never fixed sleeps), and a TCP proxy a test can cut.
+waits on conditions (never fixed sleeps), and S3 behind a TCP proxy a test can cut
+(workers/bench/tcp_proxy.py).
 
 Each fault test has its own redis-server (with persistence), so killed workers, restarted
 servers and leftover messages never reach another test. Numbers the tests measure are
@@ -12,18 +13,17 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
-import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import pytest
 import redis
 
-from tasks.cli.local_redis import LocalRedis, free_port
+from tasks.cli.local_redis import LocalRedis
 from tasks.producer import Client, JobStatus
 from tasks.settings import QUEUE_BULK
+from workers.bench.tcp_proxy import TcpProxy
 
 from .conftest import S3Endpoint, worker_env
 
@@ -79,117 +79,11 @@ def assert_stored(s3: S3Endpoint, statuses: list[JobStatus]) -> None:
         assert s3.client().head_object(Bucket=bucket, Key=key)["ContentLength"] > 44, st
 
 
-class CuttableProxy:
-    """A TCP forwarder whose cut() drops every connection and refuses new ones, as a
-    network partition or a dead load balancer does (stopping moto itself is no outage:
-    its handler threads keep serving kept-alive connections). After drop_at(match), the
-    next client write (or server reply) that matches is not forwarded: every connection
-    drops right there, and new ones are accepted. close() stops it for good. Written here
-    because it is a few lines of sockets and no test library offers it.
-
-    Its pump threads share the connection set and the one-shot drop, so both are changed
-    under a lock: two pumps matching at once must drop (and schedule a reopening) once."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.port = free_port()
-        self._lock = threading.Lock()
-        self._socks: set[socket.socket] = set()
-        self._listener: socket.socket | None = None
-        self._drop_once: Callable[[bytes], bool] | None = None
-        self._drop_replies = False
-        self._outage_s = 0.0
-        self._reopen: threading.Timer | None = None
-        self._closed = False
-        self.dropped = threading.Event()
-
-    def drop_at(self, match: Callable[[bytes], bool], replies: bool = False, outage_s: float = 0) -> None:
-        """Drop at the next client write that matches, or server reply with `replies`;
-        with `outage_s`, refuse new connections for that long after."""
-        with self._lock:
-            self.dropped.clear()
-            self._drop_replies = replies
-            self._drop_once = match
-            self._outage_s = outage_s
-
-    def start(self) -> "CuttableProxy":
-        with self._lock:
-            if self._closed:
-                return self
-            self._listener = listener = socket.create_server(("127.0.0.1", self.port))
-        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
-        return self
-
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = listener.accept()
-                upstream = socket.create_connection(self.target)
-            except OSError:
-                return
-            with self._lock:
-                self._socks |= {client, upstream}
-            for src, dst, watch in ((client, upstream, True), (upstream, client, False)):
-                threading.Thread(target=self._pump, args=(src, dst, watch), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, watch: bool) -> None:
-        try:
-            while data := src.recv(65536):
-                if self._drops(data, watch):
-                    return
-                dst.sendall(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-
-    def _drops(self, data: bytes, from_client: bool) -> bool:
-        with self._lock:
-            if (from_client == self._drop_replies or self._drop_once is None or self.dropped.is_set()
-                    or not self._drop_once(data)):
-                return False
-            self.dropped.set()
-            outage = self._outage_s
-        if outage:
-            self.cut()
-            with self._lock:
-                self._reopen = threading.Timer(outage, self.start)
-                self._reopen.daemon = True
-                self._reopen.start()
-        else:
-            self._drop_all()
-        return True
-
-    def cut(self) -> None:
-        with self._lock:
-            listener, self._listener = self._listener, None
-        if listener is not None:
-            listener.close()
-        self._drop_all()
-
-    def close(self) -> None:
-        """Cut, and never reopen (a pending outage's reopening included)."""
-        with self._lock:
-            self._closed = True
-            if self._reopen is not None:
-                self._reopen.cancel()
-        self.cut()
-
-    def _drop_all(self) -> None:
-        with self._lock:
-            socks, self._socks = self._socks, set()
-        for s in socks:
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-            s.close()
-
-
 @contextlib.contextmanager
-def s3_behind_proxy(s3: S3Endpoint, bucket: str) -> Iterator[tuple[CuttableProxy, S3Endpoint]]:
+def s3_behind_proxy(s3: S3Endpoint, bucket: str) -> Iterator[tuple[TcpProxy, S3Endpoint]]:
     """A bucket of its own, reached through a proxy the test can cut."""
     host, port = s3.url.removeprefix("http://").split(":")
-    proxy = CuttableProxy((host, int(port))).start()
+    proxy = TcpProxy((host, int(port))).start()
     try:
         endpoint = S3Endpoint(f"http://127.0.0.1:{proxy.port}", bucket)
         endpoint.client().create_bucket(Bucket=bucket)

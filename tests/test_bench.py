@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import pytest
+
 from .conftest import ROOT
 
 
@@ -117,11 +119,11 @@ def _round_trip(sock: socket.socket, payload: bytes) -> tuple[bytes, float]:
 
 
 def test_delay_proxy_delays_each_round_trip_and_keeps_the_bytes() -> None:
-    from workers.bench.delay_proxy import DelayProxy
+    from workers.bench.tcp_proxy import TcpProxy
 
     rng = random.Random(7)
     with _echo_server() as target:
-        proxy = DelayProxy(target, delay_ms=80).start()
+        proxy = TcpProxy(target, delay_ms=80).start()
         try:
             with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
                 for size in (1, 1000, 3 * 2**20):  # the last one crosses many reads in each direction
@@ -133,6 +135,50 @@ def test_delay_proxy_delays_each_round_trip_and_keeps_the_bytes() -> None:
                 got, took = _round_trip(sock, b"slower")
                 assert got == b"slower" and took >= 0.3
             assert proxy.connections == 1
+        finally:
+            proxy.close()
+        assert proxy.alive_threads() == []
+
+
+def _dropped(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_tcp_proxy_cuts_drops_once_and_reopens_on_its_port() -> None:
+    from workers.bench.tcp_proxy import TcpProxy
+
+    with _echo_server() as target:
+        proxy = TcpProxy(target).start()
+        try:
+            with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+                assert _round_trip(sock, b"before")[0] == b"before"
+                proxy.cut()
+                assert _dropped(sock)
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", proxy.port), timeout=10).close()
+            proxy.start()
+            proxy.drop_at(lambda data: b"drop" in data, outage_s=1.0)
+            with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+                assert _round_trip(sock, b"kept")[0] == b"kept"
+                sock.sendall(b"drop here")
+                assert _dropped(sock)
+            assert proxy.dropped.is_set()
+            with pytest.raises(ConnectionRefusedError):  # the outage
+                socket.create_connection(("127.0.0.1", proxy.port), timeout=10).close()
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+                    break
+                except ConnectionRefusedError:
+                    assert time.monotonic() < deadline, "the proxy did not reopen after the outage"
+                    time.sleep(0.05)
+            with sock:
+                assert _round_trip(sock, b"drop again")[0] == b"drop again"  # one drop per drop_at()
+            assert proxy.connections == 3
         finally:
             proxy.close()
         assert proxy.alive_threads() == []

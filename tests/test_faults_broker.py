@@ -17,9 +17,10 @@ from tasks.cli.local_redis import LocalRedis, free_port
 from tasks.errors import BrokerFull
 from tasks.producer import Client
 from tasks.settings import Settings
+from workers.bench.tcp_proxy import TcpProxy
 
 from .conftest import S3Endpoint, running_worker, start_worker, stop_process
-from .fault_tools import CuttableProxy, assert_stored, fault_env, jobs, tail, until, wait_all
+from .fault_tools import assert_stored, fault_env, jobs, tail, until, wait_all
 from .scrape import fetch, parse, value
 
 
@@ -52,7 +53,7 @@ def test_connection_lost_with_the_fetched_message_loses_nothing(broker: LocalRed
     # The proxy drops the worker's connections at the reply that carries the message, so
     # Redis has popped it and the worker never sees it. kombu's BRPOP lost it there; the
     # fetch script recorded it as unacked in the same step, so it comes back.
-    proxy = CuttableProxy(("127.0.0.1", broker.port)).start()
+    proxy = TcpProxy(("127.0.0.1", broker.port)).start()
     direct = Client(Settings(broker_url=broker.url))
     try:
         env = fault_env(broker, s3, aws_env, TTSPOOL_BROKER_URL=f"redis://127.0.0.1:{proxy.port}/0")
@@ -80,7 +81,7 @@ def test_connection_lost_recording_a_finished_batch_keeps_it(broker: LocalRedis,
     # Down for 45 s, longer than any retry: the batch function raises and every held job
     # goes back; the row stored before the outage is then served from storage, not made
     # again (the worker had remembered it as looked up already).
-    proxy = CuttableProxy(("127.0.0.1", broker.port)).start()
+    proxy = TcpProxy(("127.0.0.1", broker.port)).start()
     direct = Client(Settings(broker_url=broker.url))
     try:
         port = free_port()

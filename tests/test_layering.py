@@ -1,14 +1,20 @@
 """The layering, read from the source (as test_security.py reads it for pickle): which
-package may import which, and no import cycles between modules.
+module may import which, and no import cycles between modules. The floors, bottom up:
 
-- tasks/ (the contract, producer API, text, books, exporter) imports nothing of the
-  other packages and no torch; tasks/cli/ is the composition root and may import
-  anything, but the worker side and torch only inside functions (lazily), so that a
-  producer runs `ttspool submit` without them;
-- scheduler/ is pure policy: the contract's schema and text rules, the standard library;
-- storage/ knows nothing of Celery, the scheduler or the workers (the contract's settings
-  and errors are all it takes from tasks/), and no torch;
-- workers/ may import every other package, but not the CLI.
+- the contract: tasks/ without its composition roots (settings, schema, errors, states,
+  the Celery app, producer API, text rules, books, rate limits). Everyone may import it;
+  it imports nothing of the other packages and no torch;
+- scheduler/ (pure policy: the contract's schema, text rules and settings, the standard
+  library) and storage/ (object stores and model files: the contract's settings and
+  errors, no Celery, no torch);
+- workers/: the engine (torch), metrics and heap at the bottom, the batch pipeline
+  (workers/pipeline/) above them, the Celery plumbing (workers/broker/) above that, and
+  the worker process, faults and benchmarks on top;
+- the composition roots, above everything: the CLI (tasks/cli/, which takes the worker
+  side, torch and heavy modules only inside its handlers, so that a producer runs
+  `ttspool submit` without them), the HTTP gateway (tasks/gateway/, torch-free: it serves
+  without the worker side) and the queue exporter (tasks/exporter.py). Nothing below
+  imports them.
 """
 
 from __future__ import annotations
@@ -79,31 +85,48 @@ def _top(target: str) -> str:
     return target.split(".")[0]
 
 
+ROOTS = ("tasks.cli", "tasks.gateway", "tasks.exporter")
+# Inside workers/, bottom up: a room imports only from its own floor and those below.
+WORKER_FLOORS = (("workers.engine", "workers.metrics", "workers.heap"), ("workers.pipeline",), ("workers.broker",))
+
+
+def _is(module: str, *prefixes: str) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def _worker_floor(module: str) -> int:
+    return next((n for n, rooms in enumerate(WORKER_FLOORS) if _is(module, *rooms)), len(WORKER_FLOORS))
+
+
 def _violation(i: Import) -> str | None:
     src, dst = i.module, _top(i.target)
-    if src.startswith("tasks.cli"):
-        if not i.top_level:
-            return None
-        if dst in TORCH or dst == "workers" or i.target.startswith(("storage.models", "scheduler")):
+    if _is(i.target, *ROOTS) and not _is(src, *ROOTS):
+        return "nothing below the composition roots (CLI, gateway, exporter) imports them"
+    if _is(src, "tasks.cli"):
+        if i.top_level and (dst in TORCH or dst == "workers" or _is(i.target, "storage.models", "scheduler")):
             return "the CLI imports the worker side, torch or heavy modules only inside its handlers"
+        return None
+    if _is(src, "tasks.gateway", "tasks.exporter"):
+        if dst in TORCH or dst == "workers":
+            return "the gateway and the exporter serve without the worker side or torch"
         return None
     if src.startswith("tasks"):
         if dst in TORCH:
             return "the producer side must not import torch"
         if dst in ("workers", "scheduler", "storage"):
-            return "tasks/ imports nothing of the other packages"
+            return "the contract (tasks/) imports nothing of the other packages"
     if src.startswith("scheduler"):
         if dst in TORCH | CELERY | {"redis", "storage", "workers", "boto3"}:
             return "the scheduler is pure policy"
-        if dst == "tasks" and not i.target.startswith(("tasks.schema", "tasks.text", "tasks.settings")):
+        if dst == "tasks" and not _is(i.target, "tasks.schema", "tasks.text", "tasks.settings"):
             return "the scheduler takes only the schema, the text rules and settings from tasks/"
     if src.startswith("storage"):
         if dst in TORCH | CELERY | {"workers", "scheduler"}:
             return "storage knows nothing of Celery, the scheduler, the workers or torch"
         if dst == "tasks" and i.target not in ("tasks.settings", "tasks.errors"):
             return "storage takes only settings and errors from tasks/"
-    if src.startswith("workers") and i.target.startswith("tasks.cli"):
-        return "nothing imports the CLI"
+    if src.startswith("workers") and dst == "workers" and _worker_floor(i.target) > _worker_floor(src):
+        return f"{src} may import the rooms of its floor and below, not {i.target} (WORKER_FLOORS)"
     return None
 
 
@@ -149,8 +172,14 @@ def test_the_cycle_finder_finds_one() -> None:
 @pytest.mark.parametrize("source, expected", [
     ("tasks/book.py", "import torch\n"),
     ("scheduler/planner.py", "import redis\n"),
+    ("scheduler/worker_policy.py", "from celery import Celery\n"),
     ("storage/local.py", "from celery import Celery\n"),
     ("tasks/cli/jobs.py", "from workers.worker import run_worker\n"),
+    ("tasks/settings.py", "from tasks.cli import main\n"),
+    ("workers/metrics.py", "from tasks.gateway.app import create_app\n"),
+    ("tasks/gateway/app.py", "from workers.pipeline.jobs import Job\n"),
+    ("workers/engine/engine.py", "from workers.pipeline.jobs import Job\n"),
+    ("workers/pipeline/runner.py", "from workers.broker.gpu_batches import GpuBatches\n"),
 ])
 def test_the_rules_catch_a_wrong_import(source: str, expected: str) -> None:
     # The checker itself, on a real module with one bad import added.

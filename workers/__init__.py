@@ -1,1 +1,1 @@
-"""The GPU side: ChatTTS engine, the Celery batch task, the worker process."""
+"""The GPU side: the engine, the batch pipeline, its Celery plumbing, the worker process."""

@@ -15,8 +15,10 @@ from typing import Any
 
 from ..errors import UsageError
 from ..settings import Settings
-from .bench_pipeline import Bucket, _s3_client, _start_s3, _start_worker, check_storage
+from .bench_s3 import Records, check_storage, start_s3
 from .local_redis import LocalRedis
+from .local_run import child_env
+from .worker_process import running_worker
 
 
 def run_footprint(args: argparse.Namespace, settings: Settings, console: Any) -> int:
@@ -32,19 +34,19 @@ def run_footprint(args: argparse.Namespace, settings: Settings, console: Any) ->
     logs = Path(tempfile.mkdtemp(prefix="ttspool-bench-"))
     with ExitStack() as stack:
         broker = stack.enter_context(LocalRedis())
-        bucket = _start_s3(settings, stack)
+        bucket = start_s3(settings, stack)
         worker_settings = settings.override(
             broker_url=broker.url, result_backend=broker.url, storage_url=f"s3://{bucket.bucket}/{bucket.prefix}",
             s3_endpoint_url=bucket.endpoint, metrics_port=0, rate_limits="", result_ttl=args.result_ttl)
         r = redis.Redis.from_url(broker.url)
         stack.callback(r.close)
-        records = _Records(bucket)
+        records = Records(bucket)
         stack.callback(records.close)
         client = Client(worker_settings, storage=records)
         stack.callback(client.close)
 
         def start_worker() -> None:
-            _start_worker(worker_settings, bucket.credentials, logs / "worker.log", stack)
+            stack.enter_context(running_worker(child_env(worker_settings, bucket.credentials), logs / "worker.log"))
 
         try:
             result = footprint.measure(r, client, args.footprint_jobs, args.result_ttl, start_worker,
@@ -57,40 +59,6 @@ def run_footprint(args: argparse.Namespace, settings: Settings, console: Any) ->
     if args.json_out:
         args.json_out.write_text(json.dumps(result, indent=2) + "\n")
     return 0
-
-
-class _Records:
-    """This run's bucket as the producer reads it, with the bucket's own credentials
-    (moto's reach only the processes started here, not the default chain)."""
-
-    def __init__(self, bucket: Bucket) -> None:
-        self.bucket = bucket
-        self.client = _s3_client(bucket)
-
-    def _name(self, key: str) -> str:
-        return f"{self.bucket.prefix}/{key}"
-
-    def exists(self, key: str) -> bool:
-        found = self.client.list_objects_v2(Bucket=self.bucket.bucket, Prefix=self._name(key), MaxKeys=1)
-        return any(o["Key"] == self._name(key) for o in found.get("Contents", []))
-
-    def get_bytes(self, key: str) -> bytes:
-        data: bytes = self.client.get_object(Bucket=self.bucket.bucket, Key=self._name(key))["Body"].read()
-        return data
-
-    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
-        self.client.put_object(Bucket=self.bucket.bucket, Key=self._name(key), Body=data, ContentType=content_type)
-        return f"s3://{self.bucket.bucket}/{self._name(key)}"
-
-    def delete(self, key: str) -> None:
-        self.client.delete_object(Bucket=self.bucket.bucket, Key=self._name(key))
-
-    def list_keys(self, prefix: str) -> list[str]:
-        found = self.client.list_objects_v2(Bucket=self.bucket.bucket, Prefix=self._name(prefix))
-        return sorted(o["Key"].removeprefix(self.bucket.prefix + "/") for o in found.get("Contents", []))
-
-    def close(self) -> None:
-        self.client.close()
 
 
 def _print(result: dict[str, Any], console: Any) -> None:

@@ -2,9 +2,9 @@
 
 Starts everything on 127.0.0.1 free ports: a throwaway redis-server, an S3 endpoint
 (moto's, from the test extra, unless TTSPOOL_STORAGE_URL=s3://... and
-TTSPOOL_S3_ENDPOINT_URL name one), a delay proxy in front of it
-(workers/bench/delay_proxy.py) and one worker process; workers/bench/pipeline_bench.py
-measures. Everything started here is stopped here, by pid or handle, on success, error
+TTSPOOL_S3_ENDPOINT_URL name one; tasks/cli/bench_s3.py), a delay proxy in front of it
+(workers/bench/tcp_proxy.py) and one worker process (tasks/cli/worker_process.py);
+workers/bench/pipeline_bench.py measures. Everything started here is stopped here, by pid or handle, on success, error
 or Ctrl-C alike.
 """
 
@@ -13,91 +13,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
-import uuid
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from ..errors import UsageError
 from ..settings import Settings
+from .bench_s3 import Bucket, check_storage, s3_client, start_s3
 from .local_redis import LocalRedis
 from .local_run import child_env
-
-# moto accepts any credentials; these reach only the worker this command starts.
-_MOTO_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "ttspool-bench", "AWS_SECRET_ACCESS_KEY": "ttspool-bench",
-                     "AWS_DEFAULT_REGION": "us-east-1"}
-_WORKER_STOP_S = 60.0
-
-
-@dataclass(frozen=True)
-class Bucket:
-    endpoint: str  # http://host:port, what the proxy forwards to
-    bucket: str
-    prefix: str  # this run's own: cleared between passes, and at the end
-    credentials: dict[str, str]  # for the worker's environment and our own client; empty: boto3's chain
-
-
-def _upstream(settings: Settings) -> str | None:
-    """The S3 endpoint the settings name for the bench, or None (use moto)."""
-    if not settings.storage_url.startswith("s3://") or not settings.s3_endpoint_url:
-        return None
-    if not settings.s3_endpoint_url.startswith("http://"):
-        # The proxy forwards bytes: a TLS endpoint's certificate would not match 127.0.0.1.
-        raise UsageError("--pipeline forwards storage through a local delay proxy and needs a plain http:// "
-                         f"TTSPOOL_S3_ENDPOINT_URL, got {settings.s3_endpoint_url.split('://')[0]}://")
-    return settings.s3_endpoint_url.rstrip("/")
-
-
-def check_storage(settings: Settings) -> None:
-    """UsageError (exit 2) before any work when there is no S3 endpoint to use."""
-    if _upstream(settings) is not None:
-        return
-    try:
-        import moto.server  # noqa: F401 - only whether it imports
-    except ImportError:
-        raise UsageError("--pipeline needs an S3 endpoint: install the test extra (pip install 'ttspool[test]', "
-                         "for moto's server), or name one with TTSPOOL_STORAGE_URL=s3://bucket/prefix and "
-                         "TTSPOOL_S3_ENDPOINT_URL=http://host:port") from None
-
-
-def _start_s3(settings: Settings, stack: ExitStack) -> Bucket:
-    upstream = _upstream(settings)
-    run = f"ttspool-bench-{uuid.uuid4().hex[:8]}"
-    if upstream is not None:
-        bucket, _, prefix = settings.storage_url.removeprefix("s3://").partition("/")
-        return Bucket(upstream, bucket, "/".join(p for p in (prefix.strip("/"), run) if p), {})
-    from moto.server import ThreadedMotoServer
-
-    # Its HTTP server logs every request on stderr, between the bench's own lines.
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    stack.callback(server.stop)
-    host, port = server.get_host_and_port()
-    found = Bucket(f"http://{host}:{port}", "ttspool-bench", run, _MOTO_CREDENTIALS)
-    client = _s3_client(found)
-    try:
-        client.create_bucket(Bucket=found.bucket)
-    finally:
-        client.close()  # a kept-alive connection would hold one of moto's threads
-    return found
-
-
-def _s3_client(b: Bucket) -> Any:
-    import boto3
-
-    creds = {"aws_access_key_id": b.credentials["AWS_ACCESS_KEY_ID"],
-             "aws_secret_access_key": b.credentials["AWS_SECRET_ACCESS_KEY"],
-             "region_name": b.credentials["AWS_DEFAULT_REGION"]} if b.credentials else {}
-    return boto3.session.Session().client("s3", endpoint_url=b.endpoint, **creds)
+from .worker_process import check_alive, running_worker
 
 
 class _Storage:
@@ -107,7 +35,7 @@ class _Storage:
     def __init__(self, bucket: Bucket, proxy: Any) -> None:
         self.bucket = bucket
         self.proxy = proxy
-        self.client = _s3_client(bucket)  # straight to the endpoint: clearing is not measured
+        self.client = s3_client(bucket)  # straight to the endpoint: clearing is not measured
 
     def set_delay(self, ms: float) -> None:
         self.proxy.delay_ms = ms
@@ -137,26 +65,6 @@ def _quietly(fn: Callable[[], object], console: Any) -> None:
         fn()
     except Exception as err:  # noqa: BLE001 - reported, and the cleanup goes on
         console.log(f"cleanup: {type(err).__name__}: {err}")
-
-
-def _stop(proc: subprocess.Popen[bytes], timeout: float) -> None:
-    """SIGTERM (a warm shutdown finishes the running batch), SIGKILL after `timeout`."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
-def _start_worker(settings: Settings, extra_env: dict[str, str], log: Path,
-                  stack: ExitStack) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "tasks.cli", "worker", "--loglevel", "INFO"],
-                                env=child_env(settings, extra_env), stdout=out, stderr=subprocess.STDOUT)
-    stack.callback(_stop, proc, _WORKER_STOP_S)
-    return proc
 
 
 def run_pipeline(args: argparse.Namespace, settings: Settings, console: Any, load_engine: Callable[[], Any]) -> int:
@@ -195,7 +103,7 @@ def _pipeline(args: argparse.Namespace, settings: Settings, console: Any, sets: 
               top: int) -> tuple[dict[str, Any], dict[str, int], str]:
     """Starts the parts, runs the workloads, stops the parts: (numbers, pids, S3 kind)."""
     from workers.bench import pipeline_bench as pb
-    from workers.bench.delay_proxy import DelayProxy
+    from workers.bench.tcp_proxy import TcpProxy
 
     logs = Path(tempfile.mkdtemp(prefix="ttspool-bench-"))
     failed = True
@@ -212,9 +120,9 @@ def _pipeline(args: argparse.Namespace, settings: Settings, console: Any, sets: 
         redis = stack.enter_context(LocalRedis())
         assert redis.proc is not None
         pids["redis"] = redis.proc.pid
-        bucket = _start_s3(settings, stack)
+        bucket = start_s3(settings, stack)
         where = urlsplit(bucket.endpoint)
-        proxy = DelayProxy((where.hostname or "127.0.0.1", where.port or 80)).start()
+        proxy = TcpProxy((where.hostname or "127.0.0.1", where.port or 80)).start()
         stack.callback(proxy.close)
         storage = _Storage(bucket, proxy)
         stack.callback(storage.close, console)  # after the worker stopped: callbacks unwind last in, first out
@@ -224,16 +132,10 @@ def _pipeline(args: argparse.Namespace, settings: Settings, console: Any, sets: 
             broker_url=redis.url, result_backend=redis.url, storage_url=f"s3://{bucket.bucket}/{bucket.prefix}",
             s3_endpoint_url=proxy.url, max_batch=top, metrics_port=0, rate_limits="")
         log = logs / "worker.log"
-        worker = _start_worker(worker_settings, bucket.credentials, log, stack)
+        worker = stack.enter_context(running_worker(child_env(worker_settings, bucket.credentials), log))
         pids["worker"] = worker.pid
-
-        def alive() -> None:
-            if worker.poll() is not None:
-                tail = log.read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"the worker exited with code {worker.returncode}; its log ({log}) ends: {tail}")
-
-        work = asyncio.run(pb.run_workloads(worker_settings, sets, top, (0.0, float(args.storage_delay_ms)),
-                                            storage, alive, args.timeout, log=console.log))
+        work = asyncio.run(pb.run_workloads(worker_settings, sets, top, (0.0, float(args.storage_delay_ms)), storage,
+                                            lambda: check_alive(worker, log), args.timeout, log=console.log))
         failed = False
     return work, pids, "moto" if bucket.credentials else "endpoint"
 

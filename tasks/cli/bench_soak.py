@@ -15,9 +15,10 @@ from typing import Any
 
 from ..errors import UsageError
 from ..settings import Settings
-from .bench_footprint import _Records
-from .bench_pipeline import _start_s3, _start_worker, check_storage
+from .bench_s3 import Records, check_storage, start_s3
 from .local_redis import LocalRedis
+from .local_run import child_env
+from .worker_process import check_alive, running_worker
 
 
 def run_soak(args: argparse.Namespace, settings: Settings, console: Any) -> int:
@@ -32,20 +33,18 @@ def run_soak(args: argparse.Namespace, settings: Settings, console: Any) -> int:
     log = logs / "worker.log"
     with ExitStack() as stack:
         broker = stack.enter_context(LocalRedis())
-        bucket = _start_s3(settings, stack)
+        bucket = start_s3(settings, stack)
         worker_settings = settings.override(
             broker_url=broker.url, result_backend=broker.url, storage_url=f"s3://{bucket.bucket}/{bucket.prefix}",
             s3_endpoint_url=bucket.endpoint, metrics_port=0, rate_limits="")
-        records = _Records(bucket)
+        records = Records(bucket)
         stack.callback(records.close)
         client = Client(worker_settings, storage=records)
         stack.callback(client.close)
-        worker = _start_worker(worker_settings, bucket.credentials, log, stack)
+        worker = stack.enter_context(running_worker(child_env(worker_settings, bucket.credentials), log))
 
         def alive() -> None:
-            if worker.poll() is not None:
-                tail = log.read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"the worker exited with code {worker.returncode}; its log ({log}) ends: {tail}")
+            check_alive(worker, log)
 
         try:
             console.log("waiting for the worker to be ready")

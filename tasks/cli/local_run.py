@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from ..producer import Client, JobStatus
 from ..polling import poll
 from ..settings import Settings
 from ..states import JobState
+from .worker_process import check_alive, running_worker
 
 EXAMPLES = Path(__file__).parents[1] / "examples" / "jobs.jsonl"
 
@@ -54,8 +54,7 @@ def _wait(client: Client, ids: list[str], worker: subprocess.Popen[bytes], timeo
         bar = progress.add_task("synthesizing", total=len(ids))
 
         def step() -> list[JobStatus] | None:
-            if worker.poll() is not None:
-                raise RuntimeError(f"the worker exited with code {worker.returncode} (its log is above)")
+            check_alive(worker, None)
             for jid in ids:
                 if jid not in done and (st := client.status(jid)).done:
                     done[jid] = st
@@ -79,21 +78,16 @@ def run_local(settings: Settings, jobs_file: Path | None, out_dir: Path, timeout
     # A one-off local run serves no metrics unless asked: port 9808 may be a real worker's.
     if "metrics_port" not in settings.explicit:
         settings = settings.override(metrics_port=0)
-    env = child_env(settings)
-    worker = subprocess.Popen([sys.executable, "-m", "tasks.cli", "worker", "--loglevel", "WARNING"], env=env)
-    client = Client(settings)
     try:
-        ids = client.submit_many(jobs)
-        results = _wait(client, ids, worker, timeout)
-    finally:
-        client.close()
-        if worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
+        # Its log goes to this process' own output, where the user looks.
+        with running_worker(child_env(settings), loglevel="WARNING") as worker:
+            client = Client(settings)
             try:
-                worker.wait(60)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
+                ids = client.submit_many(jobs)
+                results = _wait(client, ids, worker, timeout)
+            finally:
+                client.close()
+    finally:
         if redis_server is not None:
             redis_server.close()
     failed = 0

@@ -188,7 +188,8 @@ def _replay(settings: Settings, jobs: list[dict[str, Any]], times: list[float], 
     seconds from the first submit each job was actually sent at)."""
     from ..producer import Client
     from ..polling import poll
-    from .bench_pipeline import _start_worker
+    from .local_run import child_env
+    from .worker_process import running_worker
 
     folder = Path(tempfile.mkdtemp(prefix="ttspool-simcheck-"))
     with ExitStack() as stack:
@@ -199,7 +200,7 @@ def _replay(settings: Settings, jobs: list[dict[str, Any]], times: list[float], 
             broker_url=redis.url, result_backend=redis.url, storage_url=(folder / "out").as_uri(),
             metrics_port=port, metrics_addr="127.0.0.1", rate_limits="")
         log = folder / "worker.log"
-        worker = _start_worker(worker_settings, {}, log, stack)
+        worker = stack.enter_context(running_worker(child_env(worker_settings), log))
 
         def alive() -> None:
             if worker.poll() is not None:

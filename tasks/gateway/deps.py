@@ -16,7 +16,7 @@ from ..settings import Settings
 from ..states import JobState
 from ..voices import Store, VoiceLibrary
 from .keys import ApiKeys
-from .results import ResultWaiter
+from ..result_waiter import ResultWaiter
 
 _LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, float("inf"))
 

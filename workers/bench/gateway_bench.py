@@ -19,7 +19,7 @@ from typing import Any, Callable
 import httpx
 
 from tasks.app import make_app
-from tasks.gateway.results import ResultWaiter
+from tasks.result_waiter import ResultWaiter
 from tasks.producer import Client
 from tasks.settings import Settings
 

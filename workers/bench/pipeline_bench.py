@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Protocol, Sequence
 
 from tasks.producer import Client, error_text
-from tasks.gateway.results import ResultWaiter
+from tasks.result_waiter import ResultWaiter
 from tasks.settings import Settings
 from tasks.states import JobState
 

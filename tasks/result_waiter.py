@@ -18,8 +18,8 @@ from typing import Any, Callable
 
 from redis.exceptions import RedisError
 
-from ..broker_redis import async_redis_client
-from ..states import JobState
+from .broker_redis import async_redis_client
+from .states import JobState
 
 log = logging.getLogger(__name__)
 
