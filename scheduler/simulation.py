@@ -9,7 +9,7 @@ worker would ask. Around it, the worker (workers/pipeline/runner.py, workers/bro
 workers/engine/engine.py) is modelled, not run:
 
 - Redis: one list per queue; a worker takes `tts.realtime` before `tts.bulk`
-  (`queue_order_strategy: priority`, tasks/app.py), one message at a time, while it holds
+  (`queue_order_strategy: priority`, tasks/celery_app.py), one message at a time, while it holds
   fewer than `prefetch` unacked jobs (its running rows count: a job is acked once its
   row is stored). A new message goes to the worker that has waited longest for one
   (Redis serves blocked BRPOP clients in order).

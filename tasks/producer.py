@@ -11,7 +11,7 @@ import redis
 from celery import Celery
 
 from . import job_records, polling
-from .app import make_app
+from .celery_app import make_app
 from .broker_redis import broker_redis
 from .claims import Claim, claim_key, digest_of, taken_error
 from .errors import BrokerFull

@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from storage import storage_for
-from tasks.app import make_app
+from tasks.celery_app import make_app
 from tasks.cli.local_redis import LocalRedis
 from tasks.settings import Settings
 from workers.engine.requests import BatchStream, Event, RowsFree, SynthRequest, SynthResult

@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from storage import storage_for
-from tasks.app import make_app
+from tasks.celery_app import make_app
 from tasks.cli.local_redis import LocalRedis
 from tasks.settings import Settings
 from workers.pipeline.runner import BatchRunner

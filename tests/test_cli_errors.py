@@ -44,7 +44,7 @@ def test_a_bad_setting_is_one_line_and_exit_2() -> None:
 def test_one_error_family() -> None:
     from storage.models.fetch_http import FetchError
     from storage.models.manifest import ManifestError
-    from workers.engine.errors import EngineError
+    from workers.engine.engine_error import EngineError
 
     for err in (StorageError, FetchError, ManifestError, EngineError, JobValidationError, SettingsError):
         assert issubclass(err, TtspoolError), err

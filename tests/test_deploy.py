@@ -29,7 +29,7 @@ from kombu.transport.redis import Channel as RedisChannel
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from tasks.app import make_app
+from tasks.celery_app import make_app
 from tasks.broker_redis import sentinel_hosts
 from tasks.polling import poll
 from tasks.settings import QUEUES, WORKER_QUEUES, Settings
@@ -46,7 +46,7 @@ PROMETHEUS = DEPLOY / "prometheus" / "prometheus.yml"
 PROMETHEUS_DIR_IN_CONTAINER = "/etc/prometheus/ttspool"
 DASHBOARDS_IN_CONTAINER = "/var/lib/grafana/dashboards"
 WORKER_PORT = Settings().metrics_port
-# Modules that may define metric names (workers/metrics.py and tasks/exporter.py today).
+# Modules that may define metric names (workers/metrics.py and tasks/queue_exporter.py today).
 METRIC_SOURCES = sorted(p for package in ("tasks", "workers") for p in (ROOT / package).glob("*.py"))
 
 
@@ -174,7 +174,7 @@ def test_kustomization_lists_every_manifest() -> None:
 
 
 def priority_lists() -> set[str]:
-    """Every Redis list kombu puts the workers' messages in (tasks/app.py's transport)."""
+    """Every Redis list kombu puts the workers' messages in (tasks/celery_app.py's transport)."""
     options = make_app(Settings()).conf.broker_transport_options
     steps = options.get("priority_steps", RedisChannel.priority_steps)
     sep = options.get("sep", RedisChannel.sep)

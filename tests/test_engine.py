@@ -101,7 +101,7 @@ def test_keeping_finished_rows_changes_only_the_cost(engine: Engine) -> None:
 
 
 def test_compile_flag_is_refused_without_cuda() -> None:
-    from workers.engine.errors import EngineError
+    from workers.engine.engine_error import EngineError
 
     with pytest.raises(EngineError, match="CUDA"):
         Engine("random-tiny", device="cpu", compile=True)

@@ -10,7 +10,7 @@ from typing import Iterator
 
 import pytest
 
-from tasks.app import make_app
+from tasks.celery_app import make_app
 from tasks.cli.local_redis import LocalRedis
 from tasks.producer import Client
 from tasks.settings import QUEUE_BULK, QUEUE_REALTIME, TASK_NAME, Settings

@@ -11,7 +11,7 @@ from torch import nn
 from tasks.settings import Settings, SettingsError
 from workers.engine.engine import Engine
 from workers.engine.cpu_linear import stock_linears
-from workers.engine.errors import EngineError
+from workers.engine.engine_error import EngineError
 from workers.engine.int8_linear import Int8Linear, check_quant, quantize_linears
 
 BF16 = torch.bfloat16

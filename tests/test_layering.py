@@ -13,7 +13,7 @@ module may import which, and no import cycles between modules. The floors, botto
 - the composition roots, above everything: the CLI (tasks/cli/, which takes the worker
   side, torch and heavy modules only inside its handlers, so that a producer runs
   `ttspool submit` without them), the HTTP gateway (tasks/gateway/, torch-free: it serves
-  without the worker side) and the queue exporter (tasks/exporter.py). Nothing below
+  without the worker side) and the queue exporter (tasks/queue_exporter.py). Nothing below
   imports them.
 """
 
@@ -85,7 +85,7 @@ def _top(target: str) -> str:
     return target.split(".")[0]
 
 
-ROOTS = ("tasks.cli", "tasks.gateway", "tasks.exporter")
+ROOTS = ("tasks.cli", "tasks.gateway", "tasks.queue_exporter")
 # Inside workers/, bottom up: a room imports only from its own floor and those below.
 WORKER_FLOORS = (("workers.engine", "workers.metrics", "workers.heap"), ("workers.pipeline",), ("workers.broker",))
 
@@ -106,7 +106,7 @@ def _violation(i: Import) -> str | None:
         if i.top_level and (dst in TORCH or dst == "workers" or _is(i.target, "storage.models", "scheduler")):
             return "the CLI imports the worker side, torch or heavy modules only inside its handlers"
         return None
-    if _is(src, "tasks.gateway", "tasks.exporter"):
+    if _is(src, "tasks.gateway", "tasks.queue_exporter"):
         if dst in TORCH or dst == "workers":
             return "the gateway and the exporter serve without the worker side or torch"
         return None
@@ -174,7 +174,7 @@ def test_the_cycle_finder_finds_one() -> None:
     ("scheduler/planner.py", "import redis\n"),
     ("scheduler/worker_policy.py", "from celery import Celery\n"),
     ("storage/local.py", "from celery import Celery\n"),
-    ("tasks/cli/jobs.py", "from workers.worker import run_worker\n"),
+    ("tasks/cli/submit.py", "from workers.worker import run_worker\n"),
     ("tasks/settings.py", "from tasks.cli import main\n"),
     ("workers/metrics.py", "from tasks.gateway.app import create_app\n"),
     ("tasks/gateway/app.py", "from workers.pipeline.jobs import Job\n"),

@@ -13,7 +13,7 @@ import uuid
 import redis
 import soundfile as sf
 
-from tasks.app import make_app
+from tasks.celery_app import make_app
 from tasks.producer import Client
 from tasks.schema import AUDIO_FORMATS, JobValidationError
 from tasks.settings import QUEUE_BULK, QUEUE_REALTIME, TASK_NAME, Settings

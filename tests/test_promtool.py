@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from tasks.exporter import make_registry
+from tasks.queue_exporter import make_registry
 from tasks.cli.local_redis import LocalRedis
 from tasks.settings import Settings
 from workers.metrics import Metrics

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from storage.keys import content_key, object_key
+from storage.content_keys import content_key, object_key
 from tasks.text.lengths import MAX_STEPS, predicted_steps
 from storage import safe_key
 from tasks.schema import MAX_TEXT_CHARS, JobSpec, JobValidationError, parse_job

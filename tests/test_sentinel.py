@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from tasks.broker_redis import redis_client
-from tasks.exporter import QueueCollector
+from tasks.queue_exporter import QueueCollector
 from tasks.settings import Settings
 
 from .conftest import S3Endpoint, run_cli, running_worker, stop_process, worker_env

@@ -12,7 +12,7 @@ import redis
 from celery.signals import worker_ready
 
 from storage import storage_for
-from tasks.app import make_app
+from tasks.celery_app import make_app
 from tasks.broker_redis import is_sentinel
 from tasks.errors import SettingsError
 from tasks.settings import WORKER_QUEUES, Settings, redact_url

@@ -18,8 +18,8 @@ from ..settings import Settings, redact_url
 Handler = Callable[[argparse.Namespace, Settings], int]
 
 _COMMAND_MODULES: tuple[str, ...] = (
-    "tasks.cli.jobs", "tasks.cli.run", "tasks.cli.exporter", "tasks.cli.model", "tasks.cli.bulk",
-    "tasks.cli.bench", "tasks.cli.doctor", "tasks.cli.text", "tasks.cli.serve", "tasks.cli.voices",
+    "tasks.cli.submit", "tasks.cli.run", "tasks.cli.exporter", "tasks.cli.model", "tasks.cli.bulk",
+    "tasks.cli.bench", "tasks.cli.doctor", "tasks.cli.text", "tasks.cli.serve", "tasks.cli.voice",
     "tasks.cli.simulate",
 )
 

@@ -15,7 +15,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _exporter(args: argparse.Namespace, settings: Settings) -> int:
-    from ..exporter import run_exporter
+    from ..queue_exporter import run_exporter
 
     if not 1 <= args.port <= 65535:
         raise ValueError(f"--port must be between 1 and 65535, got {args.port}")

@@ -10,12 +10,12 @@ from fastapi import Depends, HTTPException, Request
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 from .. import job_records
-from ..app import make_app
+from ..celery_app import make_app
 from ..producer import Client, error_text
 from ..settings import Settings
 from ..states import JobState
 from ..voices import Store, VoiceLibrary
-from .keys import ApiKeys
+from .api_keys import ApiKeys
 from ..result_waiter import ResultWaiter
 
 _LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, float("inf"))

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import httpx
 
-from tasks.app import make_app
+from tasks.celery_app import make_app
 from tasks.result_waiter import ResultWaiter
 from tasks.producer import Client
 from tasks.settings import Settings

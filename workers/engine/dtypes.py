@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import EngineError
+from .engine_error import EngineError
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 

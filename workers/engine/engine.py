@@ -32,7 +32,7 @@ from .int8_linear import check_quant, quantize_linears
 from .assets import ModelAssets, ModelFetch, resolve
 from .random_models import build_config
 from .dtypes import pick_device, pick_dtype
-from .errors import EngineError
+from .engine_error import EngineError
 from .normalizer import Normalizer
 from .parts import ModelParts
 from .requests import (BatchStream, Blend, Event, Reference, RowsFree, SynthRequest, SynthResult, Voice,

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .cpu_linear import FrozenLinear, freeze_linears
-from .errors import EngineError
+from .engine_error import EngineError
 
 QUANTS = ("none", "int8")
 

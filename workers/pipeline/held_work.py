@@ -9,7 +9,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Collection, Iterable, Sequence
 
-from storage.keys import content_key, object_key
+from storage.content_keys import content_key, object_key
 from storage import Storage, StorageError
 from tasks.audio import FORMATS, duration_of
 from tasks.errors import JobExpired, JobFailed

@@ -24,7 +24,7 @@ from prometheus_client.registry import Collector
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from .app import make_app
+from .celery_app import make_app
 from .broker_redis import redis_client
 from .metrics_http import start_server
 from .settings import DEAD_LETTER_KEY, WORKER_QUEUES, Settings, redact_url
