@@ -52,7 +52,7 @@ class GpuBatches(Batches):
     def __init__(self) -> None:
         super().__init__()
         self._inflight = threading.Event()
-        self._pool: Any = None
+        self._worker_pool: Any = None
         self._tick_tref: Any = None
         self._unheld: list[Any] = []  # messages whose id conflict could not be settled yet
         # For /healthz: the scheduler's last tick, and since when the batch in flight runs.
@@ -76,7 +76,7 @@ class GpuBatches(Batches):
         # messages come back through Redis), and the old timer's ticks are gone.
         self.messages.clear()
         self._unheld.clear()
-        self._pool = consumer.pool
+        self._worker_pool = consumer.pool
         self.outbox.attach(consumer)
         if self._tick_tref is not None:
             self._tick_tref.cancel()
@@ -133,7 +133,7 @@ class GpuBatches(Batches):
                     self._inflight.clear()
 
             simple = ([SimpleRequest.from_request(r) for r in held],)
-            return self._pool.apply_async(apply_batches_task, (self, simple, 0, None), callback=on_return)
+            return self._worker_pool.apply_async(apply_batches_task, (self, simple, 0, None), callback=on_return)
         except BaseException:
             # Whatever broke here must not leave a batch marked in flight that never
             # runs: nothing would be served again.
