@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "ttspool-test"
 PREFIX = "jobs"
 FAKE_SECRET = "FAKE-SECRET-ttspool-3f9a"
-# Rows whose text holds this leak 50 KB each in the session's worker (workers/faults.py):
+# Rows whose text holds this leak 200 KB each in the session's worker (workers/faults.py):
 # tests/test_leak.py shows its measurement sees a leak.
 LEAK_MARKER = " Leaks here."
 

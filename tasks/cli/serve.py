@@ -21,7 +21,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from storage import storage_for
 
     from ..gateway.app import create_app
-    from ..gateway.keys import ApiKeys, check_exposure
+    from ..gateway.api_keys import ApiKeys, check_exposure
 
     settings = settings.override(http_host=args.host, http_port=args.port)
     check_exposure(ApiKeys(settings.api_keys), settings.http_host)

@@ -232,5 +232,7 @@ def transport_for(sentinel: bool, rejections: Rejections,
     """This worker's transport class (kombu takes a class, not an object): the channel
     records refusals with `rejections` and calls `on_fetch` with every fetched item."""
     base = SentinelTransport if sentinel else Transport
-    channel = type(base.Channel.__name__, (base.Channel,), {"rejections": rejections, "on_fetch": on_fetch})
+    # staticmethod: a plain function as a class attribute would be called as a method.
+    channel = type(base.Channel.__name__, (base.Channel,),
+                   {"rejections": rejections, "on_fetch": None if on_fetch is None else staticmethod(on_fetch)})
     return type(base.__name__, (base,), {"Channel": channel})

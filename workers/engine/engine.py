@@ -48,7 +48,7 @@ class Engine:
 
     def __init__(self, model: str, model_dir: str | None = None, device: str = "auto", dtype: str = "auto",
                  compile: bool = False, fetch: ModelFetch | None = None, quant: str = "none",
-                 on_admit: Callable[[Sequence[str]], None] | None = None) -> None:
+                 on_admit: Callable[[Sequence[str], Sequence[str]], None] | None = None) -> None:
         self.device = pick_device(device)
         self.dtype, self.dtype_reason = pick_dtype(dtype, self.device)
         check_quant(quant, self.device, self.dtype)
@@ -61,8 +61,9 @@ class Engine:
         self._model_name = model
         self._model_dir = model_dir
         self._fetch = fetch
-        # Called with every text of the batch as rows are admitted, inside the batch's
-        # error handling: the seam the fault tests inject through (workers/faults.py).
+        # Called with the texts of the rows running and of those joining, as rows are
+        # admitted, inside the batch's error handling: the seam the fault tests inject
+        # through (workers/faults.py).
         self.on_admit = on_admit
         self.assets: ModelAssets | None = None
         self.import_seconds = 0.0  # of ChatTTS (and what it brings: transformers' models, vocos, numba)
@@ -260,9 +261,8 @@ class Engine:
             for i, r in zip(index, new):
                 pending[i] = r
             if self.on_admit is not None:
-                # Every text the batch holds, once the new rows are pending (so what it
-                # raises retries them too).
-                self.on_admit(bulk.texts + express.texts + [r.text for r in new])
+                # Once the new rows are pending, so what it raises retries them too.
+                self.on_admit(bulk.texts + express.texts, [r.text for r in new])
             fast = [not keep_finished and r.express for r in new]
             for lane, want in ((express, True), (bulk, False)):
                 lane.admit([r for r, f in zip(new, fast) if f is want], [i for i, f in zip(index, fast) if f is want])
