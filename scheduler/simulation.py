@@ -441,8 +441,8 @@ class _Simulation:
         if w.stopping or not w.held:
             return False
         if w.rows:
-            if w.draining:
-                return False
+            if w.draining or w.rows >= self.policy.max_rows:
+                return False  # the worker is asked only when rows are free
             assert w.batch_since is not None
             steps = sum(r.job.arrival.steps for r in (*w.express, *w.bulk))
             admit = self.policy.admit(w.held, now, BatchState(w.rows, steps, now - w.batch_since))

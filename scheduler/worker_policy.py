@@ -14,9 +14,10 @@ Contract (checked by property tests in tests/test_worker_policy.py):
   - never more rows than are free, never past the token budget still left; rows past
     `max_batch` are for realtime items only, and all free rows are while a realtime
     item's storage lookup is pending (it joins at the next step);
-  - nothing joins a batch with refill off, one running a suspect (`solo`), one that
+  - nothing joins a batch with refill off, one running a suspect (`solo`), or one that
     has taken rows for `refill_window_s` (it drains: within the visibility timeout,
-    and what only a new batch can run gets its turn), or a draining one;
+    and what only a new batch can run gets its turn); a batch told to drain is not
+    asked again (its owner remembers);
   - a held item no refill will take and that only a new batch can run (a suspect, one
     larger than the whole budget, or one that aged and does not fit what is left)
     drains the batch: refills would otherwise keep it running past that item forever.

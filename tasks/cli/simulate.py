@@ -177,7 +177,8 @@ def _simulate(args: argparse.Namespace, settings: Settings) -> int:
     if args.json_out:
         result: dict[str, Any] = {
             "jobs": len(jobs), "profile": source, "curve": [list(p) for p in model.curve.points],
-            "worker": asdict(model.policy),
+            "worker": {**asdict(model.policy.planner),
+                       **{k: v for k, v in asdict(model.policy).items() if k != "planner"}},
             "scaling": asdict(scaling), "report": report.to_dict(),
         }
         if search is not None:

@@ -3,8 +3,8 @@ the scheduler look at every held job.
 
 celery-batches turns broker messages into requests and hands them to `flush`, the one
 hook of it this class overrides (its documented way to act on buffered requests), with
-`flush_every = 1` so each message reaches `flush` as it arrives; nothing else of it is
-touched. Stock celery-batches would run each flush of its buffer as a batch and ack all of
+`flush_every = 1` so each message reaches `flush` as it arrives; `Strategy` is Celery's
+own hook, wrapped. Nothing else of celery-batches is touched. Stock celery-batches would run each flush of its buffer as a batch and ack all of
 it when the batch returns. Here:
 - every message joins the window of held messages (workers.broker.held_messages); while
   a batch runs, the new ones are also offered to it (its free rows are refilled from
@@ -98,7 +98,10 @@ class GpuBatches(Batches):
         """celery-batches' hook, with each message as it arrives: hold it."""
         self._hold(list(requests))
         if not self._inflight.is_set() and len(self.messages) >= self.runner.policy.max_batch:
-            return self._dispatch()
+            try:
+                return self._dispatch()
+            except Exception as err:  # noqa: BLE001 - inside Celery's message handler: the tick tries again
+                log.warning("could not start a batch yet: %s", err)
         return None
 
     def _hold(self, requests: list[Any]) -> None:
@@ -145,7 +148,8 @@ class GpuBatches(Batches):
 def register(app: Celery, runner: BatchRunner, messages: HeldMessages, outbox: EventOutbox) -> GpuBatches:
     @app.task(name=TASK_NAME, base=GpuBatches, bind=False, acks_late=True, runner=runner, messages=messages,
               outbox=outbox, tick_s=runner.policy.tick_s,
-              # celery-batches' own timer: only a backstop, each message is flushed at once.
+              # celery-batches' own timer: each message is flushed as it arrives, so its
+              # buffer is empty whenever the timer would look.
               flush_interval=1.0)
     def synthesize(requests: Sequence[Any]) -> Outcome:
         return runner(requests)

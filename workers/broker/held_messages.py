@@ -67,9 +67,9 @@ class HeldMessages:
                     # of the job, and a crash from then on would lose it, so the new
                     # delivery just stands in.
                     old.acknowledge()
-                self._held[req.id] = req
-                if running:
+                if running and old is not req:
                     self._arrivals.append(SimpleRequest.from_request(req))
+                self._held[req.id] = req
 
     def start_batch(self) -> list[Any]:
         """Every held message, for a new batch (which sees them all: none is an arrival)."""

@@ -149,13 +149,15 @@ class BatchRunner:
         delivery = self.delivery.batch(self.settings.upload_retry_s)
         rows: list[Work] = []  # by the engine's row index: the batch, then each refill
         self._start(batch, rows, timer)
-        # A suspect runs alone (planner): nothing joins its batch either.
+        # A suspect runs alone (planner), and the policy lets nothing join its batch.
         solo = any(job.suspect for work in batch for job in work.jobs)
         feed = _Feed(self, rows, timer, delivery, out, solo)
+        # A batch that will never take rows gets no room for them (a suspect's batch is
+        # isolated because it may run out of memory).
+        grows = self.policy.closed(self._state(self.policy.max_rows - len(batch), feed, feed.t0, False)) is None
         ended = 0
         try:
-            stream = self.engine.stream([w.row() for w in batch],
-                                        max_rows=self.policy.max_rows if self.policy.refill else 0)
+            stream = self.engine.stream([w.row() for w in batch], max_rows=self.policy.max_rows if grows else 0)
             for event in stream:
                 if isinstance(event, RowsFree):
                     stream.add(feed.rows_for(event.rows))
