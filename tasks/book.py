@@ -30,6 +30,7 @@ from tasks.text.lengths import STEPS_PER_SECOND
 from tasks.text.segments import DEFAULT_MAX_SECONDS, split_text
 
 from . import polling
+from .claims import task_id
 from .producer import Client
 from .schema import JobSpec, JobValidationError, parse_job
 from .states import JobState
@@ -140,7 +141,9 @@ def submit_book(
     # not be counted.
     pipe = client.redis.pipeline()
     pipe.hset(book_key(book_id), mapping={"spec": json.dumps(spec), "total": len(texts), "state": JobState.PENDING})
-    pipe.hset(book_key(book_id, "jobs"), mapping={str(i): j["job_id"] for i, j in enumerate(jobs)})
+    # Task ids: a tenant's segments lie in its id space (tasks/claims.py).
+    pipe.hset(book_key(book_id, "jobs"), mapping={str(i): task_id(first.tenant, j["job_id"])
+                                                  for i, j in enumerate(jobs)})
     for part in ("", "jobs"):
         pipe.expire(book_key(book_id, part), BOOK_TTL)
     pipe.execute()

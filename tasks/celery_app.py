@@ -5,6 +5,8 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Exchange, Queue
 
+from .broker_redis import is_sentinel
+from .claimed_publish import ClaimedSentinelTransport, ClaimedTransport
 from .result_backend import backend_url
 from .settings import ASSEMBLE_TASK, QUEUE_ASSEMBLE, QUEUE_BULK, WORKER_QUEUES, Settings
 
@@ -31,6 +33,9 @@ def make_app(settings: Settings) -> Celery:
         "master_name": settings.redis_master_name,
     }
     app.conf.update(
+        # A producer's claimed jobs are pushed by a script that marks their claims sent
+        # (tasks/claimed_publish.py); the worker sets a transport of its own.
+        broker_transport=ClaimedSentinelTransport if is_sentinel(settings.broker_url) else ClaimedTransport,
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],

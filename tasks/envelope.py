@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Collection
 
-from .schema import NAME
+from .claims import is_task_id
 from .settings import TASK_NAME
 
 # A job's kwargs are a few KB (2,000 characters of text, a 4 KB speaker string); 1 MiB
@@ -62,9 +62,10 @@ def check(message: Any, tasks: Collection[str]) -> Rejection | None:
     job_id = headers.get("id")
     if job_id is None:
         return Rejection("no_id", "message has no headers.id", None)
-    if not isinstance(job_id, str) or not NAME.fullmatch(job_id):
-        return Rejection("bad_id", f"headers.id must be 1-128 characters of letters, digits, '.', '_' or '-' "
-                                   f"(got a JSON {type(job_id).__name__})", None)
+    if not is_task_id(job_id):
+        return Rejection("bad_id", f"headers.id must be 1-128 characters of letters, digits, '.', '_' or '-', "
+                                   f"after its tenant and ':' for a tenant's job (got a JSON {type(job_id).__name__})",
+                         None)
     task = headers.get("task")
     if not isinstance(task, str):
         return Rejection("bad_header", "headers.task is not a string", job_id)

@@ -45,10 +45,20 @@ class JobExpired(TtspoolError):
     """The job's deadline (expires_at, or enqueued_at + ttl_s) passed before it ran."""
 
 
-class BrokerFull(TtspoolError, RuntimeError):
-    """The broker's Redis refuses writes (maxmemory): new jobs cannot be enqueued now."""
+class SubmitStopped(TtspoolError, RuntimeError):
+    """A submit that stopped part-way: `enqueued` lists the ids it enqueued before it
+    stopped (none when it stopped before the first). Submitting the same jobs again sends
+    the rest, and only the rest: ids are idempotent (tasks/claims.py)."""
 
     exit_code = 75  # EX_TEMPFAIL: try again later
+
+    def __init__(self, message: str, enqueued: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.enqueued = list(enqueued or [])
+
+
+class BrokerFull(SubmitStopped):
+    """The broker's Redis refuses writes (maxmemory): new jobs cannot be enqueued now."""
 
 
 class RateLimited(TtspoolError, RuntimeError):

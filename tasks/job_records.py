@@ -12,6 +12,7 @@ import json
 import time
 from typing import Any, Mapping, Protocol
 
+from .claims import split_task_id
 from .states import JobState
 
 RECORDS_PREFIX = "records/"
@@ -37,8 +38,11 @@ def audio_key(base_url: str, url: str) -> str:
 
 
 def record_key(job_id: str) -> str:
-    # A job id may start with '.', '_' or '-', which no storage key segment may.
-    return f"{RECORDS_PREFIX}job-{job_id}.json"
+    """Keyed by tenant and id (tasks/claims.py): no tenant's record can overwrite another's."""
+    tenant, own_id = split_task_id(job_id)
+    # A job id may start with '.', '_' or '-', which no storage key segment may; a tenant
+    # starts with a letter or digit, and "job-" keeps a tenant's folder apart from ids.
+    return f"{RECORDS_PREFIX}{tenant + '/' if tenant is not None else ''}job-{own_id}.json"
 
 
 def finished(job_id: str, kwargs: Mapping[str, Any] | Any, status: JobState, *,
@@ -67,7 +71,18 @@ def write(store: RecordStore, record: Mapping[str, Any]) -> None:
 
 def read(store: RecordStore, job_id: str) -> dict[str, Any] | None:
     """The job's record, or None when it has none (never finished, or never submitted)."""
-    key = record_key(job_id)
+    record = _read(store, record_key(job_id))
+    tenant, own_id = split_task_id(job_id)
+    if record is None and tenant is not None:
+        # Before per-tenant ids, a tenant's record sat under its bare id, naming its
+        # tenant inside: that tenant's, and only that tenant's.
+        legacy = _read(store, record_key(own_id))
+        if legacy is not None and legacy.get("params", {}).get("tenant") == tenant:
+            return {**legacy, "id": job_id}
+    return record
+
+
+def _read(store: RecordStore, key: str) -> dict[str, Any] | None:
     if not store.exists(key):
         return None
     record: dict[str, Any] = json.loads(store.get_bytes(key))

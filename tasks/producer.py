@@ -13,10 +13,13 @@ from celery import Celery
 from . import job_records, polling
 from .celery_app import make_app
 from .broker_redis import broker_redis
-from .claims import Claim, claim_key, digest_of, taken_error
-from .errors import BrokerFull
+from kombu.exceptions import OperationalError
+
+from .claimed_publish import CLAIM_HEADER, ClaimLost, give_back, take_over
+from .claims import Claim, claim_key, digest_of, is_task_id, taken_error, task_id
+from .errors import BrokerFull, SubmitStopped
 from .ratelimit import Limit, RateLimiter, parse_limits
-from .schema import NAME, JobSpec, JobValidationError, parse_job
+from .schema import JobSpec, JobValidationError, parse_job
 from .settings import QUEUE_BULK, QUEUE_REALTIME, TASK_NAME, Settings
 from .states import TERMINAL, JobState
 from .voices import Store, VoiceLibrary, VoiceNotFound
@@ -90,42 +93,55 @@ class Client:
         return self.submit_many_report(jobs).ids
 
     def submit_many_report(self, jobs: Iterable[Mapping[str, Any] | JobSpec]) -> Submitted:
-        """submit_many, saying which ids were new and which existed already."""
+        """submit_many, saying which ids were new and which existed already.
+
+        A tenant's job ids are its own (tasks/claims.py): the ids returned for jobs with a
+        tenant are task ids, "<tenant>:<job_id>", which `status` and `wait` take."""
         specs = [parse_job(dict(j) if not isinstance(j, JobSpec) else j) for j in jobs]
         # The broker first, through our own client: when it is down, a redis.ConnectionError
         # that names it, not Celery's result-backend message from inside send_task.
         self.redis.ping()
         self.check_voices(specs)
-        ids = [spec.job_id or uuid.uuid4().hex for spec in specs]
+        ids = [task_id(spec.tenant, spec.job_id or uuid.uuid4().hex) for spec in specs]
         token = uuid.uuid4().hex
-        wanted = {job_id: Claim(digest_of(spec.task_kwargs()), spec.tenant, token) for job_id, spec in zip(ids, specs)}
+        wanted = {job_id: Claim(digest_of(spec.task_kwargs()), spec.tenant, token, sent=False)
+                  for job_id, spec in zip(ids, specs)}
         for job_id, spec in zip(ids, specs):
             if not wanted[job_id].same_job(Claim(digest_of(spec.task_kwargs()), spec.tenant, token)):
                 raise JobValidationError(f"invalid job: job_id: {taken_error(job_id)}")
+        new: list[str] = []
         try:
             self.limiter.take(spec.tenant for spec in specs)
             won = self._claim(wanted)
-            new: list[str] = []
             with self.app.producer_or_acquire() as producer:
                 for job_id, spec in zip(ids, specs):
                     if job_id not in won:
                         continue  # submitted before, or earlier in this call
+                    won.discard(job_id)
                     kwargs = spec.model_copy(update={"enqueued_at": time.time()}).task_kwargs()
                     try:
                         self.app.send_task(TASK_NAME, kwargs=kwargs, task_id=job_id,
                                            queue=QUEUE_REALTIME if spec.priority == "realtime" else QUEUE_BULK,
-                                           producer=producer)
+                                           producer=producer, headers={CLAIM_HEADER: token})
+                    except ClaimLost:
+                        continue  # a retry of this same job took the claim over and sends it
                     except BaseException:
-                        # Unsent claims would make a retry return ids of jobs that never ran.
-                        unsent = won - set(new)
-                        if unsent:
-                            self.redis.delete(*(claim_key(j) for j in unsent))
+                        # Unsent claims would make a retry return ids of jobs that never ran;
+                        # a claim this send did push (its reply lost) is sent, and stays.
+                        self._give_back(won | {job_id}, token)
                         raise
-                    won.discard(job_id)
                     new.append(job_id)
-        except redis.exceptions.OutOfMemoryError as err:
-            raise BrokerFull("the broker's Redis is full (maxmemory) and refuses new jobs: nothing more was "
-                             f"enqueued from this call ({err})") from None
+        except (redis.exceptions.OutOfMemoryError, OperationalError) as err:
+            if not _refused_for_memory(err):
+                if new:
+                    raise SubmitStopped(_stopped(len(new), len(set(ids)), f"the broker failed: {err}"), new) from err
+                raise
+            raise BrokerFull(_stopped(len(new), len(set(ids)), f"the broker's Redis is full (maxmemory) and "
+                                      f"refuses new jobs ({err})"), new) from None
+        except redis.RedisError as err:
+            if new:
+                raise SubmitStopped(_stopped(len(new), len(set(ids)), f"the broker failed: {err}"), new) from err
+            raise
         return Submitted(ids, new)
 
     def check_voices(self, specs: Iterable[JobSpec]) -> None:
@@ -145,8 +161,10 @@ class Client:
         return unknown
 
     def _claim(self, wanted: Mapping[str, Claim]) -> set[str]:
-        """Claim each id (SET NX); returns the ids this call claimed first. An id held by a
-        different job raises JobValidationError, and this call's claims are given back."""
+        """Claim each id (SET NX); returns the ids this call must send: those it claimed
+        first, and those whose claim a producer that died before sending left unsent. An
+        id held by a different job raises JobValidationError, and this call's claims are
+        given back."""
         pipe = self.redis.pipeline(transaction=False)
         for job_id, claim in wanted.items():
             pipe.set(claim_key(job_id), claim.encode(), nx=True, ex=self.settings.result_ttl)
@@ -157,13 +175,20 @@ class Client:
             if raw is None:
                 continue  # expired in between: an old job, nothing to return but the id
             held = Claim.decode(raw)
-            if held.token == wanted[job_id].token:
+            mine = wanted[job_id]
+            if held.token == mine.token:
                 won.add(job_id)  # a SET NX retried after its reply was lost: ours
-            elif not held.same_job(wanted[job_id]):
-                if won:
-                    self.redis.delete(*(claim_key(j) for j in won))
+            elif not held.same_job(mine):
+                self._give_back(won, mine.token)
                 raise JobValidationError(f"invalid job: job_id: {taken_error(job_id)}")
+            elif not held.sent and take_over(self.redis, job_id, raw, mine.encode()):
+                won.add(job_id)
         return won
+
+    def _give_back(self, job_ids: set[str], token: str) -> None:
+        """Delete this call's claims that are still unsent: not one a retry took over."""
+        for job_id in job_ids:
+            give_back(self.redis, job_id, token)
 
     def owner(self, job_id: str) -> Claim | None:
         """The claim on a job id (its tenant), or None for an id nobody submitted."""
@@ -172,8 +197,9 @@ class Client:
 
     def status(self, job_id: str) -> JobStatus:
         """Raises JobValidationError for a string that cannot be a job id."""
-        if not isinstance(job_id, str) or not NAME.fullmatch(job_id):
-            raise JobValidationError("a job id is 1-128 characters of letters, digits, '.', '_' or '-'")
+        if not is_task_id(job_id):
+            raise JobValidationError("a job id is 1-128 characters of letters, digits, '.', '_' or '-', "
+                                     "after its tenant and ':' for a tenant's job")
         meta = self.app.backend.get_task_meta(job_id)
         state = meta.get("status", JobState.PENDING)
         result = meta.get("result")
@@ -232,6 +258,26 @@ class Client:
     def close(self) -> None:
         self.redis.close()
         self.app.close()
+
+
+def _refused_for_memory(err: BaseException) -> bool:
+    """Whether Redis refused a write for its maxmemory: redis-py's OutOfMemoryError, as
+    is or as kombu wraps it when a publish meets it."""
+    seen: BaseException | None = err
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, redis.exceptions.OutOfMemoryError) or "OOM command not allowed" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _stopped(sent: int, total: int, why: str) -> str:
+    if not sent:
+        return f"{why}: no job of this call was enqueued"
+    return (f"{why}: {sent} of the {total} jobs were enqueued before it stopped (their ids are in this error's "
+            "`enqueued`); submit the same jobs again to enqueue the rest, and only the rest")
 
 
 def _status_of_record(record: Mapping[str, Any]) -> JobStatus:

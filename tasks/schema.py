@@ -32,7 +32,7 @@ AudioFormatName = Literal["wav", "flac", "mp3", "opus", "aac", "pcm", "wav-ulaw-
 _MARKUP = re.compile(r"</?[A-Za-z][^<>]{0,200}>")
 # Job ids and voice names: they end up in Redis keys and storage paths.
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-_TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MAX_TTL_S = 7 * 86400
 
 Seed = Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]
@@ -129,7 +129,7 @@ class JobSpec(BaseModel):
     @classmethod
     def _check_name(cls, v: str | None, info: ValidationInfo) -> str | None:
         # Both end up in Redis keys and storage paths: a safe charset, bounded length.
-        pattern, limit = (NAME, 128) if info.field_name == "job_id" else (_TENANT, 64)
+        pattern, limit = (NAME, 128) if info.field_name == "job_id" else (TENANT, 64)
         if v is not None and not pattern.fullmatch(v):
             raise ValueError(
                 f"{info.field_name} must be 1-{limit} characters of letters, digits, '.', '_' "

@@ -10,6 +10,7 @@ from fastapi import Depends, HTTPException, Request
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 from .. import job_records
+from ..claims import Claim, claim_key, task_id
 from ..celery_app import make_app
 from ..producer import Client, error_text
 from ..settings import Settings
@@ -55,9 +56,10 @@ class GatewayState:
         self.in_flight = Gauge("ttspool_gateway_in_flight_requests", "Requests being served", registry=self.registry)
 
     async def submit(self, jobs: list[dict[str, Any]]) -> list[str]:
+        """The jobs' task ids. Each job carries the key's tenant, in whose id space its id
+        lies (tasks/claims.py)."""
         # Enqueueing is a few quick Redis calls through the sync client: a worker thread
         # for those only. Waiting for the audio holds no thread (ResultWaiter).
-        # Each job carries the key's tenant, which its id's claim records (tasks/claims.py).
         ids: list[str] = await anyio.to_thread.run_sync(self.client.submit_many, jobs)
         return ids
 
@@ -68,20 +70,19 @@ class GatewayState:
         key = job_records.audio_key(self.storage.base_url, result["url"])
         return await anyio.to_thread.run_sync(self.storage.get_bytes, key)
 
-    async def owned(self, job_id: str, tenant: str | None) -> None:
-        """With API keys, a tenant sees only its own jobs: those submitted with its tenant,
-        through this gateway or any other producer."""
+    async def task_of(self, job_id: str, tenant: str | None) -> str:
+        """The task id a request's job id names: in the key's tenant's space, so a tenant
+        reaches only its own jobs and cannot tell which ids another uses."""
         if tenant is None:
-            return
-        claim = await anyio.to_thread.run_sync(self.client.owner, job_id)
-        if claim is not None:
-            owner = claim.tenant
-        else:
-            # Claims go with the result window; a job past it names its tenant in its record.
-            record = await anyio.to_thread.run_sync(job_records.read, self.storage, job_id)
-            owner = (record or {}).get("params", {}).get("tenant")
-        if owner != tenant:
-            raise HTTPException(404, f"no job {job_id!r}")
+            return job_id
+        scoped = task_id(tenant, job_id)
+        own, bare = await anyio.to_thread.run_sync(self.client.redis.mget, [claim_key(scoped), claim_key(job_id)])
+        # A job the tenant sent before ids were per tenant, still in the result window:
+        # its id is bare, its claim names the tenant. (Past the window its durable record
+        # is found under the scoped id, tasks/job_records.py.)
+        if own is None and bare is not None and Claim.decode(bare).tenant == tenant:
+            return job_id
+        return scoped
 
 
 def gateway_state(request: Request) -> GatewayState:

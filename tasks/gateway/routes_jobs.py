@@ -8,6 +8,7 @@ import anyio
 from fastapi import APIRouter, Body, HTTPException, Request, Response
 
 from .. import job_records
+from ..claims import split_task_id
 from ..producer import JobStatus
 from ..states import JobState
 from .deps import GatewayState, State, Tenant, content_type
@@ -26,14 +27,19 @@ async def submit_jobs(state: State, tenant: Tenant,
         if any(j.get("tenant") not in (None, tenant) for j in jobs):
             raise HTTPException(403, "a job's tenant must be the API key's own")
         jobs = [{**j, "tenant": tenant} for j in jobs]
-    return {"ids": await state.submit(jobs)}
+    ids = await state.submit(jobs)
+    # A tenant's ids as it named them: the task ids' tenant part is the key's own.
+    return {"ids": ids if tenant is None else [split_task_id(i)[1] for i in ids]}
 
 
 @router.get("/v1/jobs/{job_id}")
 async def job_status(job_id: str, request: Request, tenant: Tenant, state: State) -> dict[str, Any]:
-    await state.owned(job_id, tenant)
-    status: JobStatus = await anyio.to_thread.run_sync(state.client.status, job_id)
-    out = status.to_dict()
+    task = await state.task_of(job_id, tenant)
+    status: JobStatus = await anyio.to_thread.run_sync(state.client.status, task)
+    if tenant is not None and status.status == JobState.PENDING and \
+            await anyio.to_thread.run_sync(state.client.owner, task) is None:
+        raise HTTPException(404, f"no job {job_id!r}")
+    out = {**status.to_dict(), "id": job_id}
     if status.status == JobState.SUCCESS and status.url:
         out["audio_url"] = await anyio.to_thread.run_sync(_audio_url, state, job_id, status, str(request.base_url))
     return out
@@ -41,11 +47,11 @@ async def job_status(job_id: str, request: Request, tenant: Tenant, state: State
 
 @router.get("/v1/jobs/{job_id}/audio", response_class=Response)
 async def job_audio(job_id: str, tenant: Tenant, state: State) -> Response:
-    await state.owned(job_id, tenant)
-    meta = await state.waiter.get(job_id)
+    task = await state.task_of(job_id, tenant)
+    meta = await state.waiter.get(task)
     if meta is None:
         # Past the result window: the durable record, if the job ended.
-        record = await anyio.to_thread.run_sync(state.client.record, job_id)
+        record = await anyio.to_thread.run_sync(state.client.record, task)
         if record is not None and record["status"] != JobState.SUCCESS:
             raise HTTPException(502, f"synthesis failed: {record.get('error')}")
         if record is not None:

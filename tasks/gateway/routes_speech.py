@@ -10,6 +10,7 @@ import anyio
 from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import StreamingResponse
 
+from ..claims import split_task_id, task_id
 from ..states import JobState
 from .deps import GatewayState, State, Tenant, content_type
 from .speech import STREAMABLE, SpeechRequest, segment_jobs, wav_stream_header
@@ -40,15 +41,15 @@ async def speech(req: SpeechRequest, request: Request, tenant: Tenant, state: St
     else:
         seg_fmt = "pcm" if not streaming or fmt in ("wav", "pcm") else fmt
     jobs = [{**j, "format": seg_fmt, "job_id": uuid.uuid4().hex} for j in jobs]
-    ids = [j["job_id"] for j in jobs]
+    ids = [task_id(tenant, j["job_id"]) for j in jobs]
     media_type = content_type(fmt)
     # The jobs behind the audio, for GET /v1/jobs/{id} (spoken_text, the stored copy).
-    headers = {"X-Job-Ids": ",".join(ids)}
+    headers = {"X-Job-Ids": ",".join(j["job_id"] for j in jobs)}
     if streaming:
         # The first (short) segment alone first: the rest, sent once a worker has
         # taken it, cannot end up in its batch and hold its audio back.
         await state.submit(jobs[:1])
-        return StreamingResponse(_stream(state, jobs, fmt), media_type=media_type, headers=headers)
+        return StreamingResponse(_stream(state, jobs, ids, fmt), media_type=media_type, headers=headers)
     await state.submit(jobs)
     metas = await asyncio.gather(*(_wait(state, job_id) for job_id in ids))
     blobs = await asyncio.gather(*(state.audio_of(m) for m in metas))
@@ -62,7 +63,8 @@ async def _wait(state: GatewayState, job_id: str) -> dict[str, Any]:
     try:
         return await state.waiter.wait(job_id, WAIT_S)
     except asyncio.TimeoutError:
-        raise HTTPException(504, f"job {job_id} not finished after {WAIT_S:.0f} s; poll GET /v1/jobs/{job_id}") from None
+        own = split_task_id(job_id)[1]
+        raise HTTPException(504, f"job {own} not finished after {WAIT_S:.0f} s; poll GET /v1/jobs/{own}") from None
 
 
 def _assemble(blobs: list[bytes], fmt: str) -> bytes:
@@ -75,11 +77,11 @@ def _assemble(blobs: list[bytes], fmt: str) -> bytes:
     return encode(pcm, 24_000, fmt)[0]
 
 
-async def _stream(state: GatewayState, jobs: list[dict[str, Any]], fmt: str) -> AsyncIterator[bytes]:
-    """Each segment as soon as it and those before it are done, in order."""
+async def _stream(state: GatewayState, jobs: list[dict[str, Any]], ids: list[str],
+                  fmt: str) -> AsyncIterator[bytes]:
+    """Each segment (`ids`: their task ids) as soon as it and those before it are done, in order."""
     if fmt == "wav":
         yield wav_stream_header(24_000)
-    ids = [j["job_id"] for j in jobs]
     if len(jobs) > 1:
         for _ in range(200):  # up to 10 s; a busy pool may hold the first one longer
             meta = await state.waiter.get(ids[0])

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Sequence
 import redis
 from celery import Celery
 
-from tasks.claims import Claim, claim_key, digest_of, taken_error, tenant_of
+from tasks.claims import Claim, claim_key, digest_of, in_own_space, taken_error, task_id, tenant_of
 from tasks.envelope import Rejection
 from tasks.errors import RedeliveryLimit
 from tasks.schema import JobValidationError, parse_job
@@ -56,7 +56,7 @@ class Admission:
                 self.recorder.fail(req.id, req.kwargs, err)
                 out.finished.add(req.id)
                 continue
-            if spec.job_id is not None and spec.job_id != req.id:
+            if spec.job_id is not None and req.id not in (spec.job_id, task_id(spec.tenant, spec.job_id)):
                 # Recorded under one id, the other would stay PENDING forever.
                 self.rejections.record(Rejection("id_mismatch", f"kwargs job_id {spec.job_id!r} differs from the "
                                                            f"message id {req.id!r}", req.id),
@@ -126,6 +126,16 @@ class Admission:
     def _owned(self, requests: Sequence[Any], out: Outcome) -> list[Any]:
         """Requests whose id is theirs: claimed here when unclaimed (a plain Celery client),
         refused when claimed by a different job, without touching that job's record."""
+        if not requests:
+            return []
+        foreign = [req for req in requests if not in_own_space(req.id, req.kwargs)]
+        for req in foreign:
+            # Nothing of the tenant whose space the id names is touched, not even its claim.
+            self.rejections.record(Rejection("id_scope", f"task id {req.id!r} is in another tenant's space than "
+                                                         f"the job's tenant {tenant_of(req.kwargs)!r}", None),
+                                   json.dumps(req.kwargs, default=str))
+            out.finished.add(req.id)
+        requests = [req for req in requests if in_own_space(req.id, req.kwargs)]
         if not requests:
             return []
         pipe = self.redis.pipeline(transaction=False)

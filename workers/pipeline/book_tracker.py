@@ -24,6 +24,7 @@ from celery import Celery, Task
 from storage import Storage, StorageError
 from tasks import job_records
 from tasks.book import BOOK_TTL, MAX_ATTEMPTS, SEGMENT_ID, book_key, load_spec, segment_job_id
+from tasks.claims import split_task_id, task_id
 from tasks.settings import ASSEMBLE_TASK, QUEUE_ASSEMBLE, QUEUE_BULK, TASK_NAME
 from tasks.states import JobState
 
@@ -62,7 +63,7 @@ class BookTracker:
 
     def job_finished(self, job_id: str, duration_s: float | None = None, error: str | None = None) -> None:
         """Called once a job's result is recorded; ignores jobs that belong to no book."""
-        m = SEGMENT_ID.fullmatch(job_id)
+        m = SEGMENT_ID.fullmatch(split_task_id(job_id)[1])
         if m is None:
             return
         book_id, index, attempt = m[1], int(m[2]), int(m[3])
@@ -94,10 +95,11 @@ class BookTracker:
     def _retry(self, book_id: str, index: int, attempt: int, error: str) -> None:
         spec, _ = load_spec(self.redis, book_id)
         new_id = segment_job_id(book_id, index, attempt)
-        log.info("book %s: segment %d failed (%s); attempt %d as %s", book_id, index, error, attempt, new_id)
+        task = task_id(spec["job"].get("tenant"), new_id)
+        log.info("book %s: segment %d failed (%s); attempt %d as %s", book_id, index, error, attempt, task)
         kwargs = {**spec["job"], "text": spec["segments"][index], "job_id": new_id, "enqueued_at": time.time()}
-        self.redis.hset(book_key(book_id, "jobs"), str(index), new_id)
-        self.app.send_task(TASK_NAME, kwargs=kwargs, task_id=new_id, queue=QUEUE_BULK)
+        self.redis.hset(book_key(book_id, "jobs"), str(index), task)
+        self.app.send_task(TASK_NAME, kwargs=kwargs, task_id=task, queue=QUEUE_BULK)
 
     def _maybe_end(self, book_id: str) -> None:
         pipe = self.redis.pipeline(transaction=True)
