@@ -30,6 +30,7 @@ from tasks.cli.local_redis import LocalRedis, free_port
 from tasks.gateway import routes_jobs
 from tasks.gateway.deps import GatewayState, gateway_state, tenant_of
 from tasks.gateway.speech import chattts_speed
+from tasks.producer import Client
 from tasks.settings import Settings
 from tasks.voices import OPENAI_VOICES
 
@@ -166,7 +167,7 @@ def test_streaming_sends_segments_in_order(gateway: Gateway) -> None:
     assert abs(samples / 24000 - len(pcm) / 48000) < 0.1 * len(ids)
 
 
-def test_keys_tenants_and_rate_limits(gateway: Gateway) -> None:
+def test_keys_tenants_and_rate_limits(gateway: Gateway, client: Client) -> None:
     with pytest.raises(openai.AuthenticationError):
         gateway.sdk("wrong-key-0123456789abcdef").audio.speech.create(model="tts-1", voice="alloy", input="hi")
     status, _, _ = gateway.request("POST", "/v1/jobs", {"text": "hello"}, key=None)
@@ -183,6 +184,15 @@ def test_keys_tenants_and_rate_limits(gateway: Gateway) -> None:
     assert len(ids) == 2
     assert gateway.request("GET", f"/v1/jobs/{ids[0]}", key=KEY_B)[0] == 404
     assert gateway.request("POST", "/v1/jobs", {"text": "x", "tenant": "beta"})[0] == 403
+    # Ids are per tenant: beta's order-7 is not acme's, and beta learns nothing of acme's
+    # ids (the same 202 as for a fresh id); within acme's space an id stays one job's.
+    for key, text in ((KEY_A, "Acme's order."), (KEY_B, "Beta's order.")):
+        status, _, body = gateway.request("POST", "/v1/jobs", {"text": text, "job_id": "order-7"}, key=key)
+        assert status == 202 and json.loads(body)["ids"] == ["order-7"], body
+    status, _, body = gateway.request("POST", "/v1/jobs", {"text": "Changed.", "job_id": "order-7"}, key=KEY_A)
+    assert status == 400 and "already taken" in json.loads(body)["error"]["message"]
+    owners = client.owner("acme:order-7"), client.owner("beta:order-7")
+    assert [o.tenant for o in owners if o is not None] == ["acme", "beta"]
 
 
 def test_job_api_status_audio_url_and_spoken_text(gateway: Gateway, s3: S3Endpoint) -> None:
@@ -297,7 +307,7 @@ def test_one_router_alone_with_its_tenant_overridden(own_broker: LocalRedis, tmp
             resp = http.post("/v1/jobs", json={"text": "Submitted by the overridden tenant."})
             assert resp.status_code == 202, resp.text
             [job_id] = resp.json()["ids"]
-            claim = state.client.owner(job_id)
+            claim = state.client.owner(f"beta:{job_id}")
             assert claim is not None and claim.tenant == "beta"
             assert http.get(f"/v1/jobs/{job_id}").json()["status"] == "PENDING"
             assert http.post("/v1/jobs", json={"text": "x", "tenant": "acme"}).status_code == 403

@@ -14,9 +14,11 @@ from pathlib import Path
 import redis
 
 from storage import storage_for
+from tasks import job_records
 from tasks.cli.local_redis import LocalRedis
 from tasks.producer import Client
 from tasks.settings import Settings
+from tasks.states import JobState
 
 from .conftest import ROOT, S3Endpoint, running_worker, stop_process, worker_env
 from .test_gateway import KEY_A, KEY_B, start_gateway
@@ -42,7 +44,8 @@ def test_after_the_result_window_redis_holds_nothing_of_a_job_and_its_status_com
                                     "tenant": "acme"})
                 late = client.submit({"text": "Too late.", "expires_at": time.time() - 1})
                 before = {j: client.wait([j], timeout=120)[0] for j in (ok, late)}
-                audio = gw.request("GET", f"/v1/jobs/{ok}/audio")
+                assert ok == "acme:keep-1"  # the task id; acme's gateway calls it keep-1
+                audio = gw.request("GET", "/v1/jobs/keep-1/audio")
                 assert audio[0] == 200 and audio[2][:4] == b"RIFF"
                 assert before[ok].status == "SUCCESS" and before[late].status == "EXPIRED"
                 url = client.record(ok)["url"]  # type: ignore[index]
@@ -62,13 +65,36 @@ def test_after_the_result_window_redis_holds_nothing_of_a_job_and_its_status_com
                 assert json.loads(cli.stdout)["status"] == "SUCCESS"
                 assert json.loads(cli.stdout)["url"] == before[ok].url
                 # The gateway: the tenant from the record (the claim is gone), the audio from storage.
-                code, _, body = gw.request("GET", f"/v1/jobs/{ok}")
+                code, _, body = gw.request("GET", "/v1/jobs/keep-1")
                 assert code == 200 and json.loads(body)["status"] == "SUCCESS"
                 assert json.loads(body)["audio_url"].startswith(s3.url)  # presigned
-                assert gw.request("GET", f"/v1/jobs/{ok}/audio")[2] == audio[2]
-                assert gw.request("GET", f"/v1/jobs/{ok}", key=KEY_B)[0] == 404
-                assert gw.request("GET", f"/v1/jobs/{ok}/audio", key=KEY_B)[0] == 404
+                assert gw.request("GET", "/v1/jobs/keep-1/audio")[2] == audio[2]
+                assert gw.request("GET", "/v1/jobs/keep-1", key=KEY_B)[0] == 404
+                assert gw.request("GET", "/v1/jobs/keep-1/audio", key=KEY_B)[0] == 404
+                # Past the window, beta's own keep-1 is another job: acme's stays acme's.
+                code, _, body = gw.request("POST", "/v1/jobs", {"text": "Beta keeps its own.", "job_id": "keep-1"}, key=KEY_B)
+                assert code == 202 and json.loads(body)["ids"] == ["keep-1"]
+                assert client.wait(["beta:keep-1"], timeout=120)[0].spoken_text == "Beta keeps its own."
+                for key, said in ((KEY_A, "Kept for good."), (KEY_B, "Beta keeps its own.")):
+                    code, _, body = gw.request("GET", "/v1/jobs/keep-1", key=key)
+                    assert code == 200 and json.loads(body)["spoken_text"] == said, body
+                assert client.record(ok)["url"] == url  # type: ignore[index]
             finally:
                 stop_process(gw.proc)
                 client.close()
                 r.close()
+
+
+def test_a_tenants_record_from_before_per_tenant_ids_is_its_own(tmp_path: Path) -> None:
+    """Records written under a bare id (before ids were per tenant) are found under the
+    tenant's task id, by the tenant they name, and by no other tenant."""
+    store = storage_for(Settings.from_env({"TTSPOOL_STORAGE_URL": f"file://{tmp_path}"}))
+    old = job_records.finished("old-1", {"text": "Before.", "tenant": "acme"}, JobState.SUCCESS, result={"url": "u"})
+    store.put_bytes("records/job-old-1.json", json.dumps(old).encode(), "application/json")
+    found = job_records.read(store, "acme:old-1")
+    assert found is not None and found["id"] == "acme:old-1" and found["url"] == "u"
+    assert job_records.read(store, "beta:old-1") is None
+    new = job_records.finished("acme:old-1", {"text": "After.", "tenant": "acme"}, JobState.SUCCESS)
+    job_records.write(store, new)
+    assert job_records.record_key("acme:old-1") == "records/acme/job-old-1.json"
+    assert job_records.read(store, "acme:old-1")["params"]["text"] == "After."  # type: ignore[index]
