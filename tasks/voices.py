@@ -43,6 +43,7 @@ TENANT_INDEX_PREFIX = "ttspool:tenant-voices:"
 # name it lacks is not there (OpenAI's names, asked for with most gateway requests, would
 # otherwise cost every request a read of a missing object in each space).
 _COMPLETE = "."
+_SPACE_WORDS = {"tenant": "tenant's", "shared": "shared", "builtin": "built-in"}
 SAMPLE_RATE = 24_000
 # A reference recording long enough to carry a voice and short enough that its codes
 # (46.875 per second) stay a modest share of a row's prompt and KV cache.
@@ -295,7 +296,7 @@ class VoiceLibrary:
         seen = current or self._beneath(name)
         if seen is not None and not replace:
             if current is None and space is not None:
-                raise VoiceError(f"voice {name!r} exists as a {seen.space} voice (version {seen.version}); add it "
+                raise VoiceError(f"voice {name!r} exists as a {_SPACE_WORDS[seen.space]} voice (version {seen.version}); add it "
                                  "with replace to put a voice of this tenant's own in its place, for this tenant's "
                                  "jobs only")
             raise VoiceError(f"voice {name!r} exists (version {seen.version}); add it with replace to make a new "
@@ -339,7 +340,7 @@ class VoiceLibrary:
                 raise VoiceNotFound(f"unknown voice {name!r}")
             if seen.builtin and space is None:
                 raise VoiceReadOnly(f"{name!r} is a built-in voice: replace it instead of removing it")
-            raise VoiceReadOnly(f"{name!r} is a {seen.space} voice: only the operator changes it (a tenant may "
+            raise VoiceReadOnly(f"{name!r} is a {_SPACE_WORDS[seen.space]} voice: only the operator changes it (a tenant may "
                                 "add its own voice of that name with replace)")
         store.delete(_record_key(space, name))
         if self.index is not None:
