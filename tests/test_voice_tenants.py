@@ -271,6 +271,8 @@ def test_gateway_every_verb_across_two_tenants(gateway: Gateway, worker: WorkerP
     # The admin key manages the shared space, and a tenant's by name.
     status, body = _json(gateway, "GET", "/v1/voices?tenant=acme", KEY_OPS)
     assert {v["name"]: v.get("tenant") for v in body["data"]}[name] == "acme"
+    assert name not in _json(gateway, "GET", "/v1/voices", KEY_OPS)[1]["voices"]
+    assert gateway.request("GET", "/v1/voices?tenant=..%2Fbeta", key=KEY_OPS)[0] == 400
     assert gateway.request("DELETE", f"/v1/voices/{name}?tenant=beta", key=KEY_OPS)[0] == 200
     assert gateway.request("DELETE", "/v1/voices/alloy", key=KEY_B)[0] == 200  # its own shadow
     assert _json(gateway, "GET", "/v1/voices/alloy", KEY_B)[1]["space"] == "builtin"
