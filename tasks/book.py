@@ -136,7 +136,7 @@ def submit_book(
     if name is not None:
         # The version the book was submitted with; each segment's result says which
         # version it was made with (a replacement mid-book shows there).
-        spec["voice"] = {"name": name, "version": client.voices.require(name).version}
+        spec["voice"] = {"name": name, "version": client.voices.scoped(first.tenant).require(name).version}
     # The book exists before its first segment can finish, or that segment's end would
     # not be counted.
     pipe = client.redis.pipeline()

@@ -151,11 +151,12 @@ class Client:
             raise JobValidationError(f"invalid job: voice: {unknown[min(unknown)]}")
 
     def unknown_voices(self, specs: Iterable[JobSpec]) -> dict[str, str]:
-        """The voice names the jobs use that the library does not have, each with why."""
+        """The voice names the jobs use that the library does not have, each with why. A
+        name is looked up as the job's tenant sees the library (tasks/voices.py)."""
         unknown = {}
-        for name in {s.voice_name for s in specs if s.voice_name is not None}:
+        for tenant, name in {(s.tenant, s.voice_name) for s in specs if s.voice_name is not None}:
             try:
-                self.voices.require(name)
+                self.voices.scoped(tenant).require(name)
             except VoiceNotFound as err:
                 unknown[name] = str(err)
         return unknown

@@ -116,6 +116,9 @@ class Settings:
     http_host: str = "127.0.0.1"
     http_port: int = 8000
     api_keys: str = field(default="", repr=False)  # secrets: never in a repr or a log
+    # Operators' keys (name=key pairs): the gateway's voice routes manage the shared voices
+    # with one, or a tenant's (tasks/gateway/routes_voices.py).
+    admin_keys: str = field(default="", repr=False)
     http_max_body: int = 1 << 20
     # How long a worker keeps a library voice before reading it again (tasks/voices.py):
     # the longest a replaced voice is still used after the change.
@@ -205,6 +208,7 @@ class Settings:
                 http_host=env.get("TTSPOOL_HTTP_HOST") or d.http_host,
                 http_port=_int(env, "TTSPOOL_HTTP_PORT", d.http_port, 0, 65535),
                 api_keys=env.get("TTSPOOL_API_KEYS") or "",
+                admin_keys=env.get("TTSPOOL_ADMIN_KEYS") or "",
                 http_max_body=_int(env, "TTSPOOL_HTTP_MAX_BODY", d.http_max_body, 1024, 1 << 30),
                 voice_cache_s=_int(env, "TTSPOOL_VOICE_CACHE_S", d.voice_cache_s, 0, 3600),
                 faults=tuple(sorted((k.removeprefix(_FAULT_PREFIX), v) for k, v in env.items()
@@ -233,7 +237,7 @@ ENV_NAMES = {
     "model_pubkey": "TTSPOOL_MODEL_PUBKEY", "s3_sse": "TTSPOOL_S3_SSE", "rate_limits": "TTSPOOL_RATE_LIMITS",
     "lexicon": "TTSPOOL_LEXICON", "date_order": "TTSPOOL_DATE_ORDER", "phone_yao": "TTSPOOL_PHONE_YAO",
     "http_host": "TTSPOOL_HTTP_HOST", "http_port": "TTSPOOL_HTTP_PORT", "api_keys": "TTSPOOL_API_KEYS",
-    "http_max_body": "TTSPOOL_HTTP_MAX_BODY", "voice_cache_s": "TTSPOOL_VOICE_CACHE_S",
+    "admin_keys": "TTSPOOL_ADMIN_KEYS", "http_max_body": "TTSPOOL_HTTP_MAX_BODY", "voice_cache_s": "TTSPOOL_VOICE_CACHE_S",
 }
 
 

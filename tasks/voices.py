@@ -7,12 +7,20 @@ A voice is one of:
 - `recording`: a short reference recording with its transcript; the worker's DVAE turns
   it into audio codes that go into the row's prompt (ChatTTS' `spk_smp` + `txt_smp`).
 
-The object store is the truth: `voices/<name>.json` holds the current version's record,
-`voices/<name>/v<version>.wav` a recording (24 kHz mono PCM16, checked on the way in).
-Redis holds an index (`ttspool:voices`, name -> record) that producers check names
-against; a deployment may flush it, and every read from the store refills it. OpenAI's
-voice names are built-in seed voices (version 0) that a deployment replaces by adding
-a voice of the same name with `replace`; removing that brings the built-in back.
+Voices live in spaces: the shared space (the operator's; every tenant uses it, none
+changes it) and one space per tenant (an API key's tenant, a job's `tenant`), which only
+that tenant sees. A name is resolved in the tenant's space first, then the shared one,
+then among the built-ins, OpenAI's voice names (seed voices of version 0, read-only). An
+operator replaces a built-in for everyone in the shared space; a tenant may put its own
+voice of a shared or built-in name in its own space (with `replace`), for its own jobs.
+
+The object store is the truth. The shared space keeps the layout of the time before
+spaces: `voices/<name>.json` holds the current version's record, `voices/<name>/v<N>.wav`
+a recording (24 kHz mono PCM16, checked on the way in). A tenant's space is the same
+under `tenants/<tenant>/voices/`: outside `voices/`, so no voice's recording folder can
+be mistaken for it. Redis holds one index per space (`ttspool:voices`, and
+`ttspool:tenant-voices:<tenant>`: name -> record) that producers check names against; a
+deployment may flush them, and reads from the store refill them.
 """
 
 from __future__ import annotations
@@ -25,10 +33,17 @@ from typing import Annotated, Any, Literal, Protocol, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError, model_validator
 
 from .errors import UsageError
-from .schema import NAME, Seed, check_speaker
+from .schema import _TENANT, NAME, Seed, check_speaker
 
-PREFIX = "voices/"
-INDEX_KEY = "ttspool:voices"
+PREFIX = "voices/"  # the shared space's
+INDEX_KEY = "ttspool:voices"  # the shared space's
+TENANT_PREFIX = "tenants/"
+TENANT_INDEX_PREFIX = "ttspool:tenant-voices:"
+# A field no voice name can be: the index it is in lists every voice of its space, so a
+# name it lacks is not there (OpenAI's names, asked for with most gateway requests, would
+# otherwise cost every request a read of a missing object in each space).
+_COMPLETE = "."
+_SPACE_WORDS = {"tenant": "tenant's", "shared": "shared", "builtin": "built-in"}
 SAMPLE_RATE = 24_000
 # A reference recording long enough to carry a voice and short enough that its codes
 # (46.875 per second) stay a modest share of a row's prompt and KV cache.
@@ -54,6 +69,11 @@ class VoiceError(UsageError):
 
 class VoiceNotFound(VoiceError):
     pass
+
+
+class VoiceReadOnly(VoiceError):
+    """A change to a voice the caller may use but not change: a shared voice seen from a
+    tenant's space, or a built-in."""
 
 
 class Embedding(BaseModel):
@@ -102,6 +122,17 @@ class Voice(BaseModel):
     description: StrictStr = ""
     created_at: StrictFloat | StrictInt = 0
     builtin: bool = False
+    tenant: StrictStr | None = None  # the space the voice is in; None: shared (or built-in)
+
+    @property
+    def space(self) -> Literal["tenant", "shared", "builtin"]:
+        return "builtin" if self.builtin else "shared" if self.tenant is None else "tenant"
+
+    @property
+    def label(self) -> dict[str, Any]:
+        """What a job's result says of the voice it was made with."""
+        return {"name": self.name, "version": self.version, "space": self.space,
+                **({"tenant": self.tenant} if self.tenant is not None else {})}
 
     @property
     def digest(self) -> str:
@@ -117,7 +148,9 @@ class Voice(BaseModel):
         long: shown by `export`, not here)."""
         out: dict[str, Any] = {"name": self.name, "version": self.version, "kind": self.kind,
                                "description": self.description, "builtin": self.builtin,
-                               "created_at": self.created_at, "digest": self.digest}
+                               "created_at": self.created_at, "digest": self.digest, "space": self.space}
+        if self.tenant is not None:
+            out["tenant"] = self.tenant
         if self.embedding is not None and self.embedding.seed is not None:
             out["seed"] = self.embedding.seed
         if self.embedding is not None and self.embedding.mix is not None:
@@ -138,6 +171,13 @@ def check_name(name: Any) -> str:
             "starting with a letter or digit, and not all digits (those are seeds)"
         )
     return name
+
+
+def check_tenant(tenant: Any) -> str:
+    if not isinstance(tenant, str) or not _TENANT.fullmatch(tenant):
+        raise VoiceError(f"tenant {str(tenant)[:40]!r} must be 1-64 characters of letters, digits, '.', '_' or '-', "
+                         "starting with a letter or digit")
+    return tenant
 
 
 def builtin(name: str) -> Voice | None:
@@ -164,59 +204,68 @@ class Index(Protocol):
     def hget(self, name: str, key: str) -> Any: ...
     def hset(self, name: str, key: str, value: str) -> Any: ...
     def hdel(self, name: str, *keys: Any) -> Any: ...
-    def hkeys(self, name: str) -> Any: ...
+    def hexists(self, name: str, key: str) -> Any: ...
 
 
 class VoiceLibrary:
-    """Voices in the object store, indexed in Redis. Without a store (a producer that has
-    no storage credentials) names are checked against the index and the built-ins only."""
+    """Voices in the object store, indexed in Redis, as one space sees them: a tenant's
+    (its own voices, then the shared ones, then the built-ins) or, with no tenant, the
+    shared space (the operator's: the CLI, a gateway admin key, a job without a tenant).
+    Changes go to that space only. Without a store (a producer that has no storage
+    credentials) names are checked against the indexes and the built-ins only."""
 
-    def __init__(self, store: Store | None, index: Index | None) -> None:
+    def __init__(self, store: Store | None, index: Index | None, tenant: str | None = None) -> None:
         self.store = store
         self.index = index
+        self.tenant = None if tenant is None else check_tenant(tenant)
+
+    def scoped(self, tenant: str | None) -> "VoiceLibrary":
+        """This library as `tenant`'s space sees it (None: the shared space)."""
+        return self if tenant == self.tenant else VoiceLibrary(self.store, self.index, tenant)
+
+    def _spaces(self) -> list[str | None]:
+        """Where a name is looked for, first to last (the built-ins come after them)."""
+        return [None] if self.tenant is None else [self.tenant, None]
 
     # -- reading ------------------------------------------------------------------
 
     def get(self, name: str, fresh: bool = False) -> Voice | None:
-        """The voice's current version, or None. `fresh` reads the store, not the index."""
+        """The voice the name stands for in this space, or None. `fresh` reads the store,
+        not the indexes."""
         check_name(name)
-        if not fresh and self.index is not None:
-            raw = self.index.hget(INDEX_KEY, name)
-            if raw is not None:
-                return _parse(raw, f"index entry {name}")
-        if self.store is None:
-            return builtin(name)
-        # A built-in that nobody replaced is indexed too: OpenAI's names come with most
-        # gateway requests, which would otherwise each ask the store for a missing object.
-        voice = self._read(name) or builtin(name)
-        if self.index is not None:
+        for space in self._spaces():
+            voice = self._get_in(space, name, fresh)
             if voice is not None:
-                self.index.hset(INDEX_KEY, name, voice.model_dump_json())
-            else:
-                self.index.hdel(INDEX_KEY, name)
-        return voice
+                return voice
+        return builtin(name)
 
     def require(self, name: str, fresh: bool = False) -> Voice:
         voice = self.get(name, fresh)
         if voice is None:
-            raise VoiceNotFound(f"unknown voice {name!r}: add it with `ttspool voice add {name} ...` "
-                                "(see `ttspool voice list`)")
+            if self.tenant is None:
+                how = f"`ttspool voice add {name} ...` (see `ttspool voice list`)"
+            else:
+                how = (f"POST /v1/voices or `ttspool voice add {name} --tenant {self.tenant} ...` "
+                       "(see GET /v1/voices)")
+            raise VoiceNotFound(f"unknown voice {name!r}: add it with {how}")
         return voice
 
     def list(self) -> list[Voice]:
-        """Every voice, the built-ins included, from the store (and the index rebuilt from it)."""
+        """Every voice this space sees, each as its name resolves here (a tenant's own in
+        place of a shared or built-in voice of its name), read from the store; the indexes
+        are refilled from it."""
         voices = {n: v for n in OPENAI_VOICES if (v := builtin(n)) is not None}
-        stored = [self._read(k[len(PREFIX):-5]) for k in self._store().list_keys(PREFIX)
-                  if k.endswith(".json") and "/" not in k[len(PREFIX):]]
-        found = {v.name: v for v in stored if v is not None}
-        if self.index is not None:
-            for name, voice in found.items():
-                self.index.hset(INDEX_KEY, name, voice.model_dump_json())
-            gone = [k for k in self.index.hkeys(INDEX_KEY) if (k.decode() if isinstance(k, bytes) else k) not in found]
-            if gone:
-                self.index.hdel(INDEX_KEY, *gone)
-        voices.update(found)
+        for space in reversed(self._spaces()):
+            voices.update(self._reindex(space))
         return sorted(voices.values(), key=lambda v: v.name)
+
+    def reindex(self) -> int:
+        """Refill the index of every space, the shared one and each tenant's, from the
+        store (a worker does it when it starts: producers without a store then know every
+        voice again after Redis was flushed); returns how many voices there are."""
+        tenants = {parts[1] for k in self._store().list_keys(TENANT_PREFIX)
+                   if len(parts := k.split("/")) > 3 and parts[2] == "voices"}
+        return sum(len(self._reindex(t)) for t in [None, *sorted(tenants)])
 
     def recording_audio(self, voice: Voice) -> bytes:
         if voice.recording is None:
@@ -228,8 +277,10 @@ class VoiceLibrary:
     def add(self, name: str, *, seed: int | None = None, speaker: str | None = None,
             recording: bytes | None = None, transcript: str | None = None, mix: str | None = None,
             description: str = "", replace: bool = False) -> Voice:
-        """Add a voice, or with `replace` its next version. Exactly one of seed, speaker,
-        recording (with transcript) or mix ("name:weight,name:weight")."""
+        """Add a voice to this space, or with `replace` its next version. Exactly one of
+        seed, speaker, recording (with transcript) or mix ("name:weight,name:weight"). In a
+        tenant's space, `replace` also puts the tenant's own voice in place of a shared or
+        built-in one of that name, for that tenant's jobs only."""
         check_name(name)
         given = [x for x in (seed, speaker, recording, mix) if x is not None]
         if len(given) != 1:
@@ -240,10 +291,17 @@ class VoiceLibrary:
         if transcript is not None and recording is None:
             raise VoiceError("a transcript goes with a recording")
         store = self._store()
-        current = self._read(name) or builtin(name)
-        if current is not None and not replace:
-            raise VoiceError(f"voice {name!r} exists (version {current.version}); add it with replace to "
-                             "make a new version")
+        space = self.tenant
+        current = self._read(space, name)
+        seen = current or self._beneath(name)
+        if seen is not None and not replace:
+            if current is None and space is not None:
+                raise VoiceError(f"voice {name!r} exists as a {_SPACE_WORDS[seen.space]} voice (version {seen.version}); add it "
+                                 "with replace to put a voice of this tenant's own in its place, for this tenant's "
+                                 "jobs only")
+            raise VoiceError(f"voice {name!r} exists (version {seen.version}); add it with replace to make a new "
+                             "version")
+        # Versions count per space: a tenant's first voice of a shared name is its version 1.
         version = current.version + 1 if current is not None else 1
         fields: dict[str, Any] = {}
         if seed is not None:
@@ -259,29 +317,35 @@ class VoiceLibrary:
         elif recording is not None:
             wav, seconds = prepare_recording(recording)
             text = check_transcript(transcript)
-            key = f"{PREFIX}{name}/v{version}.wav"
+            key = f"{_prefix(space)}{name}/v{version}.wav"
             store.put_bytes(key, wav, "audio/wav")
             fields = {"kind": "recording", "recording": Recording(
                 key=key, sha256=hashlib.sha256(wav).hexdigest(), transcript=text, duration_s=round(seconds, 3))}
         voice = Voice(name=name, version=version, description=description, created_at=round(time.time(), 3),
-                      **fields)
-        store.put_bytes(_record_key(name), voice.model_dump_json(indent=1).encode(), "application/json")
+                      tenant=space, **fields)
+        store.put_bytes(_record_key(space, name), voice.model_dump_json(indent=1).encode(), "application/json")
         if self.index is not None:
-            self.index.hset(INDEX_KEY, name, voice.model_dump_json())
+            self.index.hset(_index_key(space), name, voice.model_dump_json())
         return voice
 
     def remove(self, name: str) -> Voice:
-        """Remove a stored voice and its recordings; a replaced built-in comes back."""
+        """Remove a voice of this space and its recordings: what the name stood for
+        beneath it (a shared or built-in voice) comes back."""
         store = self._store()
-        voice = self._read(name)
+        space = self.tenant
+        voice = self._read(space, name)
         if voice is None:
-            if builtin(name) is not None:
-                raise VoiceError(f"{name!r} is a built-in voice: replace it instead of removing it")
-            raise VoiceNotFound(f"unknown voice {name!r}")
-        store.delete(_record_key(name))
+            seen = self._beneath(name)
+            if seen is None:
+                raise VoiceNotFound(f"unknown voice {name!r}")
+            if seen.builtin and space is None:
+                raise VoiceReadOnly(f"{name!r} is a built-in voice: replace it instead of removing it")
+            raise VoiceReadOnly(f"{name!r} is a {_SPACE_WORDS[seen.space]} voice: only the operator changes it (a tenant may "
+                                "add its own voice of that name with replace)")
+        store.delete(_record_key(space, name))
         if self.index is not None:
-            self.index.hdel(INDEX_KEY, name)
-        for key in store.list_keys(f"{PREFIX}{name}/"):
+            self.index.hdel(_index_key(space), name)
+        for key in store.list_keys(f"{_prefix(space)}{name}/"):
             store.delete(key)
         return voice
 
@@ -292,14 +356,55 @@ class VoiceLibrary:
             raise VoiceError("the voice library needs the object store (TTSPOOL_STORAGE_URL)")
         return self.store
 
-    def _read(self, name: str) -> Voice | None:
+    def _beneath(self, name: str) -> Voice | None:
+        """What the name stands for below this space: the shared voice or the built-in
+        under a tenant's space, the built-in under the shared one."""
+        return builtin(name) if self.tenant is None else self.scoped(None).get(name, fresh=True)
+
+    def _get_in(self, space: str | None, name: str, fresh: bool) -> Voice | None:
+        key = _index_key(space)
+        if not fresh and self.index is not None:
+            raw = self.index.hget(key, name)
+            if raw is not None:
+                voice = _parse(raw, f"index entry {name}")
+                # Indexes from before spaces held unreplaced built-ins too: those come last.
+                return None if voice.builtin else voice
+            if self.store is None or self.index.hexists(key, _COMPLETE):
+                return None
+            return self._reindex(space).get(name)
+        if self.store is None:
+            return None
+        voice = self._read(space, name)
+        if self.index is not None:
+            if voice is not None:
+                self.index.hset(key, name, voice.model_dump_json())
+            else:
+                self.index.hdel(key, name)
+        return voice
+
+    def _reindex(self, space: str | None) -> dict[str, Voice]:
+        """The space's voices from the store, written to its index, which is then complete.
+        Entries are only added: one removed in between stays until a fresh read drops it,
+        rather than a voice added in between being dropped from a complete index."""
+        prefix = _prefix(space)
+        names = [rest[:-5] for k in self._store().list_keys(prefix)
+                 if (rest := k[len(prefix):]).endswith(".json") and "/" not in rest]
+        found = {v.name: v for v in (self._read(space, n) for n in names) if v is not None}
+        if self.index is not None:
+            key = _index_key(space)
+            for name, voice in found.items():
+                self.index.hset(key, name, voice.model_dump_json())
+            self.index.hset(key, _COMPLETE, "1")
+        return found
+
+    def _read(self, space: str | None, name: str) -> Voice | None:
         store = self._store()
-        key = _record_key(name)
+        key = _record_key(space, name)
         if not store.exists(key):
             return None
         voice = _parse(store.get_bytes(key), key)
-        if voice.name != name:
-            raise VoiceError(f"{key} holds voice {voice.name!r}, not {name!r}")
+        if voice.name != name or voice.tenant != space:
+            raise VoiceError(f"{key} holds voice {voice.name!r} of {voice.tenant or 'the shared space'}, not {name!r}")
         return voice
 
     def _mix_parts(self, name: str, spec: str) -> tuple[MixPart, ...]:
@@ -326,8 +431,16 @@ class VoiceLibrary:
         return tuple(parts)
 
 
-def _record_key(name: str) -> str:
-    return f"{PREFIX}{name}.json"
+def _prefix(space: str | None) -> str:
+    return PREFIX if space is None else f"{TENANT_PREFIX}{space}/voices/"
+
+
+def _index_key(space: str | None) -> str:
+    return INDEX_KEY if space is None else f"{TENANT_INDEX_PREFIX}{space}"
+
+
+def _record_key(space: str | None, name: str) -> str:
+    return f"{_prefix(space)}{name}.json"
 
 
 def _embedding(data: dict[str, Any]) -> Embedding:

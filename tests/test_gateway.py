@@ -285,7 +285,7 @@ def test_voice_library_routes_and_speech_by_name(gateway: Gateway) -> None:
         assert status == 200 and json.loads(body)["removed"], body
     with pytest.raises(openai.BadRequestError, match="unknown voice"):
         sdk.audio.speech.create(model="tts-1", voice=name, input="Gone.", response_format="wav")  # type: ignore[arg-type]
-    assert gateway.request("DELETE", "/v1/voices/alloy")[0] == 400  # built-in
+    assert gateway.request("DELETE", "/v1/voices/alloy")[0] == 403  # built-in: no tenant changes it
 
 
 def test_speed_mapping() -> None:

@@ -28,6 +28,7 @@ def test_to_env_round_trips_every_setting() -> None:
         "TTSPOOL_RATE_LIMITS": "acme=10/s", "TTSPOOL_FAULT_OOM_ABOVE": "4",
         "TTSPOOL_LEXICON": "/etc/ttspool/lexicon.tsv", "TTSPOOL_DATE_ORDER": "dmy", "TTSPOOL_PHONE_YAO": "1",
         "TTSPOOL_HTTP_HOST": "0.0.0.0", "TTSPOOL_HTTP_PORT": "8080", "TTSPOOL_API_KEYS": "acme=k1,beta=k2",
+        "TTSPOOL_ADMIN_KEYS": "ops=k3",
         "TTSPOOL_HTTP_MAX_BODY": "65536", "TTSPOOL_VOICE_CACHE_S": "2",
     }
     # Every setting has a variable, and this test sets every one of them.

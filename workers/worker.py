@@ -68,9 +68,9 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
     # has been handed to another worker already.
     metrics.stalled = lambda: task.stalled(tick_s=60.0, batch_s=float(settings.visibility_timeout))
     try:
-        # Producers check voice names against the Redis index: rebuilt from the store
-        # here, so a flushed Redis does not make them refuse the library's voices.
-        log.info("voice library: %d voices", len(runner.voices.library.list()))
+        # Producers check voice names against the Redis indexes (one per space): rebuilt
+        # from the store here, so a flushed Redis does not make them refuse the library's voices.
+        log.info("voice library: %d voices", runner.voices.library.reindex())
     except Exception as err:  # noqa: BLE001 - a worker serves seeds and speakers without it
         log.warning("could not index the voice library: %s", err)
     book_tracker.register(app, storage, runner.redis)

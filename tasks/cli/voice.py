@@ -1,4 +1,6 @@
-"""`ttspool voice add|list|show|rm|export`: the voice library (tasks/voices.py)."""
+"""`ttspool voice add|list|show|rm|export`: the voice library (tasks/voices.py), the
+operator's side: the shared space every tenant uses, or with `--tenant NAME` that
+tenant's own."""
 
 from __future__ import annotations
 
@@ -13,8 +15,11 @@ from ..settings import Settings
 def add_commands(sub: argparse._SubParsersAction) -> None:
     v = sub.add_parser("voice", help="named voices every worker can use (docs/VOICES.md)")
     verbs = v.add_subparsers(dest="verb", required=True)
+    space = argparse.ArgumentParser(add_help=False)
+    space.add_argument("--tenant", metavar="NAME",
+                       help="this tenant's voices (as its jobs see the library), not the shared ones")
 
-    a = verbs.add_parser("add", help="add a voice, or with --replace its next version")
+    a = verbs.add_parser("add", parents=[space], help="add a voice, or with --replace its next version")
     a.add_argument("name", help="letters, digits, '.', '_' or '-' (as job ids)")
     src = a.add_mutually_exclusive_group(required=True)
     src.add_argument("--seed", type=int, help="the speaker this seed draws")
@@ -24,36 +29,38 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--mix", metavar="A:0.7,B:0.3", help="a weighted blend of seed, speaker or mix voices")
     a.add_argument("--transcript", help="what is said in the --from-wav recording")
     a.add_argument("--description", default="", help="a note for people choosing a voice")
-    a.add_argument("--replace", action="store_true", help="make a new version of an existing (or built-in) voice")
+    a.add_argument("--replace", action="store_true",
+                   help="make a new version of an existing (or built-in) voice; with --tenant, also the tenant's "
+                        "own voice in place of a shared or built-in one")
     a.add_argument("--json", action="store_true", help="print the new record as JSON")
     a.set_defaults(handler=_add)
 
-    ls = verbs.add_parser("list", help="every voice, the built-in OpenAI names included")
+    ls = verbs.add_parser("list", parents=[space], help="every voice, the built-in OpenAI names included")
     ls.add_argument("--json", action="store_true", help="one JSON list")
     ls.set_defaults(handler=_list)
 
-    sh = verbs.add_parser("show", help="one voice's current version")
+    sh = verbs.add_parser("show", parents=[space], help="one voice's current version")
     sh.add_argument("name")
     sh.add_argument("--json", action="store_true")
     sh.set_defaults(handler=_show)
 
-    rm = verbs.add_parser("rm", help="remove a voice (a replaced built-in comes back)")
+    rm = verbs.add_parser("rm", parents=[space], help="remove a voice (what it replaced comes back)")
     rm.add_argument("name")
     rm.set_defaults(handler=_rm)
 
-    ex = verbs.add_parser("export", help="print the voice's ChatTTS speaker string")
+    ex = verbs.add_parser("export", parents=[space], help="print the voice's ChatTTS speaker string")
     ex.add_argument("name")
     ex.set_defaults(handler=_export)
 
 
-def _library(settings: Settings) -> Any:
+def _library(settings: Settings, args: argparse.Namespace) -> Any:
     from storage import storage_for
 
     from ..broker_redis import redis_client
     from ..voices import VoiceLibrary
 
     index = redis_client(settings.broker_url, settings.redis_master_name, socket_timeout=10, socket_connect_timeout=5)
-    return VoiceLibrary(storage_for(settings), index)
+    return VoiceLibrary(storage_for(settings), index, args.tenant)
 
 
 def _print(voice: Any, as_json: bool) -> None:
@@ -64,7 +71,8 @@ def _print(voice: Any, as_json: bool) -> None:
     detail = {"seed": f"seed {info.get('seed')}", "speaker": "speaker string",
               "mix": " + ".join(f"{p['weight']:g} {p['source']}" for p in info.get("mix", [])),
               "recording": f"{info.get('duration_s')} s recording: {info.get('transcript', '')!r}"}[voice.kind]
-    origin = "built-in" if voice.builtin else f"v{voice.version}"
+    origin = {"builtin": "built-in", "shared": f"v{voice.version}",
+              "tenant": f"v{voice.version} ({voice.tenant})"}[voice.space]
     print(f"{voice.name}\t{origin}\t{voice.kind}\t{detail}" + (f"\t{voice.description}" if voice.description else ""))
 
 
@@ -80,7 +88,7 @@ def _add(args: argparse.Namespace, settings: Settings) -> int:
             recording = args.from_wav.read_bytes()
         except OSError as err:
             raise VoiceError(f"cannot read {args.from_wav}: {err.strerror or err}") from None
-    voice = _library(settings).add(args.name, seed=args.seed, speaker=speaker, recording=recording,
+    voice = _library(settings, args).add(args.name, seed=args.seed, speaker=speaker, recording=recording,
                                    transcript=args.transcript, mix=args.mix, description=args.description,
                                    replace=args.replace)
     _print(voice, args.json)
@@ -88,7 +96,7 @@ def _add(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _list(args: argparse.Namespace, settings: Settings) -> int:
-    voices = _library(settings).list()
+    voices = _library(settings, args).list()
     if args.json:
         print(json.dumps([v.summary() for v in voices], ensure_ascii=False))
     else:
@@ -98,12 +106,12 @@ def _list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _show(args: argparse.Namespace, settings: Settings) -> int:
-    _print(_library(settings).require(args.name, fresh=True), args.json)
+    _print(_library(settings, args).require(args.name, fresh=True), args.json)
     return 0
 
 
 def _rm(args: argparse.Namespace, settings: Settings) -> int:
-    voice = _library(settings).remove(args.name)
+    voice = _library(settings, args).remove(args.name)
     print(f"removed {voice.name} (v{voice.version})")
     return 0
 
@@ -111,7 +119,7 @@ def _rm(args: argparse.Namespace, settings: Settings) -> int:
 def _export(args: argparse.Namespace, settings: Settings) -> int:
     from ..voices import VoiceError
 
-    voice = _library(settings).require(args.name, fresh=True)
+    voice = _library(settings, args).require(args.name, fresh=True)
     if voice.embedding is None:
         raise VoiceError(f"voice {voice.name!r} is a recording: it has audio codes, not a speaker string")
     if voice.embedding.speaker is not None:

@@ -16,7 +16,7 @@ from ..producer import Client, error_text
 from ..settings import Settings
 from ..states import JobState
 from ..voices import Store, VoiceLibrary
-from .api_keys import ApiKeys
+from .api_keys import ApiKeys, admin_keys
 from ..result_waiter import ResultWaiter
 
 _LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, float("inf"))
@@ -39,6 +39,7 @@ class GatewayState:
         self.settings = settings
         self.storage = storage
         self.keys = ApiKeys(settings.api_keys)
+        self.admin_keys = admin_keys(settings, self.keys)
         self.client = Client(settings, storage=storage)
         self.voices = VoiceLibrary(storage, self.client.redis)
         celery = make_app(settings)

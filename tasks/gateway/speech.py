@@ -1,9 +1,9 @@
 """OpenAI's `POST /v1/audio/speech` request, mapped onto ttspool jobs.
 
 - `model`: "chattts" and OpenAI's speech model names all mean the pool.
-- `voice`: a name of the voice library (tasks/voices.py; OpenAI's voice names are
-  built-in entries there, in any letter case); a number is a seed; anything else a
-  ChatTTS speaker string.
+- `voice`: a name of the voice library as the key's tenant sees it (tasks/voices.py: its
+  own voices, then the shared ones, then the built-ins, OpenAI's voice names, in any
+  letter case); a number is a seed; anything else a ChatTTS speaker string.
 - `speed`: OpenAI's 0.25-4.0 is a rate factor; ChatTTS has ten speed prompts, each
   about 10 % apart (speed 5 = 1.0), so the factor is mapped to the nearest one and
   clamped: 0.5 and below are [speed_0], 1.4 and above [speed_9].
@@ -69,7 +69,8 @@ def chattts_speed(factor: float) -> int:
 
 
 def voice_of(voice: str | int) -> int | str:
-    """The job's voice; an unknown library name is refused when the jobs are submitted."""
+    """The job's voice; a library name is looked up in the job's tenant's space when the
+    jobs are submitted, and an unknown one refused there."""
     if isinstance(voice, int):
         return voice
     name = voice.strip()

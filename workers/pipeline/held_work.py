@@ -124,7 +124,7 @@ class HeldWork:
             text = self.engine.normalize(self._spoken(job))
             if not text.strip():
                 raise JobFailed("text is empty after normalization (no speakable characters)", reason="empty_text")
-            voice = self.voices.resolve(s.voice, s.voice_name)
+            voice = self.voices.resolve(s.voice, s.voice_name, s.tenant)
         except JobFailed as err:
             self.recorder.fail(job.id, job.kwargs, err)
             job.move(Phase.FINISHED)

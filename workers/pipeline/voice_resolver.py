@@ -1,7 +1,9 @@
 """Voice names -> what the engine needs, at batch time (tasks/voices.py has the library).
 
-A worker reads a named voice from the object store (the truth; the Redis index only
-serves producers) and keeps it for `ttl_s`, so a voice added or replaced anywhere is
+A name is resolved as the job's tenant sees the library: its own voices, then the
+shared ones, then the built-ins (a job without a tenant sees the shared space). A worker
+reads a named voice from the object store (the truth; the Redis indexes only serve
+producers) and keeps it, by tenant and name, for `ttl_s`, so a voice added or replaced anywhere is
 used on this worker's next batch after at most that long, without a restart. A
 recording's audio codes are computed once per recording (by its digest) with this
 worker's own DVAE: they belong to the model, not to the voice.
@@ -32,7 +34,7 @@ _MAX_REFERENCES = 64  # recordings whose codes are kept (a few hundred KB each a
 class Resolved:
     voice: EngineVoice  # what the engine synthesizes with
     key: Any  # the content key's voice: the job's own value, or the library voice's digest
-    label: dict[str, Any] | None = None  # {"name", "version"} of a library voice, for results
+    label: dict[str, Any] | None = None  # a library voice's name, version and space, for results
 
 
 class VoiceResolver:
@@ -43,34 +45,34 @@ class VoiceResolver:
         self.normalize = normalize  # a transcript is read like a job's text
         self.ttl_s = ttl_s
         # One batch function call at a time (celery-batches): no locking needed.
-        self._voices: dict[str, tuple[float, Voice | None]] = {}
+        self._voices: dict[tuple[str | None, str], tuple[float, Voice | None]] = {}
         self._references: dict[str, Reference] = {}
 
-    def resolve(self, voice: int | str, name: str | None) -> Resolved:
-        """Raises JobFailed (reason "voice") for a name that is not in the library or a
-        voice the model cannot use."""
+    def resolve(self, voice: int | str, name: str | None, tenant: str | None) -> Resolved:
+        """`tenant`: the job's. Raises JobFailed (reason "voice") for a name that is not in
+        the library as the tenant sees it, or a voice the model cannot use."""
         try:
             if name is None:
                 self.engine.speaker(voice)  # a speaker string of the wrong size fails here
                 return Resolved(voice, voice)
-            record = self._lookup(name)
+            record = self._lookup(tenant, name)
             if record is None:
-                raise JobFailed(f"voice {name!r} is not in the voice library (removed after the job was sent?)",
+                whose = "the voice library" if tenant is None else f"tenant {tenant!r}'s voices or the shared ones"
+                raise JobFailed(f"voice {name!r} is not in {whose} (removed after the job was sent?)",
                                 reason="voice")
             engine_voice = self._engine_voice(record)
             self.engine.speaker(engine_voice)
         except ValueError as err:
             raise JobFailed(str(err), reason="voice") from None
-        return Resolved(engine_voice, {"library": record.digest},
-                        {"name": record.name, "version": record.version})
+        return Resolved(engine_voice, {"library": record.digest}, record.label)
 
-    def _lookup(self, name: str) -> Voice | None:
+    def _lookup(self, tenant: str | None, name: str) -> Voice | None:
         now = time.monotonic()
-        hit = self._voices.get(name)
+        hit = self._voices.get((tenant, name))
         if hit is not None and now - hit[0] < self.ttl_s:
             return hit[1]
-        record = self.library.get(name, fresh=True)
-        self._voices[name] = (now, record)
+        record = self.library.scoped(tenant).get(name, fresh=True)
+        self._voices[(tenant, name)] = (now, record)
         return record
 
     def _engine_voice(self, record: Voice) -> EngineVoice:
@@ -86,8 +88,9 @@ class VoiceResolver:
             if len(self._references) >= _MAX_REFERENCES:
                 self._references.pop(next(iter(self._references)))
             self._references[digest] = ref
-            log.info("voice %s v%d: %d reference codes from its %.1f s recording", record.name, record.version,
-                     codes.shape[0], record.recording.duration_s)
+            log.info("voice %s v%d: %d reference codes from its %.1f s recording (%s)", record.name,
+                     record.version, codes.shape[0], record.recording.duration_s,
+                     "shared" if record.tenant is None else f"tenant {record.tenant}")
         return ref
 
 
