@@ -33,7 +33,7 @@ from typing import Annotated, Any, Literal, Protocol, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError, model_validator
 
 from .errors import UsageError
-from .schema import _TENANT, NAME, Seed, check_speaker
+from .schema import NAME, TENANT, Seed, check_speaker
 
 PREFIX = "voices/"  # the shared space's
 INDEX_KEY = "ttspool:voices"  # the shared space's
@@ -174,7 +174,7 @@ def check_name(name: Any) -> str:
 
 
 def check_tenant(tenant: Any) -> str:
-    if not isinstance(tenant, str) or not _TENANT.fullmatch(tenant):
+    if not isinstance(tenant, str) or not TENANT.fullmatch(tenant):
         raise VoiceError(f"tenant {str(tenant)[:40]!r} must be 1-64 characters of letters, digits, '.', '_' or '-', "
                          "starting with a letter or digit")
     return tenant

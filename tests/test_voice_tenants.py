@@ -262,7 +262,8 @@ def test_gateway_every_verb_across_two_tenants(gateway: Gateway, worker: WorkerP
         status, headers, _ = gateway.request("POST", "/v1/audio/speech", {
             "model": "tts-1", "input": "Whose voice is this?", "voice": voice, "response_format": "wav"}, key=key)
         assert status == 200
-        labels[(key, voice)] = _label(client, {k.lower(): v for k, v in headers.items()}["x-job-ids"])
+        own_id = {k.lower(): v for k, v in headers.items()}["x-job-ids"]
+        labels[(key, voice)] = _label(client, f"{'acme' if key == KEY_A else 'beta'}:{own_id}")  # the task id
     assert labels[(KEY_A, "alloy")] == {"name": "alloy", "version": 0, "space": "builtin"}
     assert labels[(KEY_B, "alloy")] == {"name": "alloy", "version": 1, "space": "tenant", "tenant": "beta"}
     assert labels[(KEY_A, name)] == {"name": name, "version": 1, "space": "tenant", "tenant": "acme"}
