@@ -10,7 +10,7 @@ from fastapi import APIRouter, Body, HTTPException, Request, Response
 from .. import job_records
 from ..producer import JobStatus
 from ..states import JobState
-from .deps import GatewayState, State, Tenant, content_type
+from .deps import GatewayState, JobIdParam, State, Tenant, content_type
 
 router = APIRouter()
 
@@ -30,7 +30,7 @@ async def submit_jobs(state: State, tenant: Tenant,
 
 
 @router.get("/v1/jobs/{job_id}")
-async def job_status(job_id: str, request: Request, tenant: Tenant, state: State) -> dict[str, Any]:
+async def job_status(job_id: JobIdParam, request: Request, tenant: Tenant, state: State) -> dict[str, Any]:
     await state.owned(job_id, tenant)
     status: JobStatus = await anyio.to_thread.run_sync(state.client.status, job_id)
     out = status.to_dict()
@@ -40,7 +40,7 @@ async def job_status(job_id: str, request: Request, tenant: Tenant, state: State
 
 
 @router.get("/v1/jobs/{job_id}/audio", response_class=Response)
-async def job_audio(job_id: str, tenant: Tenant, state: State) -> Response:
+async def job_audio(job_id: JobIdParam, tenant: Tenant, state: State) -> Response:
     await state.owned(job_id, tenant)
     meta = await state.waiter.get(job_id)
     if meta is None:

@@ -9,7 +9,7 @@ from typing import Any
 import anyio
 from fastapi import APIRouter, Depends, HTTPException
 
-from .deps import State, tenant_of
+from .deps import State, VoiceNameParam, tenant_of
 from .speech import VoiceRequest
 
 # One library for every tenant, but only for holders of a key.
@@ -26,7 +26,7 @@ async def voices(state: State) -> dict[str, Any]:
 
 
 @router.get("/v1/voices/{name}")
-async def voice(name: str, state: State) -> dict[str, Any]:
+async def voice(name: VoiceNameParam, state: State) -> dict[str, Any]:
     found = await anyio.to_thread.run_sync(state.voices.get, name, True)
     if found is None:
         raise HTTPException(404, f"no voice {name[:40]!r}")
@@ -50,6 +50,6 @@ async def add_voice(req: VoiceRequest, state: State) -> dict[str, Any]:
 
 
 @router.delete("/v1/voices/{name}")
-async def remove_voice(name: str, state: State) -> dict[str, Any]:
+async def remove_voice(name: VoiceNameParam, state: State) -> dict[str, Any]:
     gone = await anyio.to_thread.run_sync(state.voices.remove, name)
     return {"name": gone.name, "version": gone.version, "removed": True}
