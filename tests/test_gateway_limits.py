@@ -139,6 +139,8 @@ class StalledServer:
             assert self._changed.wait_for(lambda: getattr(self, name) >= at_least, timeout), (name, at_least)
 
     def close(self) -> None:
+        if self._stop.is_set():
+            return
         self._stop.set()
         self._thread.join(timeout=10)
         for key in list(self._selector.get_map().values()):
