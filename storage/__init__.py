@@ -21,11 +21,12 @@ def open_storage(
     s3_endpoint_url: str | None = None,
     s3_sse: str | None = None,
     s3_max_attempts: int = 10,
+    s3_timeouts: tuple[float, float] = (5, 60),
 ) -> Storage:
     """Open `file:///abs/dir` or `s3://bucket[/prefix]`.
 
     S3 credentials come from boto3's default chain; `s3_sse` (AES256, aws:kms, ...)
-    turns on server-side encryption.
+    turns on server-side encryption; `s3_timeouts` are boto3's (connect, read) seconds.
     """
     parts = urlsplit(url)
     if parts.query or parts.fragment:
@@ -58,6 +59,8 @@ def open_storage(
             endpoint_url=s3_endpoint_url,
             sse=s3_sse,
             max_attempts=s3_max_attempts,
+            connect_timeout=s3_timeouts[0],
+            read_timeout=s3_timeouts[1],
         )
     raise ValueError(
         f"unsupported storage URL {redact_url(parts.geturl())!r}: expected file:///abs/dir "

@@ -33,6 +33,8 @@ class S3Storage:
         *,
         sse: str | None = None,
         max_attempts: int = 10,
+        connect_timeout: float = 5,
+        read_timeout: float = 60,
     ) -> None:
         self._bucket = bucket
         self._prefix = prefix.strip("/")
@@ -41,8 +43,9 @@ class S3Storage:
         self._sse = sse
         config = Config(
             retries={"mode": "standard", "max_attempts": max_attempts},
-            connect_timeout=5,
-            read_timeout=60,
+            # Per attempt; read_timeout bounds each wait for bytes, not the whole transfer.
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
             # botocore still presigns with SigV2 in some regions; SigV4 works everywhere.
             signature_version="s3v4",
         )

@@ -120,6 +120,20 @@ class Settings:
     # with one, or a tenant's (tasks/gateway/routes_voices.py).
     admin_keys: str = field(default="", repr=False)
     http_max_body: int = 1 << 20
+    # The gateway's server limits (tasks/gateway/server.py, limits.py): seconds for a
+    # request's headers to arrive once it starts, for its body once the headers are in,
+    # for a kept-alive (or new) connection to start a request; and open connections
+    # (past it, new requests get 503).
+    http_header_timeout: int = 10
+    http_body_timeout: int = 30
+    http_keepalive_timeout: int = 5
+    http_max_connections: int = 1000
+    # The gateway's storage calls: seconds to connect and to wait for each read, boto3
+    # attempts, and threads of their own (a stalled store fills these, not the threads
+    # the Redis calls run on). attempts x (connect + read) stays under a client's 60 s.
+    http_storage_timeout: int = 10
+    http_storage_attempts: int = 2
+    http_storage_threads: int = 16
     # How long a worker keeps a library voice before reading it again (tasks/voices.py):
     # the longest a replaced voice is still used after the change.
     voice_cache_s: int = 5
@@ -210,6 +224,13 @@ class Settings:
                 api_keys=env.get("TTSPOOL_API_KEYS") or "",
                 admin_keys=env.get("TTSPOOL_ADMIN_KEYS") or "",
                 http_max_body=_int(env, "TTSPOOL_HTTP_MAX_BODY", d.http_max_body, 1024, 1 << 30),
+                http_header_timeout=_int(env, "TTSPOOL_HTTP_HEADER_TIMEOUT", d.http_header_timeout, 1, 3600),
+                http_body_timeout=_int(env, "TTSPOOL_HTTP_BODY_TIMEOUT", d.http_body_timeout, 1, 3600),
+                http_keepalive_timeout=_int(env, "TTSPOOL_HTTP_KEEPALIVE_TIMEOUT", d.http_keepalive_timeout, 1, 3600),
+                http_max_connections=_int(env, "TTSPOOL_HTTP_MAX_CONNECTIONS", d.http_max_connections, 1, 1_000_000),
+                http_storage_timeout=_int(env, "TTSPOOL_HTTP_STORAGE_TIMEOUT", d.http_storage_timeout, 1, 600),
+                http_storage_attempts=_int(env, "TTSPOOL_HTTP_STORAGE_ATTEMPTS", d.http_storage_attempts, 1, 10),
+                http_storage_threads=_int(env, "TTSPOOL_HTTP_STORAGE_THREADS", d.http_storage_threads, 1, 1024),
                 voice_cache_s=_int(env, "TTSPOOL_VOICE_CACHE_S", d.voice_cache_s, 0, 3600),
                 faults=tuple(sorted((k.removeprefix(_FAULT_PREFIX), v) for k, v in env.items()
                                     if k.startswith(_FAULT_PREFIX) and v)),
@@ -238,6 +259,10 @@ ENV_NAMES = {
     "lexicon": "TTSPOOL_LEXICON", "date_order": "TTSPOOL_DATE_ORDER", "phone_yao": "TTSPOOL_PHONE_YAO",
     "http_host": "TTSPOOL_HTTP_HOST", "http_port": "TTSPOOL_HTTP_PORT", "api_keys": "TTSPOOL_API_KEYS",
     "admin_keys": "TTSPOOL_ADMIN_KEYS", "http_max_body": "TTSPOOL_HTTP_MAX_BODY", "voice_cache_s": "TTSPOOL_VOICE_CACHE_S",
+    "http_header_timeout": "TTSPOOL_HTTP_HEADER_TIMEOUT", "http_body_timeout": "TTSPOOL_HTTP_BODY_TIMEOUT",
+    "http_keepalive_timeout": "TTSPOOL_HTTP_KEEPALIVE_TIMEOUT", "http_max_connections": "TTSPOOL_HTTP_MAX_CONNECTIONS",
+    "http_storage_timeout": "TTSPOOL_HTTP_STORAGE_TIMEOUT", "http_storage_attempts": "TTSPOOL_HTTP_STORAGE_ATTEMPTS",
+    "http_storage_threads": "TTSPOOL_HTTP_STORAGE_THREADS",
 }
 
 

@@ -30,6 +30,9 @@ def test_to_env_round_trips_every_setting() -> None:
         "TTSPOOL_HTTP_HOST": "0.0.0.0", "TTSPOOL_HTTP_PORT": "8080", "TTSPOOL_API_KEYS": "acme=k1,beta=k2",
         "TTSPOOL_ADMIN_KEYS": "ops=k3",
         "TTSPOOL_HTTP_MAX_BODY": "65536", "TTSPOOL_VOICE_CACHE_S": "2",
+        "TTSPOOL_HTTP_HEADER_TIMEOUT": "5", "TTSPOOL_HTTP_BODY_TIMEOUT": "20", "TTSPOOL_HTTP_KEEPALIVE_TIMEOUT": "3",
+        "TTSPOOL_HTTP_MAX_CONNECTIONS": "500", "TTSPOOL_HTTP_STORAGE_TIMEOUT": "4",
+        "TTSPOOL_HTTP_STORAGE_ATTEMPTS": "3", "TTSPOOL_HTTP_STORAGE_THREADS": "8",
     }
     # Every setting has a variable, and this test sets every one of them.
     assert set(env) - {"TTSPOOL_FAULT_OOM_ABOVE"} == set(ENV_NAMES.values())

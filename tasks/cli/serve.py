@@ -18,15 +18,20 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
-    from storage import storage_for
+    from storage import open_storage
 
     from ..gateway.app import create_app
     from ..gateway.api_keys import ApiKeys, check_exposure
+    from ..gateway.server import server_config
 
     settings = settings.override(http_host=args.host, http_port=args.port)
     check_exposure(ApiKeys(settings.api_keys), settings.http_host)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(settings, storage_for(settings))
+    # A request's storage calls end well within a client's patience (60 s): a store that
+    # stopped answering costs an error, not a hung request.
+    timeout = settings.http_storage_timeout
+    storage = open_storage(settings.storage_url, s3_endpoint_url=settings.s3_endpoint_url, s3_sse=settings.s3_sse,
+                           s3_max_attempts=settings.http_storage_attempts, s3_timeouts=(min(5, timeout), timeout))
     # One process, one event loop: waiting requests cost a future each, not a thread.
-    uvicorn.run(app, host=settings.http_host, port=settings.http_port, log_level="info", access_log=False)
+    uvicorn.Server(server_config(create_app(settings, storage), settings)).run()
     return 0

@@ -1,6 +1,6 @@
 """The gateway's app (FastAPI on uvicorn), see tasks/gateway/__init__.py: the routers,
 each resource's own (routes_*.py), on the state and tenant dependencies of deps.py,
-with the errors in OpenAI's shape, body limits and request metrics."""
+with the errors in OpenAI's shape, body limits (size and time) and request metrics."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Awaitable, Callable
 
+import anyio
 import redis
 from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from kombu.exceptions import OperationalError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import RateLimited, TtspoolError
 from ..schema import JobValidationError
@@ -41,6 +43,8 @@ def create_app(settings: Settings, storage: Storage) -> FastAPI:
     app = FastAPIOffline(title="ttspool", version="1", lifespan=lifespan,
                          description="OpenAI's speech API and a job API on a pool of batched ChatTTS workers.")
     app.state.gateway = state  # where deps.gateway_state finds it for the routes
+    # Inside _guard (added later, so outside it), which counts its 408s and 413s.
+    app.add_middleware(BodyLimits, limit=settings.http_max_body, timeout_s=settings.http_body_timeout)
     app.middleware("http")(_guard)
     for kind, handler in _ERROR_HANDLERS:
         app.exception_handler(kind)(handler)
@@ -58,16 +62,10 @@ def _error(status: int, message: str, kind: str = "invalid_request_error",
 
 async def _guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
     state = gateway_state(request)
-    limit = state.settings.http_max_body
     t0 = time.perf_counter()
     state.in_flight.inc()
     try:
-        size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > limit):
-            response: Response = _error(413, f"request body over {limit} bytes")
-        else:
-            _limit_body(request, limit)
-            response = await call_next(request)
+        response = await call_next(request)
     finally:
         state.in_flight.dec()
     name = getattr(request.scope.get("route"), "path", "unmatched")
@@ -76,20 +74,74 @@ async def _guard(request: Request, call_next: Callable[[Request], Awaitable[Resp
     return response
 
 
-def _limit_body(request: Request, limit: int) -> None:
-    """A chunked body has no Content-Length: count it as it is read."""
-    receive = request.receive
-    seen = 0
+class _BodyRefused(Exception):
+    pass
 
-    async def counted() -> Any:
-        nonlocal seen
-        message = await receive()
-        seen += len(message.get("body", b""))
-        if seen > limit:
-            raise HTTPException(413, f"request body over {limit} bytes")
-        return message
 
-    request._receive = counted  # the receive channel the route's body parsing reads
+class BodyLimits:
+    """413 for a body over `limit` bytes, declared or (chunked) counted as it is read;
+    408 for one not all in within `timeout_s` of its headers (uvicorn has no body
+    timeout: a declared body that never came held the request forever).
+
+    Pure ASGI: a route's body parsing turns any error of the receive channel into a
+    400, so the refusal is raised there to stop the route, and whatever the route
+    answers instead is replaced by it."""
+
+    def __init__(self, app: ASGIApp, limit: int, timeout_s: float) -> None:
+        self.app, self.limit, self.timeout_s = app, limit, timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        deadline = anyio.current_time() + self.timeout_s
+        size = dict(scope["headers"]).get(b"content-length")
+        if size is not None and (not size.isdigit() or int(size) > self.limit):
+            await _refuse(scope, receive, send, deadline, 413, f"request body over {self.limit} bytes")
+            return
+        seen, body_done = 0, False
+        refusal: tuple[int, str] | None = None
+        started = False
+
+        async def limited() -> Message:
+            nonlocal seen, body_done, refusal
+            if body_done:  # after the body only a disconnect can come, whenever it does
+                return await receive()
+            try:
+                with anyio.fail_after(max(0.0, deadline - anyio.current_time())):
+                    message = await receive()
+            except TimeoutError:
+                refusal = (408, f"request body not received within {self.timeout_s:g} s")
+                raise _BodyRefused from None
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                refusal = (413, f"request body over {self.limit} bytes")
+                raise _BodyRefused
+            body_done = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        async def answering(message: Message) -> None:
+            nonlocal started
+            if refusal is None:
+                started = started or message["type"] == "http.response.start"
+                await send(message)
+
+        try:
+            await self.app(scope, limited, answering)
+        except _BodyRefused:
+            pass
+        if refusal is not None and not started:
+            await _refuse(scope, receive, send, deadline if refusal[0] == 413 else 0.0, *refusal)
+
+
+async def _refuse(scope: Scope, receive: Receive, send: Send, drain_until: float, status: int, message: str) -> None:
+    """Answer `status` and close. The body still coming is read and dropped first (until
+    `drain_until`): closing a socket with unread data resets the connection, and a client
+    still sending would lose the answer with it."""
+    with anyio.move_on_after(max(0.0, drain_until - anyio.current_time())):
+        while (m := await receive())["type"] == "http.request" and m.get("more_body", False):
+            pass
+    await _error(status, message, headers={"Connection": "close"})(scope, receive, send)
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:

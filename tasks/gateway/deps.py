@@ -1,25 +1,35 @@
 """What the gateway's routes share, as FastAPI dependencies: the gateway's state (one
-per app, built by create_app) and the tenant of the request's API key."""
+per app, built by create_app), the tenant of the request's API key, the checked path
+parameters (a job id, a voice name), and the probes of /healthz."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Protocol
+import asyncio
+import time
+from typing import Annotated, Any, Awaitable, Callable, Protocol, TypeVar
 
 import anyio
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Path, Request
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 from .. import job_records
-from ..claims import Claim, claim_key, task_id
+from ..claims import Claim, claim_key, is_task_id, task_id
 from ..celery_app import make_app
 from ..producer import Client, error_text
+from ..schema import NAME
 from ..settings import Settings
 from ..states import JobState
-from ..voices import Store, VoiceLibrary
+from ..voices import Store, VoiceLibrary, check_name
 from .api_keys import ApiKeys, admin_keys
 from ..result_waiter import ResultWaiter
 
 _LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, float("inf"))
+# A health probe's bound, and how long its answer serves later checks.
+PROBE_TIMEOUT_S = 2.0
+PROBE_KEEP_S = 2.0
+# What the storage probe asks for: whether it exists does not matter, that storage answers does.
+PROBE_KEY = "ttspool-health-probe"
+T = TypeVar("T")
 
 
 class Storage(Store, Protocol):
@@ -55,6 +65,20 @@ class GatewayState:
         self.latency = Histogram("ttspool_gateway_request_seconds", "Time to the response's last byte, by route",
                                  ["route"], buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.in_flight = Gauge("ttspool_gateway_in_flight_requests", "Requests being served", registry=self.registry)
+        # Storage calls wait for a thread of their own: a store that stops answering
+        # holds these, while the Redis calls keep anyio's default threads.
+        self.storage_pool = anyio.CapacityLimiter(settings.http_storage_threads)
+        self.probes = {"broker": Probe(lambda: self.waiter.ping(PROBE_TIMEOUT_S)),
+                       "storage": Probe(self._storage_answers)}
+
+    async def _storage_answers(self) -> bool:
+        # Its own thread, not the storage pool's: a pool busy with healthy reads is no outage.
+        await anyio.to_thread.run_sync(self.storage.exists, PROBE_KEY)
+        return True
+
+    async def in_storage_pool(self, call: Callable[..., T], *args: Any) -> T:
+        """`call(*args)` (a storage call) on a thread of the storage pool."""
+        return await anyio.to_thread.run_sync(call, *args, limiter=self.storage_pool)
 
     async def submit(self, jobs: list[dict[str, Any]]) -> list[str]:
         """The jobs' task ids. Each job carries the key's tenant, in whose id space its id
@@ -69,7 +93,7 @@ class GatewayState:
         if meta.get("status") != JobState.SUCCESS or not isinstance(result, dict):
             raise HTTPException(502, f"synthesis failed: {error_text(result)}")
         key = job_records.audio_key(self.storage.base_url, result["url"])
-        return await anyio.to_thread.run_sync(self.storage.get_bytes, key)
+        return await self.in_storage_pool(self.storage.get_bytes, key)
 
     async def task_of(self, job_id: str, tenant: str | None) -> str:
         """The task id a request's job id names: in the key's tenant's space, so a tenant
@@ -105,6 +129,61 @@ def tenant_of(request: Request, state: State) -> str | None:
 
 
 Tenant = Annotated[str | None, Depends(tenant_of)]
+
+
+def job_id_param(job_id: Annotated[str, Path(description="a job id: 1-128 of A-Z a-z 0-9 . _ -")],
+                 tenant: Tenant) -> str:
+    """The `{job_id}` of a route: 400 for what cannot be a job id, before any lookup. A
+    key's ids are its own (its tenant is implied); without keys, any task id, a tenant's
+    ("TENANT:ID", tasks/claims.py) included."""
+    if not (NAME.fullmatch(job_id) if tenant is not None else is_task_id(job_id)):
+        raise HTTPException(400, "a job id is 1-128 characters of letters, digits, '.', '_' or '-', "
+                                 "starting with a letter or digit")
+    return job_id
+
+
+def voice_name_param(name: Annotated[str, Path(description="a voice name (GET /v1/voices)")]) -> str:
+    """The `{name}` of a voice route: VoiceError (400) for what cannot be a voice name."""
+    return check_name(name)
+
+
+JobIdParam = Annotated[str, Depends(job_id_param)]
+VoiceNameParam = Annotated[str, Depends(voice_name_param)]
+
+
+class Probe:
+    """One dependency's health for /healthz: "ok" or what is wrong. At most one check
+    runs at a time, for at most PROBE_TIMEOUT_S per health request, and its answer is
+    kept PROBE_KEEP_S: health checks cannot pile up threads or connections on a
+    dependency that stopped answering (a stalled check keeps running alone, and every
+    request meanwhile is told it is not answering)."""
+
+    def __init__(self, check: Callable[[], Awaitable[bool]]) -> None:
+        self._check = check
+        self._running: asyncio.Future[bool] | None = None
+        self._started = 0.0
+        self._answer: str | None = None
+        self._answered = 0.0
+
+    async def state(self) -> str:
+        now = time.monotonic()
+        if self._answer is not None and now - self._answered < PROBE_KEEP_S:
+            return self._answer
+        if self._running is None or self._running.done():
+            self._running = asyncio.ensure_future(self._check())
+            # Nobody may await a check that outlives its health request: retrieve its error.
+            self._running.add_done_callback(lambda f: f.cancelled() or f.exception())
+            self._started = now
+        try:
+            result = await asyncio.wait_for(asyncio.shield(self._running),
+                                            max(0.0, PROBE_TIMEOUT_S - (now - self._started)))
+            answer = "ok" if result else "unreachable"
+        except asyncio.TimeoutError:
+            answer = f"not answering within {PROBE_TIMEOUT_S:g} s"
+        except Exception as exc:  # what the dependency said is the answer, not a failed health check
+            answer = f"failing: {type(exc).__name__}"
+        self._answer, self._answered = answer, time.monotonic()
+        return answer
 
 
 def content_type(fmt: str) -> str:

@@ -11,7 +11,7 @@ from .. import job_records
 from ..claims import split_task_id
 from ..producer import JobStatus
 from ..states import JobState
-from .deps import GatewayState, State, Tenant, content_type
+from .deps import GatewayState, JobIdParam, State, Tenant, content_type
 
 router = APIRouter()
 
@@ -33,8 +33,10 @@ async def submit_jobs(state: State, tenant: Tenant,
 
 
 @router.get("/v1/jobs/{job_id}")
-async def job_status(job_id: str, request: Request, tenant: Tenant, state: State) -> dict[str, Any]:
+async def job_status(job_id: JobIdParam, request: Request, tenant: Tenant, state: State) -> dict[str, Any]:
     task = await state.task_of(job_id, tenant)
+    # Redis, and storage only for a job Redis let go: the default threads, so that a
+    # stalled store holds the reads of such jobs only.
     status: JobStatus = await anyio.to_thread.run_sync(state.client.status, task)
     if tenant is not None and status.status == JobState.PENDING and \
             await anyio.to_thread.run_sync(state.client.owner, task) is None:
@@ -46,12 +48,12 @@ async def job_status(job_id: str, request: Request, tenant: Tenant, state: State
 
 
 @router.get("/v1/jobs/{job_id}/audio", response_class=Response)
-async def job_audio(job_id: str, tenant: Tenant, state: State) -> Response:
+async def job_audio(job_id: JobIdParam, tenant: Tenant, state: State) -> Response:
     task = await state.task_of(job_id, tenant)
     meta = await state.waiter.get(task)
     if meta is None:
         # Past the result window: the durable record, if the job ended.
-        record = await anyio.to_thread.run_sync(state.client.record, task)
+        record = await state.in_storage_pool(state.client.record, task)
         if record is not None and record["status"] != JobState.SUCCESS:
             raise HTTPException(502, f"synthesis failed: {record.get('error')}")
         if record is not None:

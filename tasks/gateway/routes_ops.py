@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from fastapi import APIRouter, Response
@@ -17,8 +18,13 @@ router = APIRouter()
 
 @router.get("/healthz")
 async def healthz(state: State) -> JSONResponse:
-    ok = await state.waiter.ping()
-    return JSONResponse({"status": "ok" if ok else "broker unreachable"}, 200 if ok else 503)
+    """Readiness: 200 while the broker and storage answer, 503 naming the one that does
+    not. Each probe is bounded and its answer kept briefly (deps.Probe)."""
+    names = list(state.probes)
+    answers = dict(zip(names, await asyncio.gather(*(state.probes[n].state() for n in names))))
+    down = [n for n, a in answers.items() if a != "ok"]
+    status = "ok" if not down else "; ".join(f"{n} {answers[n]}" for n in down)
+    return JSONResponse({"status": status, "checks": answers}, 503 if down else 200)
 
 
 @router.get("/metrics", include_in_schema=False)

@@ -21,7 +21,7 @@ import anyio
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 
 from ..voices import VoiceLibrary, VoiceReadOnly
-from .deps import State
+from .deps import State, VoiceNameParam
 from .speech import VoiceRequest
 
 router = APIRouter()
@@ -60,16 +60,16 @@ def _changing(caller: Caller) -> VoiceLibrary:
 
 @router.get("/v1/voices")
 @router.get("/v1/audio/voices")
-async def voices(caller: VoiceCaller) -> dict[str, Any]:
+async def voices(caller: VoiceCaller, state: State) -> dict[str, Any]:
     """The voices the caller's space sees: `voices` lists the names (as Kokoro-FastAPI's
     route does), `data` their records, each with its `space` (tenant, shared, builtin)."""
-    found = await anyio.to_thread.run_sync(caller.library.list)
+    found = await state.in_storage_pool(caller.library.list)
     return {"voices": [v.name for v in found], "data": [v.summary() for v in found]}
 
 
 @router.get("/v1/voices/{name}")
-async def voice(name: str, caller: VoiceCaller) -> dict[str, Any]:
-    found = await anyio.to_thread.run_sync(caller.library.get, name, True)
+async def voice(name: VoiceNameParam, caller: VoiceCaller, state: State) -> dict[str, Any]:
+    found = await state.in_storage_pool(caller.library.get, name, True)
     if found is None:
         raise HTTPException(404, f"no voice {name[:40]!r}")
     summary: dict[str, Any] = found.summary()
@@ -77,7 +77,7 @@ async def voice(name: str, caller: VoiceCaller) -> dict[str, Any]:
 
 
 @router.post("/v1/voices", status_code=201)
-async def add_voice(req: VoiceRequest, caller: VoiceCaller) -> dict[str, Any]:
+async def add_voice(req: VoiceRequest, caller: VoiceCaller, state: State) -> dict[str, Any]:
     """Add a voice from a seed, a speaker string, a mix ("a:0.7,b:0.3") or a recording
     (`audio`: the file, base64) with its `transcript`; `replace` makes a new version (and
     in a tenant's space, the tenant's own voice in place of a shared or built-in one)."""
@@ -86,7 +86,7 @@ async def add_voice(req: VoiceRequest, caller: VoiceCaller) -> dict[str, Any]:
         audio = base64.b64decode(req.audio, validate=True) if req.audio is not None else None
     except binascii.Error:
         raise HTTPException(400, "audio: not base64") from None
-    added = await anyio.to_thread.run_sync(lambda: library.add(
+    added = await state.in_storage_pool(lambda: library.add(
         req.name, seed=req.seed, speaker=req.speaker, recording=audio, transcript=req.transcript, mix=req.mix,
         description=req.description, replace=req.replace))
     summary: dict[str, Any] = added.summary()
@@ -94,10 +94,10 @@ async def add_voice(req: VoiceRequest, caller: VoiceCaller) -> dict[str, Any]:
 
 
 @router.delete("/v1/voices/{name}")
-async def remove_voice(name: str, caller: VoiceCaller) -> dict[str, Any]:
+async def remove_voice(name: VoiceNameParam, caller: VoiceCaller, state: State) -> dict[str, Any]:
     library = _changing(caller)
     try:
-        gone = await anyio.to_thread.run_sync(library.remove, name)
+        gone = await state.in_storage_pool(library.remove, name)
     except VoiceReadOnly as err:
         raise HTTPException(403, str(err)) from None
     return {"name": gone.name, "version": gone.version, "removed": True}
