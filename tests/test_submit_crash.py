@@ -15,10 +15,13 @@ from typing import Iterator
 
 import pytest
 import redis
+from fastapi.testclient import TestClient
 
+from storage import storage_for
 from tasks.claims import Claim, claim_key
 from tasks.cli.local_redis import LocalRedis
 from tasks.errors import BrokerFull
+from tasks.gateway.app import create_app
 from tasks.producer import Client
 from tasks.settings import QUEUE_BULK, Settings
 
@@ -165,3 +168,29 @@ def test_a_full_broker_says_which_jobs_it_took(idle: Client) -> None:
     again = idle.submit_many_report(jobs)
     assert sorted(again.new) == sorted(unsent)
     assert sorted(_queued(idle)) == sorted([warm] + [str(j["job_id"]) for j in jobs])
+
+
+def test_the_gateway_names_the_jobs_a_full_broker_took(idle: Client, tmp_path: Path) -> None:
+    """Over HTTP the same: 503 with Retry-After and the key's own ids that went in; the
+    same request again, once memory is free, sends the rest."""
+    key = "acme-key-0123456789abcdef"
+    settings = Settings.from_env({"TTSPOOL_BROKER_URL": idle.settings.broker_url,
+                                  "TTSPOOL_STORAGE_URL": f"file://{tmp_path}", "TTSPOOL_API_KEYS": f"acme={key}"})
+    words = " ".join(["Your parcel is on its way"] * 72)
+    jobs = [{"text": f"{words} ({i}).", "job_id": f"big-{i}", "priority": "bulk"} for i in range(80)]
+    r = redis.Redis.from_url(idle.settings.broker_url)
+    headers = {"Authorization": f"Bearer {key}"}
+    with TestClient(create_app(settings, storage_for(settings)), raise_server_exceptions=False) as http:
+        assert http.post("/v1/jobs", json={"text": "Warming up.", "priority": "bulk"}, headers=headers).status_code == 202
+        r.config_set("maxmemory-policy", "noeviction")
+        r.config_set("maxmemory", int(r.info("memory")["used_memory"]) + 150_000)
+        try:
+            resp = http.post("/v1/jobs", json=jobs, headers=headers)
+        finally:
+            r.config_set("maxmemory", 0)
+        assert resp.status_code == 503 and resp.headers["retry-after"] == "5", resp.text
+        enqueued = resp.json()["error"]["enqueued"]
+        assert 0 < len(enqueued) < len(jobs)
+        assert _queued(idle)[1:] == [f"acme:{i}" for i in enqueued]
+        assert http.post("/v1/jobs", json=jobs, headers=headers).json()["ids"] == [j["job_id"] for j in jobs]
+    assert sorted(_queued(idle)[1:]) == sorted(f"acme:big-{i}" for i in range(80))

@@ -18,7 +18,8 @@ from fastapi_offline import FastAPIOffline
 from kombu.exceptions import OperationalError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..errors import RateLimited, TtspoolError
+from ..claims import split_task_id
+from ..errors import RateLimited, SubmitStopped, TtspoolError
 from ..schema import JobValidationError
 from ..settings import Settings
 from ..voices import VoiceError, VoiceNotFound
@@ -55,9 +56,10 @@ def create_app(settings: Settings, storage: Storage) -> FastAPI:
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error",
-           headers: dict[str, str] | None = None) -> JSONResponse:
+           headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
     # OpenAI's error shape, so its SDK raises its usual exceptions with our message.
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status, headers=headers)
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status, **extra}}, status,
+                        headers=headers)
 
 
 async def _guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -169,6 +171,14 @@ async def _backend_failed(request: Request, exc: TtspoolError) -> JSONResponse:
     return _error(503, str(exc), "server_error", headers={"Retry-After": "5"})
 
 
+async def _submit_stopped(request: Request, exc: SubmitStopped) -> JSONResponse:
+    # The ids a retry of the same request will find sent; with keys, as the tenant names them.
+    keys = gateway_state(request).keys.enabled
+    enqueued = [split_task_id(i)[1] if keys else i for i in exc.enqueued]
+    log.warning("%s: %s", request.url.path, exc)
+    return _error(503, str(exc), "server_error", headers={"Retry-After": "5"}, enqueued=enqueued)
+
+
 async def _limited(request: Request, exc: RateLimited) -> JSONResponse:
     return _error(429, str(exc), "rate_limit_error", headers={"Retry-After": str(max(1, round(exc.retry_after_s + 0.5)))})
 
@@ -185,6 +195,7 @@ _ERROR_HANDLERS: tuple[tuple[type[Exception], Callable[[Request, Any], Awaitable
     (JobValidationError, _invalid),
     (VoiceError, _bad_voice),
     (TtspoolError, _backend_failed),
+    (SubmitStopped, _submit_stopped),
     (RateLimited, _limited),
     (redis.RedisError, _broker_down),
     (OperationalError, _broker_down),

@@ -17,7 +17,6 @@ import binascii
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-import anyio
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 
 from ..voices import VoiceLibrary, VoiceReadOnly
