@@ -104,3 +104,28 @@ def test_blank_text_has_no_segments(text: str) -> None:
 def test_bad_limits_are_refused() -> None:
     with pytest.raises(ValueError):
         split_text("hi", max_chars=0)
+
+
+_LABEL = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789", min_size=1, max_size=8)
+# Web and e-mail addresses full of marks that end sentences elsewhere ("?", ".", "!", ";").
+ADDRESSES = st.one_of(
+    st.builds(lambda host, path, query: f"https://{host}.com{path}?{query}#top",
+              _LABEL, st.lists(_LABEL, max_size=3).map(lambda p: "".join(f"/{s}." for s in p)),
+              st.lists(st.tuples(_LABEL, _LABEL), min_size=1, max_size=3).map(
+                  lambda q: ";".join(f"{k}={v}!" for k, v in q))),
+    st.builds(lambda user, host: f"{user}.{user}@{host}.example.org", _LABEL, _LABEL),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(TEXTS, ADDRESSES, st.integers(0, 10**6), st.integers(100, 400), st.integers(400, 1500))
+def test_a_url_or_email_address_is_never_split(text: str, address: str, where: int, max_chars: int,
+                                                max_steps: int) -> None:
+    """An address shorter than a segment sits whole in one segment, wherever it is in the text."""
+    cuts = [0] + [i + 1 for i, c in enumerate(text) if c in " \n，。"] if text else [0]
+    at = cuts[where % len(cuts)]
+    text = f"{text[:at]}{address} {text[at:]}"
+    start = text.index(address)
+    segments = split_text(text, max_chars=max_chars, max_steps=max_steps)
+    _check(text, segments, max_chars, max_steps)
+    assert any(s.start <= start and start + len(address) <= s.end for s in segments), (address, segments)

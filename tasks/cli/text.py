@@ -14,7 +14,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     n.add_argument("text", help="the text as written; - reads it from standard input")
     n.add_argument("--lang", choices=["auto", "en", "zh"], default="auto",
                    help="language numbers and symbols are read in (auto: decided span by span)")
-    n.add_argument("--json", action="store_true", help='print {"text", "spoken_text", "lang"}')
+    n.add_argument("--json", action="store_true",
+                   help='print {"text", "spoken_text", "lang", "dropped"} (dropped: the characters left out, '
+                        'each once; "" when none)')
     n.set_defaults(handler=_normalize)
 
 
@@ -27,8 +29,8 @@ def _normalize(args: argparse.Namespace, settings: Settings) -> int:
     job = parse_job({"text": text, "lang": args.lang})
     spoken = FrontEnd.from_settings(settings).speak(job.text, job.lang)
     if args.json:
-        print(json.dumps({"text": spoken.text, "spoken_text": spoken.spoken_text, "lang": spoken.lang},
-                         ensure_ascii=False))
+        print(json.dumps({"text": spoken.text, "spoken_text": spoken.spoken_text, "lang": spoken.lang,
+                          "dropped": spoken.dropped}, ensure_ascii=False))
     else:
         print(spoken.spoken_text)
     if spoken.dropped:

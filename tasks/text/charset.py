@@ -70,12 +70,29 @@ def to_chattts(text: str) -> tuple[str, dict[str, int]]:
         if m:
             out.append(f" {m.group()} ")
             pos = m.end()
-    cleaned = tidy("".join(out))
-    # ChatTTS writes "," and "." full width in text it takes for Chinese (more Han
-    # characters than English words); doing it here keeps spoken_text what it is given.
-    if len(_HAN.findall(cleaned)) > len(_WORD.findall(TAG.sub("", cleaned))):
-        cleaned = cleaned.replace(",", "，").replace(".", "。")
-    return cleaned, dropped
+    return tidy(_pause_widths(tidy("".join(out)))), dropped
+
+
+_PAUSE = re.compile(r"[,.，。、]")
+_FULL = {",": "，", ".": "。", "，": "，", "。": "。", "、": "、"}
+_HALF = {",": ",", ".": ".", "，": ",", "。": ".", "、": ","}
+
+
+def _pause_widths(text: str) -> str:
+    """Each pause mark in the width of the clause it ends: full width (，。) after a
+    clause with more Han characters than English words (ChatTTS' own test, which it
+    applies to the whole text), half width after any other. "Price: 1234元" keeps
+    "Price," and "我买了3 apples." ends "。", whatever width the writer used."""
+    out: list[str] = []
+    pos = 0
+    for m in _PAUSE.finditer(text):
+        clause = TAG.sub("", text[pos:m.start()])
+        han, words = len(_HAN.findall(clause)), len(_WORD.findall(clause))
+        table = _FULL if han > words else _HALF if words else None
+        out.append(text[pos:m.start()] + (table[m[0]] if table else m[0]))
+        pos = m.end()
+    out.append(text[pos:])
+    return "".join(out)
 
 
 def _spell_out(text: str) -> str:
@@ -89,7 +106,7 @@ def tidy(text: str) -> str:
     text = re.sub(r"\s+", " ", text)
     text = re.sub(r" +([,.，。、])", r"\1", text)
     text = re.sub(r"(?<=[，。、]) +", "", text)
-    text = re.sub(r"([,.])(?=[A-Za-z])", r"\1 ", text)
+    text = re.sub(r"([,.])(?=[A-Za-z\u4e00-\u9fff])", r"\1 ", text)
     text = re.sub(r"([,.，。、])[,.，。、 ]*([,.，。、])", lambda m: _stronger(m[1], m[2]), text)
     text = re.sub(r"(?<=[\u4e00-\u9fff，。、]) (?=[\u4e00-\u9fff，。、])", "", text)
     return re.sub(r"^[ ,，、]+", "", text).strip()

@@ -62,6 +62,19 @@ class Rule:
     read: Reading
 
 
+# A web address is one unit, read whole: its "?" or "." never ends a sentence. Its path
+# and query end before a closing mark a sentence puts after it ("see https://a.com/x.").
+# A closing parenthesis is the URL's own only when it closes one opened in it
+# ("wiki/Foo_(bar)").
+_URL_PAREN = r"\([\w/.~%?=&#+:@,;!*$'-]*\)"
+# Without a scheme or "www.", only a name ending in a common top-level domain is taken
+# for one ("example.com"; not "Node.js"); the TLDs that are English words are left out.
+_TLD = r"(?:com|org|net|edu|gov|io|dev|app|ai|co|tv|info|biz|cn|uk|de|fr|jp|hk|tw|sg|au|ca|ru|eu|nl|ch|kr|xyz|ly|gg|fm)"
+URL = (r"(?:(?:https?://|(?<![A-Za-z0-9.])www\.)[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+"
+       rf"|(?<![A-Za-z0-9.@/_-])[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.{_TLD}(?![A-Za-z0-9-]))(?::\d{{1,5}})?"
+       rf"(?:[/?#](?:(?:[\w/.~%?=&#+:@,;!*$'-]|{_URL_PAREN})*(?:[\w/~%=&#+@*$-]|{_URL_PAREN}))?)?")
+EMAIL = r"[A-Za-z0-9._+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"
+
 # No match may begin inside a number: without the guard, rules that fail after a long
 # run of digits would retry from every digit in it (quadratic in the run's length).
 NUM = r"(?<!\d)(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)"
@@ -80,6 +93,32 @@ _CURRENCY_CODES = {"USD": "USD", "EUR": "EUR", "GBP": "GBP", "JPY": "JPY", "CNY"
                    "INR": "INR", "HKD": "HKD", "AUD": "AUD", "CAD": "CAD", "元": "CNY"}
 
 
+# A unit word after a signed amount ("￥5元", "$5 dollars", "¥1200日元") names the
+# currency the sign already gave: the amount is read with its unit once. None: any
+# currency of the sign's own kind ("dollars" after HK$ is Hong Kong dollars).
+_UNIT_WORDS: dict[str, str | None] = {
+    **{w: "CNY" for w in ("元", "圆", "块钱", "块", "人民币", "yuan", "RMB", "CNY")},
+    **{w: "USD" for w in ("美元", "美金", "USD")}, **{w: "JPY" for w in ("日元", "円", "yen", "JPY")},
+    **{w: "EUR" for w in ("欧元", "euros", "euro", "EUR")}, **{w: "GBP" for w in ("英镑", "pounds", "pound", "GBP")},
+    **{w: "INR" for w in ("卢比", "rupees", "rupee", "INR")}, "韩元": "KRW", "卢布": "RUB",
+    "港元": "HKD", "港币": "HKD", "HKD": "HKD", "澳元": "AUD", "AUD": "AUD", "加元": "CAD", "CAD": "CAD",
+    "dollars": None, "dollar": None,
+}
+_DOLLARS = frozenset({"USD", "HKD", "AUD", "CAD", "SGD", "TWD"})
+_UNIT_WORD = "|".join(sorted(map(re.escape, _UNIT_WORDS), key=len, reverse=True))
+
+
+def _with_unit_word(sign_currency: str, sign: str, word: str) -> str | None:
+    """The currency a sign and the unit word after it name together, or None when the
+    word names another currency ("$5 EUR"): that word is then read as written."""
+    named = _UNIT_WORDS[word]
+    if named is None:
+        return sign_currency if sign_currency in _DOLLARS else None
+    if named == sign_currency or (sign in ("¥", "￥") and named in ("CNY", "JPY")):
+        return named
+    return named if sign == "$" and named in _DOLLARS else None
+
+
 def _money_unit(sign: str, spot: Spot) -> str:
     # ¥ is the sign of both the yen and the yuan: read by the language around it.
     if sign == "¥":
@@ -92,8 +131,19 @@ def _signed(neg: str | None, reading: str, spot: Spot) -> str:
 
 
 def _money(m: re.Match[str], spot: Spot) -> str:
-    neg, sign, amount, scale = m["neg"], m["sign"] or m["code"], m["amount"], m["scale"]
+    return _read_money(m.groupdict(), spot)
+
+
+def _read_money(m: dict[str, str | None], spot: Spot) -> str:
+    neg, amount, scale = m["neg"], str(m["amount"]), m["scale"]
+    sign = str(m["sign"] or m["code"])
     currency = _money_unit(sign, spot)
+    word = m["word"]
+    if word:
+        named = _with_unit_word(currency, sign, word)
+        if named is None:
+            return f"{_read_money({**m, 'word': None}, spot)} {word}"
+        currency = named
     if currency == "USD¢":  # "5¢"
         return spot.say.number(amount) + (" cents" if spot.lang == "en" else "美分")
     spoken = _signed(neg, spot.say.money(amount, currency, scale), spot)
@@ -108,6 +158,22 @@ def _money(m: re.Match[str], spot: Spot) -> str:
 
 def _is_year(s: str) -> bool:
     return len(s) == 4 and s.isdigit() and 1100 <= int(s) <= 2099
+
+
+# A quarter, a half or a fiscal year before a number: the number is a year ("Q3 2024",
+# "FY2024", "H1-2025"), read as dates read it.
+_YEAR_TAG = re.compile(r"(?<![A-Za-z])(?:Q[1-4]|H[12]|FY|CY)[\s-]?$")
+
+
+def _year_span(lo: str, hi: str, spot: Spot) -> str | None:
+    """"2024-25", "2024/25": a fiscal or school year, the second year by its last two digits."""
+    if not (_is_year(lo) and len(hi) == 2 and hi.isdigit() and int(hi) == (int(lo) + 1) % 100):
+        return None
+    if spot.lang == "zh":
+        return f"{readings_zh.year(int(lo))}{readings_zh.range_word()}{readings_zh.digits(hi)}"
+    # "2024-25" is said "to twenty five"; "2004-05" and "1999-00" the whole next year.
+    second = readings_en.cardinal(int(hi)) if int(hi) >= 10 else readings_en.year(int(lo) + 1)
+    return f"{readings_en.year(int(lo))} to {second}"
 
 
 def _plain(s: str, spot: Spot) -> str:
@@ -289,7 +355,8 @@ def _percent_range(m: re.Match[str], spot: Spot) -> str:
 def _range(m: re.Match[str], spot: Spot) -> str:
     lo, hi, unit = m[1], m[2], m[3]
     sep = " " if spot.lang == "en" else ""
-    spoken = f"{_plain(lo, spot)}{sep}{spot.say.range_word()}{sep}{_plain(hi, spot)}"
+    spoken = ((None if unit else _year_span(lo, hi, spot))
+              or f"{_plain(lo, spot)}{sep}{spot.say.range_word()}{sep}{_plain(hi, spot)}")
     if unit:
         name = spot.say.unit(hi, unit)
         spoken += name[len(spot.say.number(hi)):]
@@ -316,6 +383,8 @@ def _fraction(m: re.Match[str], spot: Spot) -> str | None:
         # A rating or a score: "4.5/5", "95/100".
         a, b = spot.say.number(num), spot.say.number(den)
         return f"{b}分之{a}" if spot.lang == "zh" else f"{a} out of {b}"
+    if not whole and (span := _year_span(num, den, spot)):
+        return span
     if not whole and num == den:
         return f"{spot.say.number(num)}{'' if spot.lang == 'zh' else ' '}{spot.say.number(den)}"  # "50/50"
     n, d = int(num), int(den)
@@ -359,9 +428,16 @@ def _identifier(m: re.Match[str], spot: Spot) -> str:
     """Flight, order and model numbers: short letter runs spelled, long digit runs
     read digit by digit ("UA857" -> "U A eight five seven", "COVID-19" -> "COVID nineteen")."""
     parts = []
-    for run in re.findall(r"[A-Za-z]+|\d+|\.", m[0]):
-        if run == ".":
+    year = ""  # the run before, when it was read as a year
+    for found in re.finditer(r"[A-Za-z]+|\d+|\.", m[0]):
+        run, after_year, year = found[0], year, ""
+        if after_year and (span := _year_span(after_year, run, spot)):
+            parts[-1] = span  # "FY2024-25"
+        elif run == ".":
             parts.append("点" if spot.lang == "zh" else "point")
+        elif _is_year(run) and _YEAR_TAG.search(m[0], 0, found.start()):
+            parts.append(spot.say.year(int(run)))
+            year = run
         elif run.isdigit():
             parts.append(spot.digits(run) if len(run) > 2 or run[0] == "0" else spot.say.number(run))
         else:
@@ -426,6 +502,8 @@ def _number(m: re.Match[str], spot: Spot) -> str:
     if plain and not neg:
         if len(s) > 1 and s[0] == "0":
             return spot.digits(s)
+        if _is_year(s) and _YEAR_TAG.search(before):
+            return str(spot.say.year(int(s)))
         if spot.lang == "zh":
             if (len(s) >= 7 and not s.endswith("000")) or (len(s) >= 3 and _CODE_ZH.search(before)):
                 return spot.digits(s)
@@ -464,14 +542,25 @@ def _email(m: re.Match[str], spot: Spot) -> str:
     return f"{read(local)} {'艾特' if zh else 'at'} {read(domain)}"
 
 
+# The marks a URL is read with (its words and numbers are read as they are, its
+# numbers digit by digit as in an e-mail address); the scheme is not said.
+_URL_MARKS = {".": ("dot", "点"), "/": ("slash", "斜杠"), "?": ("question mark", "问号"), "=": ("equals", "等于"),
+              "&": ("and", "和"), "-": ("dash", "杠"), "_": ("underscore", "下划线"), "#": ("hash", "井号"),
+              "%": ("percent", "百分号"), "+": ("plus", "加"), "~": ("tilde", "波浪号"), ":": ("colon", "冒号"),
+              "@": ("at", "艾特"), ",": ("comma", "逗号"), ";": ("semicolon", "分号"), "!": ("bang", "感叹号"),
+              "*": ("star", "星号"), "$": ("dollar", "美元符号"), "(": ("open paren", "左括号"),
+              ")": ("close paren", "右括号"), "'": ("quote", "引号")}
+
+
 def _url(m: re.Match[str], spot: Spot) -> str:
     zh = spot.lang == "zh"
-    host, _, path = re.sub(r"^https?://", "", m[0]).partition("/")
-    words = [("w w w" if p == "www" else p) for p in host.split(".")]
-    spoken = (" 点 " if zh else " dot ").join(words)
-    if path.strip("/"):
-        spoken += (" 斜杠 " if zh else " slash ") + " ".join(re.findall(r"[A-Za-z]+|\d+", path))
-    return spoken
+    words = []
+    for t in re.findall(r"[A-Za-z]+|\d+|.", re.sub(r"^https?://", "", m[0]).rstrip("/")):
+        if t in _URL_MARKS:
+            words.append(_URL_MARKS[t][zh])
+        else:
+            words.append("w w w" if t == "www" else spot.digits(t) if t.isdigit() else t)
+    return " ".join(words)
 
 
 def _symbol(m: re.Match[str], spot: Spot) -> str:
@@ -492,18 +581,18 @@ def _rule(name: str, pattern: str, read: Reading) -> Rule:
 _SCALE = r"(?:\s?(?P<scale>thousand|million|billion|trillion|bn|mn|k|K|M|B)(?![A-Za-z]))?"
 _MONEY_PREFIX = (
     rf"(?P<neg>{_NEG})?(?:(?P<sign>US\$|HK\$|NT\$|[ACS]\$|[$€£¥￥₹₩₽])|(?P<code>USD|EUR|GBP|JPY|CNY|RMB|INR|HKD|AUD|CAD)\s?)"
-    rf"\s?(?P<amount>{NUM})(?:\s?[-–~～]\s?(?P<upto>{NUM}))?{_SCALE}"
+    rf"\s?(?P<amount>{NUM})(?:\s?[-–~～]\s?(?P<upto>{NUM}))?{_SCALE}(?:\s?(?P<word>{_UNIT_WORD})(?![A-Za-z]))?"
 )
 _MONEY_SUFFIX = (
-    rf"(?P<neg>{_NEG})?(?P<amount>{NUM})(?P<upto>)(?P<scale>)\s?"
+    rf"(?P<neg>{_NEG})?(?P<amount>{NUM})(?P<upto>)(?P<scale>)(?P<word>)\s?"
     r"(?:(?P<sign>[€£¢₽])|(?P<code>元|USD|EUR|GBP|JPY|CNY|RMB|INR|HKD|AUD|CAD)(?![A-Za-z]))"
 )
 _AP = r"(?P<{}>[AaPp])(?:\.\s?[Mm]\.|\s?[Mm])(?![A-Za-z])"
 
 RULES: tuple[Rule, ...] = (
     _rule("tag", TAG.pattern, _tag),
-    _rule("email", r"[A-Za-z0-9._+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}", _email),
-    _rule("url", r"(?:https?://|(?<![A-Za-z0-9.])www\.)[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+(?:/[\w/.-]*)?", _url),
+    _rule("email", EMAIL, _email),
+    _rule("url", URL, _url),
     _rule("date_iso", r"(?<![\d.-])(\d{4})-(\d{1,2})-(\d{1,2})(?![\d-])", _iso_date),
     _rule("date_numeric", r"(?<![\d/.])(\d{1,4})([/.])(\d{1,2})\2(\d{1,4})(?![\d/])", _numeric_date),
     _rule("version", r"(?<![A-Za-z0-9.])(?P<v>[vV](?=\d))?\d+(?:\.\d+)+(?![\d.]*\d)", _version),

@@ -11,6 +11,11 @@ against ChatTTS' own on generated text.
 
 Only the path ttspool uses is kept: no language normalizers are registered (ttspool's
 front-end, tasks/text, reads numbers and symbols before the engine sees the text).
+One step is left out on purpose: ChatTTS turns every half-width mark full width in a
+text with more Han characters than English words, which put "，" after English words
+in mixed text ("Price，一千..."). The front-end gives each pause mark the width of its
+own clause (tasks/text/charset.py), and this keeps it, so the text the model is given
+is `ttspool normalize`'s but for the homophones.
 """
 
 from __future__ import annotations
@@ -31,8 +36,6 @@ class Normalizer:
 
     def __call__(self, text: str) -> str:
         up = self._upstream
-        if up._detect_language(text) == "zh":
-            text = up._apply_half2full_map(text)
         invalid = up._count_invalid_characters(text)
         if invalid:
             log.warning(f"found invalid characters: {invalid}")
