@@ -328,24 +328,28 @@ def _print_search(search: "Search", fixes: "Remedies | None", args: argparse.Nam
         why = f"the search stopped at {n} workers"
     print(f"target missed: {_targets(args)}. The table above is {_fleet_text(search.scaling)}, the most the search "
           f"tried: {_reached(r)}; {why}.")
-    print("what would meet it:")
+    lines = []
     if fixes is not None:
         asked = search.scaling
         if fixes.min_workers is not None:
             found = fixes.min_workers
-            print(f"  --min-workers {found.scaling.min_workers} --max-workers {found.report.peak_replicas} "
-                  f"(the most it then uses): {_reached(found.report)}")
+            lines.append(f"--min-workers {found.scaling.min_workers} --max-workers {found.report.peak_replicas} "
+                         f"(the most it then uses): {_reached(found.report)}")
         if fixes.keda_target is not None:
             found = fixes.keda_target
-            print(f"  --keda-target {found.scaling.target:g} --max-workers {found.report.peak_replicas} (instead of "
-                  f"{asked.target:g}): {_reached(found.report)}")
+            lines.append(f"--keda-target {found.scaling.target:g} --max-workers {found.report.peak_replicas} "
+                         f"(instead of {asked.target:g}): {_reached(found.report)}")
         if fixes.fixed is not None:
-            print(f"  a fixed fleet, --workers {fixes.fixed.workers} without --autoscale: {_reached(fixes.fixed.report)}")
+            lines.append(f"a fixed fleet, --workers {fixes.fixed.workers} without --autoscale: "
+                         f"{_reached(fixes.fixed.report)}")
     reachable = [f"--{flag} {math.ceil(w.p99_s * 100) / 100:g}" for flag, t, w in (
         ("target-p99", args.target_p99, r.waits["realtime"]), ("target-p99-bulk", args.target_p99_bulk, r.waits["bulk"]))
         if t is not None and w.p99_s is not None and math.isfinite(w.p99_s) and w.p99_s > t]
     if reachable:
-        print(f"  or a target this fleet meets: {' '.join(reachable)}")
+        lines.append(f"{'or ' if lines else ''}a target this fleet meets: {' '.join(reachable)}")
+    print("what would meet it:" if lines else "no fleet or target the search tried meets it")
+    for line in lines:
+        print(f"  {line}")
     print(f"exit status {TARGET_MISSED}: the target was missed")
 
 
