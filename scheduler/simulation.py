@@ -154,6 +154,9 @@ class Scaling:
     down_window_s: float = 300.0  # scaleDown.stabilizationWindowSeconds
     down_period_s: float = 180.0  # one worker removed per this period at most
     tolerance: float = 0.1  # the HPA's: no change within 10 % of the target
+    # False: a fixed fleet of max_workers, never polled. True with min == max is KEDA
+    # that cannot move, kept apart so that a search keeps the autoscaler's min_workers.
+    autoscale: bool = True
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_workers <= self.max_workers or self.max_workers < 1:
@@ -165,11 +168,11 @@ class Scaling:
 
     @classmethod
     def fixed(cls, workers: int) -> "Scaling":
-        return cls(min_workers=workers, max_workers=workers)
+        return cls(min_workers=workers, max_workers=workers, autoscale=False)
 
     @property
     def is_fixed(self) -> bool:
-        return self.min_workers == self.max_workers
+        return not self.autoscale
 
 
 @dataclass(frozen=True)
@@ -218,7 +221,9 @@ class Report:
     gpu_hours: float
     busy_hours: float  # with a batch running
     mean_rows: float  # rows stepping together, on average while busy
-    peak_workers: int
+    peak_workers: int  # provisioned at once, stopping ones included (they are paid for until gone)
+    peak_replicas: int  # not stopping, at once: the autoscaler's max_workers that gives the same run
+    max_queued: int  # the most jobs in the Redis lists at once (0: a worker took each job as it came)
     timeline: tuple[Sample, ...] = field(repr=False)
 
     @property
@@ -242,6 +247,7 @@ class Report:
             "duration_s": self.duration_s, "end_s": self.end_s, "gpu_hours": self.gpu_hours,
             "busy_hours": self.busy_hours, "utilization": self.utilization, "mean_rows": self.mean_rows,
             "peak_workers": self.peak_workers,
+            "peak_replicas": self.peak_replicas, "max_queued": self.max_queued,
             "timeline": {k: [getattr(s, k) for s in self.timeline] for k in Sample.__dataclass_fields__},
         }
 
@@ -321,6 +327,8 @@ class _Simulation:
         self.samples: list[Sample] = []
         self.last_done = 0.0  # when the last row ended
         self.peak = 0  # workers provisioned at once
+        self.peak_replicas = 0  # workers provisioned and not stopping, at once
+        self.max_queued = 0  # jobs in the Redis lists at once, after the workers took theirs
 
     # -- the event loop -------------------------------------------------------------
 
@@ -331,7 +339,7 @@ class _Simulation:
     def run(self) -> Report:
         for _ in range(self.scaling.min_workers):
             self.add_worker(0.0, ready_at=0.0)  # the fleet is warm when the profile starts
-        if not self.scaling.is_fixed:
+        if self.scaling.min_workers < self.scaling.max_workers:
             self.push(self.scaling.poll_s, _POLL)
         self.push(0.0, _SAMPLE)
         nxt = 0
@@ -378,6 +386,7 @@ class _Simulation:
         self.jobs.append(job)
         self.queues[arrival.priority].append(job)
         self.feed(now)
+        self.max_queued = max(self.max_queued, self.queued())
 
     def queued(self) -> int:
         return len(self.queues[REALTIME]) + len(self.queues[BULK])
@@ -499,6 +508,7 @@ class _Simulation:
         w = _Worker(len(self.workers), now, ready_at)
         self.workers.append(w)
         self.peak = max(self.peak, sum(1 for w in self.workers if w.alive))
+        self.peak_replicas = max(self.peak_replicas, sum(1 for w in self.workers if w.alive and not w.stopping))
         self.push(ready_at, _READY, w)
 
     def stop_worker(self, now: float) -> None:
@@ -517,6 +527,7 @@ class _Simulation:
             w.gone_at = now
         self.schedule(w, now)
         self.feed(now)
+        self.max_queued = max(self.max_queued, self.queued())
 
     def poll(self, now: float) -> None:
         s = self.scaling
@@ -565,7 +576,7 @@ class _Simulation:
             {p: Waits.of(waits[p], expired[p], unstarted[p]) for p in PRIORITIES},
             self.duration, end, max(0.0, paid) / 3600.0, busy / 3600.0,
             sum(w.row_s for w in self.workers) / busy if busy else 0.0,
-            self.peak, tuple(self.samples))
+            self.peak, self.peak_replicas, self.max_queued, tuple(self.samples))
 
 
 def simulate(arrivals: Sequence[Arrival], model: WorkerModel, scaling: Scaling, *,
@@ -608,14 +619,42 @@ def curve_scale_for(arrivals: Sequence[Arrival], model: WorkerModel, scaling: Sc
     return math.sqrt(low * high)
 
 
+# Why a search gave up.
+MISSED_AUTOSCALER = "autoscaler"  # it used fewer workers than its max: a higher max gives the same run
+# Twice the workers waited no less, and took every job as it came: the wait left is the
+# workers' own (for batch-mates, and the batches ahead of a job), not the fleet's size.
+MISSED_PLATEAU = "plateau"
+MISSED_LIMIT = "limit"  # no fleet up to the search's limit
+
+
 @dataclass(frozen=True)
 class Search:
-    """The smallest fleet meeting a p99 target: fixed workers, or the autoscaler's max."""
+    """The smallest fleet meeting the p99 targets: fixed workers, or the autoscaler's
+    max_workers; or, when the search gave up (`missed` says why), the fleet it stopped at."""
 
-    workers: int
+    scaling: Scaling  # the fleet found, or the one the search stopped at
     report: Report
-    fewer: Report | None  # one worker less, which misses the target; None: no smaller fleet to try
+    fewer: Report | None  # one worker less, which misses the target; None: no smaller fleet, or missed
     runs: int
+    missed: str | None = None  # MISSED_AUTOSCALER, MISSED_PLATEAU or MISSED_LIMIT; None: met
+
+    @property
+    def met(self) -> bool:
+        return self.missed is None
+
+    @property
+    def workers(self) -> int:
+        return self.scaling.max_workers
+
+
+def _p99s(report: Report, realtime_p99_s: float | None, bulk_p99_s: float | None) -> list[float]:
+    """The p99 waits of the priorities with a target and jobs (inf: more than 1 % never ran)."""
+    out = []
+    for prio, target in ((REALTIME, realtime_p99_s), (BULK, bulk_p99_s)):
+        w = report.waits[prio]
+        if target is not None and w.jobs:
+            out.append(math.inf if w.p99_s is None else w.p99_s)
+    return out
 
 
 def smallest_fleet(simulate_with: Callable[[Scaling], Report], scaling: Scaling, realtime_p99_s: float | None,
@@ -623,7 +662,12 @@ def smallest_fleet(simulate_with: Callable[[Scaling], Report], scaling: Scaling,
     """Smallest workers (a fixed fleet) or max_workers (autoscaled, min_workers kept) whose
     report meets the p99 targets: doubling, then bisection. Assumes more workers never
     wait longer, which holds for a queue served by identical workers up to the noise of
-    batching; the result's `fewer` shows the fleet just below missing it."""
+    batching; the result's `fewer` shows the fleet just below missing it.
+
+    The doubling gives up, with the fleet it reached, when the autoscaler did not use all
+    its workers (the run is deterministic: a higher max gives the same run), when twice
+    the fixed fleet brought no p99 down with every job taken as it came, or past `limit`
+    workers."""
     if realtime_p99_s is None and bulk_p99_s is None:
         raise ValueError("give a realtime or a bulk p99 target")
 
@@ -635,24 +679,76 @@ def smallest_fleet(simulate_with: Callable[[Scaling], Report], scaling: Scaling,
     def meets(n: int) -> bool:
         if n not in done:
             done[n] = simulate_with(fleet(n))
-        ok = done[n].meets(realtime_p99_s, bulk_p99_s)
-        if not ok and not scaling.is_fixed and done[n].peak_workers < n:
-            # The autoscaler never wanted n: a higher max changes nothing (the run is
-            # deterministic), only a scaler that reacts sooner does.
-            raise ValueError(f"the autoscaler used at most {done[n].peak_workers} of {n} workers and missed the "
-                             "target: more --max-workers cannot help; lower --keda-target, --reaction-s or "
-                             "--load-s, or raise --min-workers")
-        return ok
+        return done[n].meets(realtime_p99_s, bulk_p99_s)
+
+    def missed(n: int, why: str) -> Search:
+        return Search(fleet(n), done[n], None, len(done), why)
 
     floor = 1 if scaling.is_fixed else max(1, scaling.min_workers)
     low, high = floor - 1, floor  # low: assumed to miss (no workers, or below the autoscaler's min)
     while not meets(high):
+        if not scaling.is_fixed and done[high].peak_replicas < high:
+            return missed(high, MISSED_AUTOSCALER)
+        # A p99 flat from n to 2n workers alone proves nothing (realtime jobs wait behind
+        # the bulk jobs filling every prefetch slot until the fleet outgrows the backlog);
+        # with no job ever left in Redis, every job went to a worker as it came.
+        if scaling.is_fixed and low in done and done[high].max_queued == 0 and all(
+                math.isfinite(q) and q >= p for p, q in zip(_p99s(done[low], realtime_p99_s, bulk_p99_s),
+                                                            _p99s(done[high], realtime_p99_s, bulk_p99_s))):
+            return missed(high, MISSED_PLATEAU)
+        if high * 2 > limit:
+            return missed(high, MISSED_LIMIT)
         low, high = high, high * 2
-        if high > limit:
-            raise ValueError(f"no fleet of up to {limit} workers meets the target")
     while high - low > 1:
         mid = (low + high) // 2
         low, high = (low, mid) if meets(mid) else (mid, high)
     # The bisection ends with low = high - 1 tested, unless no fleet is smaller.
     fewer = done[high - 1] if high > floor else None
-    return Search(high, done[high], fewer, len(done))
+    return Search(fleet(high), done[high], fewer, len(done))
+
+
+@dataclass(frozen=True)
+class Remedies:
+    """What meets the targets an autoscaled search missed; each None where nothing tried did.
+    The autoscaled ones run with a max_workers they need not reach: their report's
+    peak_replicas is the max they need (a higher max gives the same run)."""
+
+    fixed: Search | None  # the smallest fixed fleet
+    min_workers: Search | None  # the autoscaler with the smallest min_workers that meets them
+    keda_target: Search | None  # the autoscaler with the largest target (halving it) that meets them
+    runs: int
+
+
+def remedies(simulate_with: Callable[[Scaling], Report], missed: Search, realtime_p99_s: float | None,
+             bulk_p99_s: float | None = None, limit: int = 1024) -> Remedies:
+    """For `missed`, an autoscaled search that gave up: the fixed fleet, the autoscaler's
+    min_workers and its target (waiting jobs per worker) that meet the p99 targets."""
+    asked = missed.scaling
+    if asked.is_fixed:
+        raise ValueError("remedies are for an autoscaled search: a fixed fleet's search is its own remedy")
+    fixed = smallest_fleet(simulate_with, Scaling.fixed(1), realtime_p99_s, bulk_p99_s, limit)
+    if not fixed.met:
+        return Remedies(None, None, None, fixed.runs)
+    cap = max(asked.max_workers, 2 * fixed.workers)
+    runs = fixed.runs
+
+    def autoscaled(**change: Any) -> Search | None:
+        nonlocal runs
+        s = replace(asked, **{"max_workers": max(cap, change.get("min_workers", 0)), **change})
+        runs += 1
+        r = simulate_with(s)
+        return Search(s, r, None, 1) if r.meets(realtime_p99_s, bulk_p99_s) else None
+
+    # The min_workers search: between the asked min (which missed) and the fixed fleet
+    # that meets (a floor that high never has fewer workers than it).
+    low, high = asked.min_workers, fixed.workers
+    best = autoscaled(min_workers=high)
+    while best is not None and high - low > 1:
+        mid = (low + high) // 2
+        found = autoscaled(min_workers=mid)
+        low, high, best = (low, mid, found) if found is not None else (mid, high, best)
+    target, lower = asked.target / 2, None
+    while lower is None and target >= 1:
+        lower = autoscaled(target=target)
+        target /= 2
+    return Remedies(fixed, best, lower, runs)

@@ -45,6 +45,44 @@ def test_bench_writes_table_json_and_plot(tmp_path: Path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_chart_names_the_dtypes_two_decimals_and_real_time() -> None:
+    import matplotlib.pyplot as plt
+
+    from workers.bench.engine_bench import chart
+
+    def run(batch_size: int, mode: str, dtype: str, audio_s_per_s: float, ratio: float) -> dict[str, object]:
+        return {"batch_size": batch_size, "mode": mode, "dtype": dtype, "audio_s_per_s": audio_s_per_s,
+                "ratio_to_baseline": ratio}
+
+    # The numbers: 0.895 and 0.94 both printed "0.9x", 0.4 with no word of the dtypes.
+    result = {"baseline": run(1, "baseline", "float32", 0.5, 1.0),
+              "runs": [run(1, "drop", "bfloat16", 0.2, 0.4), run(4, "drop", "bfloat16", 0.4475, 0.895),
+                       run(4, "refill", "bfloat16", 0.47, 0.94), run(4, "keep", "bfloat16", 0.3, 0.6)],
+              "jobs": {"count": 6}, "machine": {"model": "random-tiny", "device": "cpu", "dtype": "bfloat16"}}
+    fig = chart(result)
+    try:
+        ax = fig.axes[0]
+        assert "baseline float32" in ax.get_title() and "ttspool bfloat16" in ax.get_title()
+        legend = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert "Chat.infer per job, float32" in legend
+        assert all(t.endswith("bfloat16") for t in legend if t.startswith("ttspool"))
+        assert [t.get_text() for t in ax.texts] == ["1.00x", "0.40x", "0.90x", "0.94x", "0.60x"]
+        real_time = [line for line in ax.get_lines() if line.get_label() == "real time (1 audio s/s)"]
+        assert len(real_time) == 1 and set(real_time[0].get_ydata()) == {1.0}
+        assert ax.get_ylim()[1] > 1.0  # in view although every run is slower than real time
+    finally:
+        plt.close(fig)
+
+
+def test_bench_model_defaults_to_the_settings(tmp_path: Path) -> None:
+    # No --model: TTSPOOL_MODEL is the one loaded (here a folder with no model in it).
+    missing = tmp_path / "no-model"
+    proc = subprocess.run([sys.executable, "-m", "tasks.cli", "bench", "--device", "cpu", "--jobs", "2",
+                           "--batch-sizes", "1"], cwd=ROOT, env={**os.environ, "TTSPOOL_MODEL": str(missing)},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and f"{missing} is not a ChatTTS asset folder" in proc.stderr
+
+
 def test_bench_rejects_bad_batch_sizes() -> None:
     proc = subprocess.run([sys.executable, "-m", "tasks.cli", "bench", "--batch-sizes", "0,x"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -23,7 +23,7 @@ def _sizes(raw: str) -> list[int]:
 
 def add_commands(sub: Any) -> None:
     p = sub.add_parser("bench", help="measure ttspool's engine against one Chat.infer call per job")
-    p.add_argument("--model", default="random-full", help="chattts | random-tiny | random-full | /path (default random-full)")
+    p.add_argument("--model", help="chattts | random-tiny | random-full | /path (default: TTSPOOL_MODEL, else chattts)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", help="auto | float16 | bfloat16 | float32")
     p.add_argument("--quant", help="none | int8: weight-only int8 GPT linears (CPU, bfloat16)")
@@ -76,7 +76,9 @@ def add_commands(sub: Any) -> None:
                    help="with --pipeline, --footprint or --soak: longest wait for the worker to be ready, and for "
                         "each run (default 1800 s)")
     p.add_argument("--json-out", type=Path, help="write the results as JSON")
-    p.add_argument("--plot", type=Path, help="write a PNG bar chart")
+    p.add_argument("--plot", type=Path,
+                   help="write a PNG bar chart: audio s/s per run, x the baseline (its dtype and ttspool's "
+                        "named), real time marked")
     p.set_defaults(handler=_bench)
 
 

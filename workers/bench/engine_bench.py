@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -36,6 +36,9 @@ from scheduler.planner import PlanItem, Policy, next_batch
 from workers.engine.cpu_linear import stock_linears
 from workers.engine.engine import Engine
 from workers.engine.requests import SynthRequest, finished_rows
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 _WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike "
           "november oscar papa quebec romeo sierra tango uniform victor whiskey yankee zulu").split()
@@ -294,23 +297,46 @@ def write_json(result: dict[str, Any], path: Path) -> None:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = chart(result)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def chart(result: dict[str, Any]) -> "Figure":
+    """The bench's bar chart: audio seconds per second of each run, each bar's ratio to the
+    baseline, the dtypes each side ran (the baseline is upstream's float32, ttspool runs
+    its own: a ratio compares both), and real time (1 audio s/s)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
-    runs = result["runs"]
+    base, runs = result["baseline"], result["runs"]
     labels = ["baseline"] + [f"B={r['batch_size']}" + ("" if r["mode"] == "drop" else f" {r['mode']}") for r in runs]
-    values = [result["baseline"]["audio_s_per_s"]] + [r["audio_s_per_s"] for r in runs]
+    values = [base["audio_s_per_s"]] + [r["audio_s_per_s"] for r in runs]
     colors = {"drop": "#4477aa", "refill": "#44aa77", "keep": "#aa7744"}
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     bars = ax.bar(labels, values, color=["#999999"] + [colors[r["mode"]] for r in runs])
-    for bar, r in zip(bars[1:], runs):
-        ax.annotate(f"{r['ratio_to_baseline']:.1f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+    for bar, r in zip(bars, [base, *runs]):
+        ax.annotate(f"{r['ratio_to_baseline']:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                     ha="center", va="bottom")
+    ax.axhline(1.0, color="#cc3311", linestyle="--", linewidth=1)
+    ours = sorted({r["dtype"] for r in runs})
+    handles = [Patch(color="#999999", label=f"Chat.infer per job, {base['dtype']}")]
+    names = {"drop": "finished rows leave", "refill": "ended rows refilled", "keep": "finished rows kept"}
+    handles += [Patch(color=colors[m], label=f"ttspool, {names[m]}, {'/'.join(ours)}")
+                for m in dict.fromkeys(r["mode"] for r in runs)]
+    handles.append(ax.get_lines()[-1])
+    handles[-1].set_label("real time (1 audio s/s)")
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+    ax.set_ylim(0, max([*values, 1.0]) * 1.15)
     m = result["machine"]
     ax.set_ylabel("audio seconds per wall second")
-    ax.set_title(f"ttspool bench: {m['model']} on {m.get('gpu', m['device'])} ({m['dtype']}), {result['jobs']['count']} jobs")
+    ax.set_xlabel("x: audio s/s over the baseline's")
+    ax.set_title(f"ttspool bench: {m['model']} on {m.get('gpu', m['device'])}, {result['jobs']['count']} jobs\n"
+                 f"baseline {base['dtype']} (upstream's), ttspool {'/'.join(ours)}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
