@@ -82,6 +82,12 @@ class Up:
             time.sleep(0.2)
         raise AssertionError(f"no line starting {prefix!r}; output: {''.join(self.lines)}")
 
+    def pids(self, timeout: float) -> dict[str, int]:
+        """{name: pid} from `ttspool up: running (redis N, gateway N, worker N)`, once ready."""
+        running = self.wait_for("ttspool up: running (", timeout)
+        return {name: int(pid) for name, pid in
+                (part.split() for part in running.split("(", 1)[1].split(")", 1)[0].split(", "))}
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
@@ -112,9 +118,7 @@ def test_up_serves_a_job_then_stops_every_child_on_sigint(tmp_path: Path, unrela
     up = Up(clean_env(tmp_path), tmp_path, "--model", "random-tiny", "--device", "cpu", "--port", str(gateway_port))
     pids: dict[str, int] = {}
     try:
-        running = up.wait_for("ttspool up: running (", 400)
-        pids = {name: int(pid) for name, pid in
-                (part.split() for part in running.split("(", 1)[1].split(")", 1)[0].split(", "))}
+        pids = up.pids(400)
         assert set(pids) == {"redis", "gateway", "worker"}
         export = up.wait_for("export ", 30)
         exported = dict(item.split("=", 1) for item in shlex.split(export.removeprefix("export ")))
@@ -151,6 +155,25 @@ def test_up_serves_a_job_then_stops_every_child_on_sigint(tmp_path: Path, unrela
     assert "ttspool up: stopping\n" in up.lines
     assert pids and not [name for name, pid in pids.items() if alive(pid)]
     assert not (tmp_path / "cache" / "up" / "up.json").exists()
+
+
+@pytest.mark.timeout(600)
+def test_up_stops_everything_when_its_worker_dies(tmp_path: Path) -> None:
+    up = Up(clean_env(tmp_path), tmp_path, "--model", "random-tiny", "--device", "cpu", "--port", str(closed_port()))
+    pids: dict[str, int] = {}
+    try:
+        pids = up.pids(400)
+        os.kill(pids["worker"], signal.SIGKILL)
+        up.proc.wait(120)
+    finally:
+        up.stop()
+        for pid in pids.values():
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    output = "".join(up.lines)
+    assert up.proc.returncode == 1, output
+    assert "ttspool: error: the worker exited with code -9" in output
+    assert pids and not [name for name, pid in pids.items() if alive(pid)]
 
 
 def _uv() -> str | None:
