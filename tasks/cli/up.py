@@ -58,14 +58,13 @@ class _Stop(Exception):
     """A stop signal arrived."""
 
 
-def _alive(pid: int) -> bool:
+def _running_up(pid: int) -> bool:
+    """Whether `pid` is a `ttspool up`, not a process that got its number after a reboot."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
         return False
-    except PermissionError:
-        return True
-    return True
+    return b"up" in args
 
 
 def _read_state(path: Path) -> dict[str, object]:
@@ -132,7 +131,7 @@ def _up(args: argparse.Namespace, settings: Settings) -> int:
     state_path = state_dir / STATE_FILE
     state = _read_state(state_path)
     pid = state.get("pid")
-    if isinstance(pid, int) and pid != os.getpid() and _alive(pid):
+    if isinstance(pid, int) and pid != os.getpid() and _running_up(pid):
         print(f"ttspool up is already running (pid {pid}); nothing started", flush=True)
         print("\n".join(str(line) for line in state.get("lines", [])), flush=True)
         return 0
@@ -154,9 +153,11 @@ def _up(args: argparse.Namespace, settings: Settings) -> int:
             settings = settings.override(broker_url=redis_server.url)
         settings = settings.override(
             http_host=args.host, http_port=args.port,
-            # Loopback and a free port unless set: 9808 may be a real worker's.
+            # Loopback and a free port unless set: 9808 may be a real worker's. Never off:
+            # `up` knows its worker is ready from its /healthz.
             metrics_addr=None if "metrics_addr" in settings.explicit else "127.0.0.1",
-            metrics_port=None if "metrics_port" in settings.explicit else free_port())
+            metrics_port=settings.metrics_port if "metrics_port" in settings.explicit and settings.metrics_port
+            else free_port())
         env = child_env(settings)
         for name, cli_args in (("gateway", ["serve"]), ("worker", None)):
             log = state_dir / f"{name}.log"
