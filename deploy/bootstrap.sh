@@ -53,6 +53,10 @@ fi
 # after `test` would remove the test tools, and a test venv holds everything a worker
 # needs, so its stamp serves both. The stamp is written only after the smoke step passed.
 digest="$(cat uv.lock pyproject.toml deploy/bootstrap.sh | sha256sum | cut -c1-16)"
+# `worker` is what one machine needs to run the whole pool, as in the image: the gateway
+# too (`ttspool serve`, `ttspool up`, `ttspool bench --gateway`). `test` holds both.
+extras=(--extra "$extra")
+[ "$extra" = worker ] && extras+=(--extra gateway)
 if [ ! -e ".venv/.ttspool-$extra-$digest" ] && [ ! -e ".venv/.ttspool-test-$digest" ]; then
     rm -f .venv/.ttspool-*
     # --locked: refuse to run when pyproject.toml changed and uv.lock was not regenerated
@@ -60,7 +64,7 @@ if [ ! -e ".venv/.ttspool-$extra-$digest" ] && [ ! -e ".venv/.ttspool-test-$dige
     # --compile-bytecode: write every package's .pyc now. Without them, each Python
     # process compiles what it imports from source whenever PYTHONDONTWRITEBYTECODE is
     # set (as on CI and in the image): 7 of a worker's 15 s cold start, measured.
-    "$uv" sync --locked --compile-bytecode --extra "$extra" --python "$python" --quiet \
+    "$uv" sync --locked --compile-bytecode "${extras[@]}" --python "$python" --quiet \
         || die "uv sync from uv.lock failed (see above); after editing pyproject.toml, run: $uv lock"
     # Smoke step: import what the worker needs in a child process; on failure, one line
     # naming the package and version pair instead of a traceback at the first job.

@@ -8,4 +8,6 @@ need_redis=yes
 [ -n "${TTSPOOL_BROKER_URL:-}" ] && need_redis=no
 bash "$root/deploy/bootstrap.sh" worker "$need_redis"
 cd "$root"
-exec .venv/bin/ttspool run "$@"
+.venv/bin/ttspool run "$@"
+# The commands after the demo (README, "Using it") are in .venv/bin, not yet on PATH.
+echo "next: source $root/.venv/bin/activate (puts ttspool on PATH), then ttspool up: a local pool that stays (README, Using it)" >&2

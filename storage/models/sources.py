@@ -142,11 +142,12 @@ class S3Source:
 
 
 class SourceUnreachable(FetchError):
-    """The model hub cannot be reached: say so in one line, and name the ways on without it."""
+    """The model source (the hub, or a mirror) cannot be reached: say so in one line, and
+    name the ways on without it."""
 
     def __init__(self, endpoint: str, why: str) -> None:
         super().__init__(
-            f"the model hub {redact_url(endpoint)} is unreachable ({why}). Without it: "
+            f"the model source {redact_url(endpoint)} is unreachable ({why}). Without it: "
             "--model random-tiny tries the whole pipeline offline with random weights; "
             "TTSPOOL_MODEL_DIR=/path/to/ChatTTS loads a local copy of the official weights; "
             "TTSPOOL_MODEL_SOURCE=s3://bucket/prefix, https://mirror/path or /dir fetches from a mirror "

@@ -20,7 +20,7 @@ Handler = Callable[[argparse.Namespace, Settings], int]
 _COMMAND_MODULES: tuple[str, ...] = (
     "tasks.cli.submit", "tasks.cli.run", "tasks.cli.exporter", "tasks.cli.model", "tasks.cli.bulk",
     "tasks.cli.bench", "tasks.cli.doctor", "tasks.cli.text", "tasks.cli.serve", "tasks.cli.voice",
-    "tasks.cli.simulate",
+    "tasks.cli.simulate", "tasks.cli.up",
 )
 
 

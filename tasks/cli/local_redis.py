@@ -19,10 +19,23 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 class LocalRedis:
-    def __init__(self, port: int | None = None, data_dir: Path | None = None, persist: bool = False) -> None:
+    def __init__(self, port: int | None = None, data_dir: Path | None = None, persist: bool = False,
+                 own_group: bool = False) -> None:
         self.port = port or free_port()
         self.persist = persist
+        # Out of the terminal's process group: Ctrl-C reaches the owner, which stops the
+        # worker (a warm shutdown, still recording results) before this Redis.
+        self.own_group = own_group
         self._own_dir = data_dir is None
         self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="ttspool-redis-"))
         self.proc: subprocess.Popen[bytes] | None = None
@@ -38,7 +51,8 @@ class LocalRedis:
         args = [exe, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.data_dir),
                 "--save", "", "--protected-mode", "yes", "--loglevel", "warning"]
         args += ["--appendonly", "yes", "--appendfsync", "always"] if self.persist else ["--appendonly", "no"]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     process_group=0 if self.own_group else None)
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
         proc = self.proc
 

@@ -45,6 +45,34 @@ def child_env(settings: Settings, extra: Mapping[str, str] | None = None) -> dic
     return env | dict(extra or {})
 
 
+def fetch_model_first(settings: Settings) -> None:
+    """The model into this node's cache before any worker starts, when a worker would fetch
+    it: a source that cannot be reached ends the command here, in one line naming the ways
+    on, instead of a worker that starts, fails and takes the command down half a minute later.
+
+    A mirror is probed with one unretried request first (the hub's own fetch does that);
+    the download itself keeps its retries, for a flaky network."""
+    from storage.models.cache import complete_model, fetch_model, model_dir
+    from storage.models.fetch_http import FetchError, HttpPolicy
+    from storage.models.manifest import OFFICIAL_MODEL
+    from storage.models.sources import SourceUnreachable, open_source
+
+    model, source = settings.model, settings.model_source
+    # What workers.engine.assets.resolve loads without fetching: a folder, a local copy
+    # of the official weights, a random model built on this node.
+    if "/" in model or (model == OFFICIAL_MODEL and settings.model_dir) or (source is None and model != OFFICIAL_MODEL):
+        return
+    if complete_model(model_dir(settings.cache_path, model, settings.model_revision)):
+        return
+    if source is not None:
+        try:
+            open_source(source, settings.model_revision, HttpPolicy(attempts=1), settings.s3_endpoint_url).manifest()
+        except FetchError as err:
+            raise SourceUnreachable(source, str(err)) from None
+    fetch_model(source or "hf", settings.cache_path, model=model, revision=settings.model_revision,
+                pubkey=settings.model_pubkey_path, s3_endpoint_url=settings.s3_endpoint_url)
+
+
 def _wait(client: Client, ids: list[str], worker: subprocess.Popen[bytes], timeout: float) -> list[JobStatus]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
@@ -67,6 +95,7 @@ def _wait(client: Client, ids: list[str], worker: subprocess.Popen[bytes], timeo
 
 def run_local(settings: Settings, jobs_file: Path | None, out_dir: Path, timeout: float) -> int:
     jobs = load_jobs(jobs_file or EXAMPLES)
+    fetch_model_first(settings)
     redis_server = None
     if "broker_url" not in settings.explicit:
         redis_server = LocalRedis().start()

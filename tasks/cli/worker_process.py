@@ -24,14 +24,23 @@ _KILLED_S = 10.0
 _LOG_TAIL = 3000
 
 
-def start_worker(env: Mapping[str, str], log: Path | None = None, loglevel: str = "INFO",
-                 cwd: Path | None = None) -> subprocess.Popen[bytes]:
-    """Its output appended to `log`, or on this process' own when None."""
-    cmd = [sys.executable, "-m", "tasks.cli", "worker", "--loglevel", loglevel]
+def start_cli(args: list[str], env: Mapping[str, str], log: Path | None = None, cwd: Path | None = None,
+              own_group: bool = False) -> subprocess.Popen[bytes]:
+    """`ttspool ARGS` in a child process, its output appended to `log`, or on this
+    process' own when None. `own_group`: a terminal's Ctrl-C reaches only this process,
+    which then stops its children in its own order."""
+    cmd = [sys.executable, "-m", "tasks.cli", *args]
+    group = 0 if own_group else None
     if log is None:
-        return subprocess.Popen(cmd, cwd=cwd, env=dict(env))
+        return subprocess.Popen(cmd, cwd=cwd, env=dict(env), process_group=group)
     with open(log, "ab") as out:
-        return subprocess.Popen(cmd, cwd=cwd, env=dict(env), stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(cmd, cwd=cwd, env=dict(env), stdout=out, stderr=subprocess.STDOUT,
+                                process_group=group)
+
+
+def start_worker(env: Mapping[str, str], log: Path | None = None, loglevel: str = "INFO",
+                 cwd: Path | None = None, own_group: bool = False) -> subprocess.Popen[bytes]:
+    return start_cli(["worker", "--loglevel", loglevel], env, log, cwd, own_group)
 
 
 def stop_worker(proc: subprocess.Popen[bytes], timeout: float = STOP_S) -> None:
@@ -56,14 +65,14 @@ def running_worker(env: Mapping[str, str], log: Path | None = None, loglevel: st
         stop_worker(proc, stop_s)
 
 
-def check_alive(proc: subprocess.Popen[bytes], log: Path | None) -> None:
-    """RuntimeError once the worker has exited, with the end of its log."""
+def check_alive(proc: subprocess.Popen[bytes], log: Path | None, name: str = "worker") -> None:
+    """RuntimeError once the process has exited, with the end of its log."""
     if proc.poll() is None:
         return
     if log is None:
-        raise RuntimeError(f"the worker exited with code {proc.returncode} (its log is above)")
+        raise RuntimeError(f"the {name} exited with code {proc.returncode} (its log is above)")
     tail = log.read_text(errors="replace")[-_LOG_TAIL:]
-    raise RuntimeError(f"the worker exited with code {proc.returncode}; its log ({log}) ends: {tail}")
+    raise RuntimeError(f"the {name} exited with code {proc.returncode}; its log ({log}) ends: {tail}")
 
 
 def wait_ready(client: Client, proc: subprocess.Popen[bytes], log: Path | None, timeout: float) -> None:

@@ -187,7 +187,7 @@ class Probe:
 
 
 def content_type(fmt: str) -> str:
-    # tasks/audio.py loads numpy and libsndfile: only once a route answers with audio.
+    # tasks/audio.py's encoders load their libraries only when called.
     from ..audio import FORMATS
 
     return FORMATS[fmt].content_type

@@ -68,13 +68,10 @@ async def _wait(state: GatewayState, job_id: str) -> dict[str, Any]:
 
 
 def _assemble(blobs: list[bytes], fmt: str) -> bytes:
-    """Raw PCM16 segments -> one file in `fmt`."""
-    import numpy as np
+    """Raw PCM16 segments -> one file in `fmt` (without numpy: a gateway install has none)."""
+    from ..audio import from_pcm16
 
-    from ..audio import encode
-
-    pcm = np.frombuffer(b"".join(blobs), dtype="<i2").astype(np.float32) / 32767.0
-    return encode(pcm, 24_000, fmt)[0]
+    return from_pcm16(b"".join(blobs), 24_000, fmt)
 
 
 async def _stream(state: GatewayState, jobs: list[dict[str, Any]], ids: list[str],
