@@ -102,6 +102,11 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
         worker.start()
     finally:
         runner.close()
+    refused = runner.delivery.refused
+    if refused is not None:
+        raise StorageError(f"storage {settings.storage_url} refused an upload, so this worker stopped (its jobs "
+                           f"went back to the queue): {refused}; fix: {fix_for(settings.storage_url, refused)}",
+                           refused.code)
     if worker.exitcode:
         raise SystemExit(worker.exitcode)
 
