@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -104,6 +105,8 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
         runner.close()
     refused = runner.delivery.refused
     if refused is not None:
+        # Celery sent stdout and stderr into its log: the CLI's one line goes to the real one.
+        sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
         raise StorageError(f"storage {settings.storage_url} refused an upload, so this worker stopped (its jobs "
                            f"went back to the queue): {refused}; fix: {fix_for(settings.storage_url, refused)}",
                            refused.code)
