@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from storage.base import Storage, StorageError, safe_key
+from storage.base import Storage, StorageError, StorageRefused, safe_key
 from tasks.errors import SettingsError
 from tasks.settings import SSE_VALUES, Settings, redact_url
 
@@ -74,4 +74,4 @@ def storage_for(settings: Settings, s3_max_attempts: int = 10) -> Storage:
                         s3_max_attempts=s3_max_attempts)
 
 
-__all__ = ["Storage", "StorageError", "open_storage", "safe_key", "storage_for"]
+__all__ = ["Storage", "StorageError", "StorageRefused", "open_storage", "safe_key", "storage_for"]

@@ -12,7 +12,17 @@ _SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 class StorageError(TtspoolError):
-    """A backend failed. Messages name the bucket/key/path, never credentials."""
+    """A backend failed. Messages name the bucket/key/path, never credentials; `code` is
+    the backend's name for the failure (an S3 error code, an errno name), or ""."""
+
+    def __init__(self, message: str, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class StorageRefused(StorageError):
+    """The store refuses for good (no credentials, access denied, no such bucket, a
+    folder this user cannot write): retrying does not help; its settings must change."""
 
 
 def safe_key(key: str) -> str:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO
 
-from storage.base import StorageError, safe_key
+from storage.base import StorageError, StorageRefused, safe_key
+
+# Writes no retry mends: the folder's owner, its mode or the mount must change.
+_REFUSALS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR})
 
 
 class LocalStorage:
@@ -105,7 +109,9 @@ class LocalStorage:
                 raise
             _fsync_dir(dest.parent)
         except OSError as exc:
-            raise StorageError(f"cannot write {dest}: {exc.strerror or exc}") from exc
+            code = errno.errorcode.get(exc.errno or 0, "")
+            kind = StorageRefused if exc.errno in _REFUSALS else StorageError
+            raise kind(f"cannot write {dest}: {exc.strerror or exc}", code) from exc
         return dest.as_uri()
 
 

@@ -14,9 +14,14 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from botocore.handlers import add_expect_header
 
-from storage.base import StorageError, safe_key
+from storage.base import StorageError, StorageRefused, safe_key
 
 _MiB = 1024 * 1024
+# Errors no retry mends: the credentials, their rights or the bucket must change.
+REFUSALS = frozenset({
+    "NoCredentialsError", "PartialCredentialsError", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+    "AccessDenied", "AllAccessDisabled", "AccountProblem", "NoSuchBucket", "InvalidBucketName",
+})
 # Objects above 8 MiB go multipart: parts upload in parallel and a failed part
 # is retried alone instead of restarting the whole object.
 _TRANSFER = TransferConfig(
@@ -156,9 +161,9 @@ class S3Storage:
         try:
             yield
         except (ClientError, BotoCoreError, Boto3Error) as exc:
-            raise StorageError(
-                f"S3 {operation} of {self._url(name)} failed: {_error_code(exc)}"
-            ) from exc
+            code = _error_code(exc)
+            kind = StorageRefused if code in REFUSALS else StorageError
+            raise kind(f"S3 {operation} of {self._url(name)} failed: {code}", code) from exc
 
 
 def _error_code(exc: BaseException) -> str:

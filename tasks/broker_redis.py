@@ -12,7 +12,7 @@ to a primary that was demoted.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import redis
@@ -24,6 +24,8 @@ from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelManagedConnection
 
 from .settings import Settings
+
+T = TypeVar("T")
 
 SENTINEL_PORT = 26379
 # Each sentinel asked for the primary gets this long: a dead one is passed over quickly.
@@ -91,11 +93,46 @@ def async_redis_client(url: str, master_name: str, **kwargs: Any) -> aioredis.Re
         master_name, connection_class=AsyncFailoverConnection, **primary, **kwargs)
 
 
+# The Redis URLs this process has reached (RideOutRetry): process-wide, so that a client
+# made after the first contact (a worker's runner, a new gateway connection) rides out too.
+_reached: set[str] = set()
+
+
+class RideOutRetry(Retry):
+    """redis-py's Retry, once this process has reached the Redis at `url`. Until then a
+    connection or timeout error is raised at once: a Redis that was never there (none
+    started, a wrong URL) is a setup to fix, and 20 s of retries would only hide that.
+    A Redis lost after it answered (a restart, a failover) is ridden out."""
+
+    def __init__(self, url: str, backoff: ExponentialBackoff, retries: int) -> None:
+        super().__init__(backoff, retries)
+        self.url = url
+
+    def call_with_retry(self, do: Callable[[], T], fail: Callable[..., Any],
+                        is_retryable: Callable[[Exception], bool] | None = None,
+                        with_failure_count: bool = False) -> T:
+        if self.url in _reached:
+            return super().call_with_retry(do, fail, is_retryable, with_failure_count)
+        try:
+            result = do()
+        except self._supported_errors as error:
+            if is_retryable is None or is_retryable(error):
+                if with_failure_count:
+                    fail(error, 1)
+                else:
+                    fail(error)
+            raise
+        _reached.add(self.url)
+        return result
+
+
 def broker_redis(settings: Settings) -> redis.Redis:
     """A client that rides out a Redis restart, a dropped connection or a Sentinel
     failover: a call that meets a connection or timeout error reconnects (to whichever
     Redis the sentinels name primary by then) and is tried again for about as long as a
     Celery publish retries (task_publish_retry_policy, about 20 s). Errors Redis answers
-    with (OOM at maxmemory, a wrong type) are not retried."""
-    return redis_client(settings.broker_url, settings.redis_master_name, socket_timeout=10, socket_connect_timeout=5,
-                        retry=Retry(ExponentialBackoff(cap=3, base=0.5), 10))
+    with (OOM at maxmemory, a wrong type) are not retried. Until this process has reached
+    that Redis once, nothing is retried (RideOutRetry) and a connect gives up after 2 s:
+    a Redis that is not there fails the first call at once."""
+    return redis_client(settings.broker_url, settings.redis_master_name, socket_timeout=10, socket_connect_timeout=2,
+                        retry=RideOutRetry(settings.broker_url, ExponentialBackoff(cap=3, base=0.5), 10))

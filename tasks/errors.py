@@ -24,6 +24,12 @@ class SettingsError(UsageError):
     """A TTSPOOL_* setting or flag is malformed or contradicts another."""
 
 
+class JobUnknown(TtspoolError):
+    """No job has this id: nobody submitted it, or its result and durable record are gone."""
+
+    exit_code = 4
+
+
 class JobFailed(TtspoolError):
     """Synthesis ran and failed for this job (the reason says why)."""
 

@@ -197,15 +197,26 @@ class Client:
         return Claim.decode(raw) if raw is not None else None
 
     def status(self, job_id: str) -> JobStatus:
-        """Raises JobValidationError for a string that cannot be a job id."""
+        """The job's status; PENDING for an id nobody submitted as well (`lookup` tells
+        the two apart). Raises JobValidationError for a string that cannot be a job id."""
+        return self.lookup(job_id) or JobStatus(id=job_id, status=JobState.PENDING)
+
+    def lookup(self, job_id: str) -> JobStatus | None:
+        """The job's status, or None for an id with no trace: no claim (a ttspool producer
+        claims every id it sends), no result, no durable record. A job a plain Celery
+        client sent has no claim, so it reads None until a worker starts it."""
         if not is_task_id(job_id):
             raise JobValidationError("a job id is 1-128 characters of letters, digits, '.', '_' or '-', "
                                      "after its tenant and ':' for a tenant's job")
+        # The claim first, through our own client: a Redis this process never reached
+        # fails here at once, not after the result backend's retries.
+        claim = self.owner(job_id)
         meta = self.app.backend.get_task_meta(job_id)
         state = meta.get("status", JobState.PENDING)
         result = meta.get("result")
-        if state == JobState.PENDING and (record := self._durable_record(job_id)) is not None:
-            return _status_of_record(record)
+        if state == JobState.PENDING and claim is None:
+            record = self._durable_record(job_id)
+            return _status_of_record(record) if record is not None else None
         if state == JobState.SUCCESS and isinstance(result, dict):
             return JobStatus(
                 id=job_id,
@@ -234,14 +245,14 @@ class Client:
         if meta.get("status") in TERMINAL and isinstance(meta.get("result"), dict):
             result: dict[str, Any] = meta["result"]
             return result
-        return self._durable_record(job_id) if meta.get("status", JobState.PENDING) == JobState.PENDING else None
+        if meta.get("status", JobState.PENDING) != JobState.PENDING or self.owner(job_id) is not None:
+            return None
+        return self._durable_record(job_id)
 
     def _durable_record(self, job_id: str) -> dict[str, Any] | None:
         """Read only for an id nobody holds a claim on any more: a queued job's status is
         PENDING from Redis alone, without a storage round trip on every poll."""
-        if self.storage is None or self.owner(job_id) is not None:
-            return None
-        return job_records.read(self.storage, job_id)
+        return None if self.storage is None else job_records.read(self.storage, job_id)
 
     def wait(self, job_ids: list[str], timeout: float = 600.0, poll: float = 0.2) -> list[JobStatus]:
         """Poll until every job is SUCCESS, FAILURE or EXPIRED, or raise TimeoutError."""

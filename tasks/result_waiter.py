@@ -26,6 +26,12 @@ log = logging.getLogger(__name__)
 _TERMINAL = (JobState.SUCCESS, JobState.FAILURE)
 _RESYNC_S = 2.0
 _TICK_S = 0.05
+# While Redis is away: pauses between reconnects grow to _RECONNECT_MAX_S (a result is
+# then read at most that late after it is back), and the warnings thin out to one per
+# _LOG_MAX_S (a gateway started without Redis must not fill its log twice a second).
+_RECONNECT_S = 0.5
+_RECONNECT_MAX_S = 5.0
+_LOG_MAX_S = 60.0
 
 
 class ResultWaiter:
@@ -94,12 +100,16 @@ class ResultWaiter:
     async def _run(self) -> None:
         pubsub = None
         last_sync = 0.0
+        failures, logged_at, log_every = 0, 0.0, 0.0
         while True:
             try:
                 if pubsub is None:
                     pubsub = self._redis.pubsub()
                     await pubsub.psubscribe(self._pattern)
                     last_sync = 0.0  # anything stored while nobody listened is read below
+                    if failures:
+                        log.warning("result listener: reconnected after %d failed tries", failures)
+                    failures, log_every = 0, 0.0
                 msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=_TICK_S)
                 if msg is not None and msg.get("type") == "pmessage":
                     channel = msg["channel"]
@@ -115,9 +125,15 @@ class ResultWaiter:
                     await pubsub.aclose()
                 raise
             except (RedisError, OSError) as err:
-                # Redis restarting: start over on a new connection; the futures wait on.
-                log.warning("result listener: %s; reconnecting", err)
+                # Redis restarting (or not there yet): start over on a new connection; the
+                # futures wait on.
+                failures += 1
+                pause = min(_RECONNECT_MAX_S, _RECONNECT_S * 2 ** min(failures - 1, 16))
+                if time.monotonic() - logged_at >= log_every:
+                    log.warning("result listener: %s; reconnecting (try %d, next in %.1f s)", err, failures, pause)
+                    logged_at = time.monotonic()
+                    log_every = min(_LOG_MAX_S, max(1.0, 2 * log_every))
                 if pubsub is not None:
                     await pubsub.aclose()
                 pubsub = None
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(pause)

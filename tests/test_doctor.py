@@ -85,12 +85,39 @@ def test_an_unwritable_bucket_fails_the_storage_line(tmp_path: Path, s3: S3Endpo
     rc, checks = doctor(env, "storage")
     assert rc == 1
     assert checks["storage"]["status"] == "fail"
-    assert "s3://doctor-readonly/out/ttspool-doctor-probe-" in checks["storage"]["detail"]
+    assert "s3://doctor-readonly/out/ttspool-probe-" in checks["storage"]["detail"]
     assert "PutObject" in checks["storage"]["fix"]
     missing = doctor_env(tmp_path, TTSPOOL_STORAGE_URL="s3://doctor-no-such-bucket", TTSPOOL_S3_ENDPOINT_URL=s3.url,
                          **aws_env)
     rc, checks = doctor(missing, "storage")
     assert rc == 1 and "NoSuchBucket" in checks["storage"]["detail"]
+
+
+@pytest.mark.parametrize("url, fix", [
+    ("/data/out", "TTSPOOL_STORAGE_URL=file:///data/out"),
+    ("file://out2", "file:///abs/dir"),
+])
+def test_a_folder_that_is_not_a_file_url_gets_folder_advice(tmp_path: Path, url: str, fix: str) -> None:
+    rc, checks = doctor(doctor_env(tmp_path, TTSPOOL_STORAGE_URL=url), "storage")
+    assert rc == 1 and checks["storage"]["status"] == "fail"
+    assert fix in checks["storage"]["fix"] and "bucket" not in checks["storage"]["fix"]
+
+
+def test_storage_without_credentials_names_them(tmp_path: Path, s3: S3Endpoint) -> None:
+    env = {k: v for k, v in doctor_env(tmp_path).items() if not k.startswith("AWS_")}
+    env.update(TTSPOOL_STORAGE_URL=f"s3://{s3.bucket}/doctor", TTSPOOL_S3_ENDPOINT_URL=s3.url,
+               AWS_EC2_METADATA_DISABLED="true", AWS_CONFIG_FILE=str(tmp_path / "none"),
+               AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_DEFAULT_REGION="us-east-1")
+    rc, checks = doctor(env, "storage")
+    assert rc == 1 and "NoCredentialsError" in checks["storage"]["detail"]
+    assert "AWS_ACCESS_KEY_ID" in checks["storage"]["fix"]
+
+
+def test_a_lexicon_the_worker_cannot_read_fails_the_settings_line(tmp_path: Path) -> None:
+    rc, checks = doctor(doctor_env(tmp_path, TTSPOOL_LEXICON=str(tmp_path / "nope")), "settings")
+    assert rc == 1 and checks["settings"]["status"] == "fail"
+    assert "TTSPOOL_LEXICON: cannot read" in checks["settings"]["detail"]
+    assert "TTSPOOL_LEXICON" in checks["settings"]["fix"]
 
 
 def test_a_corrupted_cache_file_fails_the_model_line(tmp_path: Path) -> None:

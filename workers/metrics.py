@@ -24,7 +24,7 @@ from redis.retry import Retry
 
 from storage.models.fetch_progress import FETCH_BYTES
 from tasks.broker_redis import redis_client
-from tasks.errors import JobExpired, JobFailed, RedeliveryLimit
+from tasks.errors import JobExpired, JobFailed, RedeliveryLimit, SettingsError
 from tasks.metrics_http import start_server
 from tasks.schema import JobSpec, JobValidationError
 from tasks.settings import QUEUE_BULK, QUEUE_REALTIME, Settings
@@ -287,6 +287,10 @@ def serve(metrics: Metrics, settings: Settings) -> WSGIServer | None:
         body: dict[str, Any] = {"model_loaded": metrics.ready, "broker": broker_ok, "scheduler": stalled or "ok"}
         return (200 if metrics.ready and broker_ok and stalled is None else 503), body
 
-    server = start_server(metrics.registry, settings.metrics_addr, settings.metrics_port, {"/healthz": healthz})
+    try:
+        server = start_server(metrics.registry, settings.metrics_addr, settings.metrics_port, {"/healthz": healthz})
+    except RuntimeError as err:  # most often a second worker on this host, on the same port
+        raise SettingsError(f"{err}; give each worker on a host its own port: TTSPOOL_METRICS_PORT "
+                            "(0 serves no metrics)") from None
     log.info("metrics on http://%s:%d/metrics, health on /healthz", settings.metrics_addr, server.server_port)
     return server

@@ -5,15 +5,17 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 
 import redis
 from celery.signals import worker_ready
 
-from storage import storage_for
+from storage import StorageError, storage_for
+from storage.probe import fix_for, probe
 from tasks.celery_app import make_app
-from tasks.broker_redis import is_sentinel
+from tasks.broker_redis import broker_redis, is_sentinel
 from tasks.errors import SettingsError
 from tasks.settings import WORKER_QUEUES, Settings, redact_url
 
@@ -39,7 +41,11 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
     imports_s = process_age_s()
     logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.info("broker %s, storage %s, model %s", redact_url(settings.broker_url), settings.storage_url, settings.model)
+    # A setup that cannot work ends the worker here, in seconds, before the model loads
+    # (minutes for the real one) and before it takes a job it could not finish.
+    _check_broker(settings)
     storage = storage_for(settings)
+    _check_storage(settings)
     # Up before the model loads, so /healthz says 'not ready' instead of nothing.
     metrics = Metrics()
     serve_metrics(metrics, settings)
@@ -53,7 +59,6 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
     app = make_app(settings)
     messages, outbox = HeldMessages(), EventOutbox()
     runner = BatchRunner(app, engine, storage, settings, metrics, messages=messages, events=TaskEvents(outbox.send))
-    _require_redis_7(runner.redis)
     # Celery's consumer and kombu's Redis transport, except that a queue item that is not
     # a valid message is refused and recorded instead of stopping the worker, and a
     # fetched message is recorded as unacked in the same step (workers/broker/transport.py).
@@ -98,6 +103,13 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
         worker.start()
     finally:
         runner.close()
+    refused = runner.delivery.refused
+    if refused is not None:
+        # Celery sent stdout and stderr into its log: the CLI's one line goes to the real one.
+        sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+        raise StorageError(f"storage {settings.storage_url} refused an upload, so this worker stopped (its jobs "
+                           f"went back to the queue): {refused}; fix: {fix_for(settings.storage_url, refused)}",
+                           refused.code)
     if worker.exitcode:
         raise SystemExit(worker.exitcode)
 
@@ -112,13 +124,29 @@ def process_age_s() -> float | None:
     return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
 
 
-def _require_redis_7(r: redis.Redis) -> None:
-    """The fetch script (workers/broker/transport.py) declares itself a writer, which Redis 6
-    cannot parse: say so at start, not as an error on every fetch."""
+def _check_broker(settings: Settings) -> None:
+    """The broker answers, and runs Redis 7 or newer: the fetch script (workers/broker/
+    transport.py) declares itself a writer, which Redis 6 cannot parse. A Redis this
+    process never reached raises redis.ConnectionError at once (tasks/broker_redis.py),
+    which the CLI prints as one line with the fix."""
+    r = broker_redis(settings)
     try:
         version = str(r.info("server").get("redis_version", "7"))
-    except redis.RedisError as err:
+    except redis.ResponseError as err:  # INFO refused (some managed Redis): it answered, though
         log.warning("could not read the broker's Redis version (%s); workers need Redis 7 or newer", err)
         return
+    finally:
+        r.close()
     if int(version.split(".")[0]) < 7:
         raise SettingsError(f"the broker runs Redis {version}; ttspool workers need Redis 7 or newer")
+
+
+def _check_storage(settings: Settings) -> None:
+    """A probe object written, read back and deleted, as `ttspool doctor` does: a worker
+    whose store refuses (no credentials, no bucket) or does not answer would take jobs
+    it cannot finish. Two attempts, not the ten an upload gets."""
+    try:
+        probe(storage_for(settings, s3_max_attempts=2))
+    except StorageError as err:
+        raise StorageError(f"storage {settings.storage_url} is not usable: {err}; fix: "
+                           f"{fix_for(settings.storage_url, err)}", err.code) from None

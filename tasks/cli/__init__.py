@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 
 from ..errors import TtspoolError
 from ..settings import Settings, redact_url
+from .common import REDIS_FIX
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
@@ -65,11 +66,11 @@ def _redis_down(err: Exception, settings: Settings | None) -> str | None:
         urls = dict.fromkeys((settings.broker_url, settings.backend_url))
         where = "Redis at " + " / ".join(redact_url(u) for u in urls)
     if redis is not None and isinstance(err, (redis.ConnectionError, redis.TimeoutError)):
-        return f"cannot reach {where}: {err}"
+        return f"cannot reach {where}: {err}; {REDIS_FIX}"
     if kombu is not None and isinstance(err, kombu.OperationalError):
-        return f"cannot reach {where}: {err}"
+        return f"cannot reach {where}: {err}; {REDIS_FIX}"
     if celery is not None and isinstance(err, celery.BackendError):
-        return f"cannot read results from {where}: {err.__cause__ or err}"
+        return f"cannot read results from {where}: {err.__cause__ or err}; {REDIS_FIX}"
     return None
 
 

@@ -95,7 +95,11 @@ def _book(args: argparse.Namespace, settings: Settings) -> int:
         if args.no_wait:
             print(json.dumps({"id": book_id}) if args.json else book_id)
             return 0
-        st = _wait_with_bar(client, book_id, args.timeout)
+        try:
+            st = _wait_with_bar(client, book_id, args.timeout)
+        except TimeoutError:
+            raise TimeoutError(f"book {book_id} not finished after {args.timeout:.0f} s; it goes on: "
+                               f"`ttspool status {book_id}` tells how it ends") from None
         _print_book(st, args.json, presign, final=True)
         return 0 if st.status == JobState.SUCCESS else 1
     finally:
@@ -168,6 +172,7 @@ def read_jobs(path: Path) -> tuple[list[tuple[int, Any]], list[str]]:
 
 def _submit_file(args: argparse.Namespace, settings: Settings) -> int:
     jobs, errors = read_jobs(args.file)
+    timed_out = ""
     client = producer(settings)
     try:
         # A line naming a voice the library does not have is an invalid line like any other.
@@ -188,8 +193,13 @@ def _submit_file(args: argparse.Namespace, settings: Settings) -> int:
         print(f"ttspool: enqueued {len(submitted.new)} job(s), {submitted.existing} already submitted, "
               f"{len(errors)} invalid line(s)", file=sys.stderr)
         if args.wait:
-            rows = [{"line": n, **st.to_dict(), "url": presign(st.url)}
-                    for (n, _), st in zip(jobs, client.wait(ids, timeout=args.timeout))]
+            try:
+                statuses = client.wait(ids, timeout=args.timeout)
+            except TimeoutError as err:
+                # Every job's id and where it is now: the rows say which to ask about later.
+                timed_out = str(err)
+                statuses = [client.status(job_id) for job_id in ids]
+            rows = [{"line": n, **st.to_dict(), "url": presign(st.url)} for (n, _), st in zip(jobs, statuses)]
         else:
             fresh = set(submitted.new)
             rows = [{"line": n, "id": job_id, "status": JobState.PENDING, "new": job_id in fresh}
@@ -204,4 +214,6 @@ def _submit_file(args: argparse.Namespace, settings: Settings) -> int:
     failed = sum(row["status"] != JobState.SUCCESS for row in rows) if args.wait else 0
     if args.wait:
         print(f"ttspool: {len(rows) - failed} succeeded, {failed} did not", file=sys.stderr)
+    if timed_out:
+        raise TimeoutError(f"{timed_out}; the ids above go on: `ttspool status ID` tells how each ends")
     return 1 if errors or failed else 0

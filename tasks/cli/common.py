@@ -6,6 +6,10 @@ import argparse
 import json
 from typing import Any
 
+# The fix for a Redis that cannot be reached: the CLI's error line and `doctor` say it.
+REDIS_FIX = ("start Redis there (redis-server, or `docker compose -f deploy/compose.yaml up -d redis`), "
+             "or point TTSPOOL_BROKER_URL (or --broker-url) at a running one")
+
 
 def voice_arg(raw: str) -> int | str:
     return int(raw) if raw.isdigit() else raw

@@ -13,9 +13,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import tomllib
-import uuid
 from dataclasses import asdict, dataclass
 from importlib.metadata import distributions
 from pathlib import Path
@@ -24,7 +22,9 @@ from typing import Any, Callable
 from packaging.utils import canonicalize_name
 
 from ..schema import MAX_STEPS
+from ..errors import SettingsError
 from ..settings import Settings, redact_url
+from .common import REDIS_FIX
 
 # The lock sits next to the source tree (a checkout, or /src in the image, both installed
 # in place); a wheel installed elsewhere has none, and versions then go unchecked.
@@ -199,8 +199,7 @@ def _redis_check(name: str, url: str, master_name: str) -> Check:
         except redis.ResponseError:  # managed Redis often disables CONFIG
             save = "?"
     except (redis.RedisError, OSError) as err:
-        return Check(name, "fail", f"{shown} unreachable: {type(err).__name__}: {err}",
-                     "start Redis, or point TTSPOOL_BROKER_URL at it")
+        return Check(name, "fail", f"{shown} unreachable: {type(err).__name__}: {err}", REDIS_FIX)
     finally:
         client.close()
     detail = f"{shown}: Redis {info.get('redis_version')}" + (f"; {sentinel_line}" if sentinel_line else "")
@@ -226,19 +225,13 @@ def check_broker(settings: Settings) -> list[Check]:
 
 def check_storage(settings: Settings) -> Check:
     from storage import StorageError, storage_for
+    from storage.probe import fix_for, probe
 
-    key = f"ttspool-doctor-probe-{uuid.uuid4().hex}.txt"
-    payload = f"ttspool doctor {time.time()}".encode()
-    fix = ("create the bucket, and allow these credentials PutObject, GetObject and DeleteObject "
-           "(TTSPOOL_STORAGE_URL, TTSPOOL_S3_ENDPOINT_URL)")
     try:
         store = storage_for(settings, s3_max_attempts=2)
-        store.put_bytes(key, payload, "text/plain")
-        if store.get_bytes(key) != payload:
-            return Check("storage", "fail", f"{store.base_url}: the probe object read back differently", fix)
-        store.delete(key)
+        probe(store)
     except (StorageError, ValueError) as err:
-        return Check("storage", "fail", str(err), fix)
+        return Check("storage", "fail", str(err), fix_for(settings.storage_url, err))
     return Check("storage", "ok", f"{store.base_url} writable (probe object written, read back, deleted)")
 
 
@@ -313,6 +306,14 @@ def check_settings(settings: Settings, devices: Probe | None) -> list[Check]:
                             "unset one of them"))
     if settings.compile and kind != "cuda":
         checks.append(Check("settings", "fail", "TTSPOOL_COMPILE=1 needs a CUDA device", "unset TTSPOOL_COMPILE"))
+    if settings.lexicon:
+        from ..text.lexicon import Lexicon
+
+        try:
+            Lexicon.load(settings.lexicon)
+        except SettingsError as err:  # the worker refuses to start on it
+            checks.append(Check("settings", "fail", str(err),
+                                "point TTSPOOL_LEXICON at a readable file of `written<TAB>spoken` lines, or unset it"))
     return checks or [Check("settings", "ok", f"visibility timeout {settings.visibility_timeout} s covers a "
                                               f"worst-case batch and its upload retries (~{need:.0f} s)")]
 

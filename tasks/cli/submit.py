@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..errors import JobUnknown
 from ..schema import AUDIO_FORMATS
 from ..settings import Settings
 from ..states import JobState
@@ -33,8 +34,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--json", action="store_true")
     s.set_defaults(handler=_submit)
 
-    st = sub.add_parser("status", help="print a job's status")
-    st.add_argument("job_id")
+    st = sub.add_parser("status", help="print a job's status",
+                        description="Print a job's (or a book's) status. Exit status 0; 4 when no job has the "
+                                    "id; 1 when Redis cannot be reached; 2 for a string that is not a job id.")
+    st.add_argument("job_id", help="an id `submit` printed (TENANT:ID for a tenant's job)")
     st.add_argument("--json", action="store_true")
     st.set_defaults(handler=_status)
 
@@ -53,7 +56,13 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
         if not args.wait:
             print(json.dumps({"id": job_id}) if args.json else job_id)
             return 0
-        st = client.wait([job_id], timeout=args.timeout)[0]
+        try:
+            st = client.wait([job_id], timeout=args.timeout)[0]
+        except TimeoutError:
+            # Where the job is, and its id to ask again with: it runs on.
+            print_status(client.status(job_id), args.json)
+            raise TimeoutError(f"job {job_id} not finished after {args.timeout:.0f} s; it stays queued: "
+                               f"`ttspool status {job_id}` tells how it ends") from None
         print_status(st, args.json)
         return 0 if st.status == JobState.SUCCESS else 1
     finally:
@@ -68,7 +77,11 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
     client = producer(settings)
     try:
         if not print_book_status(client, args.job_id, args.json):
-            print_status(client.status(args.job_id), args.json)
+            st = client.lookup(args.job_id)
+            if st is None:
+                raise JobUnknown(f"no job {args.job_id!r}: nobody submitted it, or its result and record are gone "
+                                 "(a tenant's job is TENANT:ID)")
+            print_status(st, args.json)
     finally:
         client.close()
     return 0

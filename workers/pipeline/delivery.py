@@ -10,11 +10,19 @@ One retry budget per GPU batch, counted from its first failed upload: a row's up
 retried in place until then; once a row has used it up, storage is down, and the batch's
 rows not stored yet go back to the queue untried (per row, a batch of 16 held the worker
 for 16 budgets).
+
+A store that refuses (StorageRefused: no credentials, access denied, no such bucket) is
+not retried at all: the row and the rest of the batch go back to the queue once, and the
+worker stops (a warm shutdown, as on SIGTERM) and exits naming the fix. Failing the jobs
+instead would turn a revoked key into a queue of failures; the next worker to start
+refuses at its storage probe (workers/worker.py) until the store is fixed.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -22,7 +30,7 @@ from typing import Any, Callable, Iterable
 
 import redis
 
-from storage import StorageError
+from storage import StorageError, StorageRefused
 from tasks.errors import JobFailed
 
 from workers.engine.requests import SynthResult
@@ -43,6 +51,18 @@ class Delivery:
         self.metrics = metrics
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="store")
         self._slots = threading.BoundedSemaphore(capacity)
+        # The store's first refusal: the worker stops, and says why as it exits.
+        self.refused: StorageRefused | None = None
+        self._refused_lock = threading.Lock()
+
+    def refuse(self, err: StorageRefused) -> None:
+        with self._refused_lock:
+            if self.refused is not None:
+                return
+            self.refused = err
+        log.error("storage refuses (%s): no retry mends that; this worker stops", err)
+        # Celery's warm shutdown: the running batch ends, every held message goes back.
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def batch(self, retry_s: float) -> "BatchDelivery":
         return BatchDelivery(self, retry_s)
@@ -125,10 +145,16 @@ class BatchDelivery:
                 results = store()
             except StorageError as err:
                 deadline = self._deadline_from_now()
-                if time.monotonic() >= deadline:
+                if isinstance(err, StorageRefused) or time.monotonic() >= deadline:
                     raise
                 log.warning("upload failed, retrying within the batch's budget: %s", err)
                 results = rec.patiently(store, deadline)
+        except StorageRefused as err:
+            log.warning("upload refused, the job goes back to the queue: %s", err)
+            self.storage_down.set()
+            self._requeue(work)
+            self.stage.refuse(err)
+            return
         except StorageError as err:
             log.warning("upload failed, the job goes back to the queue: %s", err)
             self.storage_down.set()

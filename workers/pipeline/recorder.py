@@ -13,7 +13,7 @@ import redis
 from celery import Celery
 from kombu.utils.functional import retry_over_time
 
-from storage import Storage, StorageError
+from storage import Storage, StorageError, StorageRefused
 from tasks import job_records
 from tasks.audio import FORMATS, encode
 from tasks.claims import Claim, claim_key, digest_of, tenant_of
@@ -113,9 +113,12 @@ class Recorder:
     def patiently(self, store: Callable[[], T], deadline: float) -> T:
         """`store()` (an upload), retried with growing pauses until `deadline` (monotonic;
         one try if it has passed) while it raises StorageError: a storage outage then costs
-        time instead of a requeue and a second synthesis of the same audio."""
+        time instead of a requeue and a second synthesis of the same audio. A refusal
+        (StorageRefused: credentials, rights, no bucket) is raised at once."""
 
         def pause(err: Exception, intervals: Iterator[float], retries: int) -> float:
+            if isinstance(err, StorageRefused):
+                raise err
             wait = next(intervals)
             log.warning("upload failed (try %d), retrying in %.0f s: %s", retries + 1, wait, err)
             return wait
