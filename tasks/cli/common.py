@@ -7,7 +7,8 @@ import json
 from typing import Any
 
 # The fix for a Redis that cannot be reached: the CLI's error line and `doctor` say it.
-REDIS_FIX = ("start Redis there (redis-server, or `docker compose -f deploy/compose.yaml up -d redis`), "
+REDIS_FIX = ("run `ttspool up` (a local pool with its own Redis) and export the TTSPOOL_BROKER_URL it prints, "
+             "start Redis there (redis-server, or `docker compose -f deploy/compose.yaml up -d redis`), "
              "or point TTSPOOL_BROKER_URL (or --broker-url) at a running one")
 
 
