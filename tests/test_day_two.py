@@ -143,7 +143,7 @@ def test_up_serves_a_job_then_stops_every_child_on_sigint(tmp_path: Path, unrela
         assert status["status"] == "SUCCESS"
         assert Path(status["url"].removeprefix("file://")).is_file()
         with urllib.request.urlopen(f"http://127.0.0.1:{gateway_port}/healthz", timeout=10) as resp:
-            assert resp.status == 200 and json.loads(resp.read()) == {"status": "ok"}
+            assert resp.status == 200 and json.loads(resp.read())["status"] == "ok"
         if unrelated_redis is not None:
             assert unrelated_redis.keys() == [b"someone-else"]
     finally:
