@@ -51,6 +51,9 @@ class JobStatus:
     format: str | None = None  # the output format (tasks.schema.AUDIO_FORMATS)
     # Characters of the text the front-end had no reading for and left out (each once).
     dropped: str | None = None
+    # The library voice it was made with (Voice.label: name, version, space); None for a seed
+    # or a speaker string.
+    voice: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -227,6 +230,7 @@ class Client:
                 spoken_text=result.get("spoken_text"),
                 format=result.get("format", "wav"),
                 dropped=result.get("dropped"),
+                voice=result.get("voice"),
             )
         if state == JobState.FAILURE:
             kind = result.get("exc_type") if isinstance(result, dict) else type(result).__name__
@@ -297,7 +301,8 @@ def _status_of_record(record: Mapping[str, Any]) -> JobStatus:
     if state == JobState.SUCCESS:
         return JobStatus(id=record["id"], status=state, url=record.get("url"), duration_s=record.get("duration_s"),
                          sample_rate=record.get("sample_rate"), spoken_text=record.get("spoken_text"),
-                         format=record.get("format", "wav"), dropped=record.get("dropped"))
+                         format=record.get("format", "wav"), dropped=record.get("dropped"),
+                         voice=record.get("voice"))
     return JobStatus(id=record["id"], status=state, error=record.get("error"))
 
 

@@ -14,8 +14,9 @@ import urllib.error
 import urllib.request
 import uuid
 import wave
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import av
 import numpy as np
@@ -34,7 +35,7 @@ from tasks.producer import Client
 from tasks.settings import Settings
 from tasks.voices import OPENAI_VOICES
 
-from .conftest import ROOT, S3Endpoint, WorkerProc, stop_process
+from .conftest import ROOT, S3Endpoint, WorkerProc, running_worker, stop_process, worker_env
 from .test_audio import _SLACK_S, decode
 
 KEY_A = "acme-key-0123456789abcdef"
@@ -210,6 +211,7 @@ def test_job_api_status_audio_url_and_spoken_text(gateway: Gateway, s3: S3Endpoi
     assert st["spoken_text"] == "Call five five five, zero one two three at nine A M."
     # S3 storage: a presigned HTTPS(-style) URL anyone can GET.
     assert st["audio_url"].startswith(s3.url) and "Signature=" in st["audio_url"]
+    assert st["url"] == f"{gateway.url}/v1/jobs/{job_id}/audio"  # not the bucket's s3:// key
     with urllib.request.urlopen(st["audio_url"], timeout=10) as resp:
         via_s3 = resp.read()
     status, headers, direct = gateway.request("GET", f"/v1/jobs/{job_id}/audio")
@@ -368,51 +370,188 @@ def test_readme_curl_examples(gateway: Gateway, tmp_path: Path) -> None:
     assert st["sample_rate"] == 8000 and st["spoken_text"] == "Your code is four eight two nine one three."
 
 
-def test_web_page_in_a_real_browser(gateway: Gateway) -> None:
-    """Debian's Chromium, headless, through Selenium: the page loads, a synthesis plays
-    back audio as long as the job's, and the job shows up with its status and link."""
+@contextmanager
+def _browser(downloads: Path | None = None) -> Iterator[Any]:
+    """Debian's Chromium, headless, through Selenium; downloads land in `downloads`."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     options = webdriver.ChromeOptions()
     options.binary_location = "/usr/bin/chromium"
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                 "--autoplay-policy=no-user-gesture-required"):
         options.add_argument(arg)
+    if downloads is not None:
+        options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
+                                                  "download.prompt_for_download": False})
     driver = webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
     try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def test_web_page_with_api_keys_in_a_real_browser(gateway: Gateway, tmp_path: Path) -> None:
+    """The page as a tenant meets it: it says a key is needed, loads the voices once the
+    key is typed, plays back audio as long as the job's, and lists each job with its full
+    id, voice and format; its play and download buttons fetch the audio with the key."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    player = "const p = document.getElementById('player');"
+    with _browser(tmp_path) as driver:
         driver.get(gateway.url + "/")
         assert driver.title == "ttspool"
+        WebDriverWait(driver, 30).until(lambda d: "needs an API key" in d.find_element(By.ID, "status").text)
+        assert driver.find_element(By.ID, "status").get_attribute("class") == "error"
+        text = driver.find_element(By.ID, "text")
+        assert text.get_attribute("placeholder") != text.get_attribute("value")
         key = driver.find_element(By.ID, "key")
         key.send_keys(KEY_A)
         driver.execute_script("arguments[0].dispatchEvent(new Event('change'))", key)
         WebDriverWait(driver, 30).until(lambda d: len(Select(d.find_element(By.ID, "voice")).options) >= len(OPENAI_VOICES))
-        for fmt in ("wav", "mp3"):  # a whole file, then MP3 streamed into Media Source Extensions
-            text = driver.find_element(By.ID, "text")
-            text.clear()
-            text.send_keys(f"The page speaks {fmt}, quickly and clearly.")
+        assert driver.find_element(By.ID, "status").text == ""
+        voice = Select(driver.find_element(By.ID, "voice")).first_selected_option.get_attribute("value")
+        # A whole file, MP3 streamed into Media Source Extensions, and a long text whose
+        # segments (raw PCM each) the row's buttons turn into WAV.
+        for fmt, words in (("wav", "The page speaks wav, quickly and clearly."),
+                           ("mp3", "The page speaks mp3, quickly and clearly."), ("wav", LONG)):
+            driver.execute_script("arguments[0].value = arguments[1]", text, words)
             Select(driver.find_element(By.ID, "format")).select_by_value(fmt)
             rows = len(driver.find_elements(By.CSS_SELECTOR, "#jobs tr"))
             driver.find_element(By.ID, "speak").click()
-            WebDriverWait(driver, 180).until(lambda d: d.find_element(By.ID, "status").text.startswith(("done", "HTTP"))
+            WebDriverWait(driver, 180).until(lambda d: d.find_element(By.ID, "status").text.startswith("done")
                                              or "error" in d.find_element(By.ID, "status").get_attribute("class"))
             assert driver.find_element(By.ID, "status").text.startswith("done"), driver.find_element(By.ID, "status").text
             WebDriverWait(driver, 30).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#jobs tr")) > rows)
-            job_id = driver.find_element(By.CSS_SELECTOR, "#jobs tr").get_attribute("data-job")
-            status = json.loads(gateway.request("GET", f"/v1/jobs/{job_id}")[2])
-            assert status["status"] == "SUCCESS"
+            listed = driver.find_elements(By.CSS_SELECTOR, "#jobs tr")
+            new = listed[:len(listed) - rows]  # the newest on top
+            statuses = [json.loads(gateway.request("GET", f"/v1/jobs/{r.get_attribute('data-job')}")[2]) for r in new]
+            assert all(st["status"] == "SUCCESS" for st in statuses) and (len(new) >= 2) == (words == LONG)
+            total = sum(st["duration_s"] for st in statuses)
             duration = WebDriverWait(driver, 30).until(lambda d: d.execute_script(
-                "const p = document.getElementById('player'); return isFinite(p.duration) && p.duration > 0 ? p.duration : null"))
-            assert abs(duration - status["duration_s"]) < 0.1, (fmt, duration, status["duration_s"])
+                player + "return isFinite(p.duration) && p.duration > 0 ? p.duration : null"))
+            assert abs(duration - total) < 0.1 * len(new), (fmt, duration, total)
             # It plays: the clock of the media element moves.
-            WebDriverWait(driver, 30).until(lambda d: d.execute_script(
-                "const p = document.getElementById('player'); return p.currentTime > 0 || p.ended"))
-            link = driver.find_element(By.CSS_SELECTOR, "#jobs tr a").get_attribute("href")
-            assert link.split("?")[0] == status["audio_url"].split("?")[0]  # presigned at different seconds
+            WebDriverWait(driver, 30).until(lambda d: d.execute_script(player + "return p.currentTime > 0 || p.ended"))
+            # Each row says which job, made with which voice, in which format.
+            row, status = new[0], statuses[0]
+            job_id = row.get_attribute("data-job")
+            job_fmt = fmt if len(new) == 1 else "pcm"
+            cells = [td.text for td in row.find_elements(By.TAG_NAME, "td")]
+            assert status["voice"]["name"] == voice and status["format"] == job_fmt
+            assert cells[:4] == [job_id, f"{voice} v{status['voice']['version']}", job_fmt, "SUCCESS"], cells
+            assert len(job_id) == 32  # the whole id, as X-Job-Ids names it
+            # Play from the row: the job's audio fetched with the key, a blob: source.
+            before = driver.execute_script(player + "return p.src")
+            row.find_element(By.CSS_SELECTOR, "button.play").click()
+            played = WebDriverWait(driver, 30).until(lambda d: d.execute_script(
+                player + "return p.src !== arguments[0] && p.src.startsWith('blob:') && isFinite(p.duration)"
+                " && p.duration > 0 ? p.duration : null", before))
+            assert abs(played - status["duration_s"]) < 0.1, (fmt, played)
+            # Download: the job's audio (a PCM segment with a WAV header), under the job's id.
+            row.find_element(By.CSS_SELECTOR, "button.download").click()
+            saved = tmp_path / f"{job_id}.{'wav' if job_fmt == 'pcm' else job_fmt}"
+            WebDriverWait(driver, 30).until(lambda d: saved.exists() and not list(tmp_path.glob("*.crdownload")))
+            stored = gateway.request("GET", f"/v1/jobs/{job_id}/audio")[2]
+            if job_fmt == "pcm":
+                assert saved.read_bytes()[44:] == stored and _wav_seconds(saved.read_bytes()) == len(stored) / 48000
+            else:
+                assert saved.read_bytes() == stored
+        assert KEY_A not in gateway.log.read_text()
+
+
+def test_docs_declare_the_api_key_and_the_job_fields(gateway: Gateway) -> None:
+    """/openapi.json names the bearer scheme on the tenants' routes and the job's fields;
+    in the browser, Swagger UI's Authorize takes a key and "Try it out" then works."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    doc = json.loads(gateway.request("GET", "/openapi.json", key=None)[2])
+    assert doc["components"]["securitySchemes"]["ApiKey"] == {
+        "type": "http", "scheme": "bearer", "description": doc["components"]["securitySchemes"]["ApiKey"]["description"]}
+    for path, method in (("/v1/jobs", "post"), ("/v1/jobs/{job_id}", "get"), ("/v1/audio/speech", "post"),
+                         ("/v1/voices", "get")):
+        assert doc["paths"][path][method]["security"] == [{"ApiKey": []}], path
+    assert "security" not in doc["paths"]["/healthz"]["get"]
+    body = doc["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    shape = doc["components"]["schemas"][body["$ref"].rsplit("/", 1)[1]]
+    assert shape["anyOf"] == [{"$ref": "#/components/schemas/JobSpec"},
+                              {"type": "array", "items": {"$ref": "#/components/schemas/JobSpec"}, "minItems": 1}]
+    job = doc["components"]["schemas"]["JobSpec"]
+    assert {"text", "voice", "speed", "format", "job_id", "priority", "ttl_s"} <= set(job["properties"])
+    assert job["required"] == ["text"] and "wav-ulaw-8k" in job["properties"]["format"]["enum"]
+
+    with _browser() as driver:
+        driver.get(gateway.url + "/docs")
+        wait = WebDriverWait(driver, 30)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "button.btn.authorize"))[0].click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".auth-container input"))[0].send_keys(KEY_A)
+        driver.find_element(By.CSS_SELECTOR, ".auth-container button.authorize").click()
+        driver.find_element(By.CSS_SELECTOR, "button.btn-done").click()
+        op = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#operations-default-voices_v1_voices_get"))[0]
+        op.find_element(By.CSS_SELECTOR, ".opblock-summary").click()
+        wait.until(lambda d: op.find_elements(By.CSS_SELECTOR, "button.try-out__btn"))[0].click()
+        wait.until(lambda d: op.find_elements(By.CSS_SELECTOR, "button.execute"))[0].click()
+        status = wait.until(lambda d: op.find_elements(By.CSS_SELECTOR, ".live-responses-table tbody .response-col_status"))
+        assert status[0].text.strip().startswith("200"), status[0].text
+
+
+def test_sse_stream_through_the_openai_sdk(gateway: Gateway) -> None:
+    """`stream_format: "sse"` as OpenAI serves it: speech.audio.delta events whose audio,
+    joined, is the audio stream's bytes, then speech.audio.done with the usage."""
+    with gateway.sdk().audio.speech.with_streaming_response.create(
+        model="gpt-4o-mini-tts", voice="echo", input=LONG, response_format="wav", stream_format="sse",
+    ) as resp:
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        ids = resp.headers["x-job-ids"].split(",")
+        events = [json.loads(line[len("data: "):]) for line in resp.iter_lines() if line.startswith("data: ")]
+    assert len(ids) >= 2 and [e["type"] for e in events] == ["speech.audio.delta"] * (len(events) - 1) + ["speech.audio.done"]
+    data = b"".join(base64.b64decode(e["audio"]) for e in events[:-1])
+    assert data[:4] == b"RIFF" and data[8:12] == b"WAVE"
+    expected, seconds = b"", 0.0
+    for job_id in ids:
+        expected += gateway.request("GET", f"/v1/jobs/{job_id}/audio")[2]
+        seconds += json.loads(gateway.request("GET", f"/v1/jobs/{job_id}")[2])["duration_s"]
+    assert data[44:] == expected
+    usage = events[-1]["usage"]
+    assert usage == {"input_tokens": len(LONG), "output_tokens": round(seconds * 46.875),
+                     "total_tokens": len(LONG) + round(seconds * 46.875)}
+    with pytest.raises(openai.BadRequestError, match="flac cannot be streamed"):
+        gateway.sdk().audio.speech.create(model="tts-1", voice="echo", input="hi", response_format="flac",
+                                          stream_format="sse")
+
+
+def test_local_folder_storage_gives_tenants_gateway_urls(s3: S3Endpoint, aws_env: dict[str, str],
+                                                         tmp_path: Path) -> None:
+    """With a local folder for storage, a job's `url` and `audio_url` are this gateway's
+    route (which takes the key), never the server's file:// path."""
+    folder = tmp_path / "out"
+    # A Redis of its own: the S3 worker of the other tests must not take these jobs.
+    redis = LocalRedis().start()
+    env = worker_env(redis.url, s3, aws_env, TTSPOOL_STORAGE_URL=f"file://{folder}")
+    try:
+        with running_worker(env, tmp_path / "worker.log"):
+            gw = start_gateway(env, tmp_path / "gateway.log", TTSPOOL_API_KEYS=f"acme={KEY_A}")
+            try:
+                status, _, body = gw.request("POST", "/v1/jobs", {"text": "Kept in a folder.", "format": "flac"})
+                assert status == 202, body
+                [job_id] = json.loads(body)["ids"]
+                deadline = time.monotonic() + 120
+                while (st := json.loads(gw.request("GET", f"/v1/jobs/{job_id}")[2]))["status"] != "SUCCESS":
+                    assert st["status"] in ("PENDING", "STARTED") and time.monotonic() < deadline, st
+                    time.sleep(0.2)
+                own = f"{gw.url}/v1/jobs/{job_id}/audio"
+                assert st["url"] == own and st["audio_url"] == own, st
+                assert str(folder) not in json.dumps(st)
+                status, headers, audio = gw.request("GET", own[len(gw.url):])
+                assert status == 200 and headers["content-type"] == "audio/flac"
+                assert _wav_seconds(audio) == pytest.approx(st["duration_s"], abs=1e-3)
+                assert gw.request("GET", own[len(gw.url):], key=None)[0] == 401
+            finally:
+                stop_process(gw.proc)
     finally:
-        driver.quit()
+        redis.close()
 
 
 def test_300_concurrent_requests_on_one_gateway(gateway: Gateway) -> None:

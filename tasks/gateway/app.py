@@ -11,7 +11,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 import anyio
 import redis
-from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi import FastAPI, HTTPException, Request, Response, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
@@ -24,7 +24,7 @@ from ..schema import JobValidationError
 from ..settings import Settings
 from ..voices import VoiceError, VoiceNotFound
 from . import routes_jobs, routes_ops, routes_speech, routes_voices
-from .deps import GatewayState, Storage, gateway_state
+from .deps import GatewayState, Storage, bearer, gateway_state
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +49,10 @@ def create_app(settings: Settings, storage: Storage) -> FastAPI:
     app.middleware("http")(_guard)
     for kind, handler in _ERROR_HANDLERS:
         app.exception_handler(kind)(handler)
-    # In this order, the OpenAPI document's.
-    for routes in (routes_speech, routes_voices, routes_jobs, routes_ops):
-        app.include_router(routes.router)
+    # In this order, the OpenAPI document's; the tenants' routes declare the API key.
+    for routes in (routes_speech, routes_voices, routes_jobs):
+        app.include_router(routes.router, dependencies=[Security(bearer)])
+    app.include_router(routes_ops.router)
     return app
 
 

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Awaitable, Callable, Protocol, TypeVar
 
 import anyio
 from fastapi import Depends, HTTPException, Path, Request
+from fastapi.security import HTTPBearer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 from .. import job_records
@@ -116,6 +117,12 @@ def gateway_state(request: Request) -> GatewayState:
 
 
 State = Annotated[GatewayState, Depends(gateway_state)]
+
+# The OpenAPI document's security scheme (the docs' Authorize button). It refuses
+# nothing itself: tenant_of and the voice routes answer 401 in OpenAI's error shape,
+# and a gateway without keys takes requests without one.
+bearer = HTTPBearer(auto_error=False, scheme_name="ApiKey",
+                    description="an API key of TTSPOOL_API_KEYS (a tenant's) or TTSPOOL_ADMIN_KEYS (voice routes)")
 
 
 def tenant_of(request: Request, state: State) -> str | None:

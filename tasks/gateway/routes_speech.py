@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from typing import Any, AsyncIterator
+from contextlib import aclosing
+from typing import Any, AsyncGenerator, AsyncIterator
 
 import anyio
 from fastapi import APIRouter, HTTPException, Request, Response
@@ -13,7 +14,7 @@ from fastapi.responses import StreamingResponse
 from ..claims import split_task_id, task_id
 from ..states import JobState
 from .deps import GatewayState, State, Tenant, content_type
-from .speech import STREAMABLE, SpeechRequest, segment_jobs, wav_stream_header
+from .speech import STREAMABLE, SpeechRequest, segment_jobs, sse_delta, sse_done, wav_stream_header
 
 # How long a request waits for its audio before answering 504.
 WAIT_S = 600.0
@@ -22,10 +23,11 @@ router = APIRouter()
 
 
 @router.post("/v1/audio/speech", response_class=Response,
-             responses={200: {"content": {"audio/mpeg": {}, "audio/wav": {}}, "description": "the audio"}})
+             responses={200: {"content": {"audio/mpeg": {}, "audio/wav": {}, "text/event-stream": {}},
+                              "description": "the audio, or with `stream_format: sse` OpenAI's audio events"}})
 async def speech(req: SpeechRequest, request: Request, tenant: Tenant, state: State) -> Response:
     """OpenAI-compatible speech: waits for the audio, or streams it segment by segment."""
-    streaming = req.stream or req.stream_format == "audio" or "chunked" in request.headers.get("te", "")
+    streaming = req.stream or req.stream_format is not None or "chunked" in request.headers.get("te", "")
     fmt = req.response_format
     if streaming and fmt not in STREAMABLE:
         raise HTTPException(400, f"{fmt} cannot be streamed; use one of {', '.join(sorted(STREAMABLE))}")
@@ -49,7 +51,11 @@ async def speech(req: SpeechRequest, request: Request, tenant: Tenant, state: St
         # The first (short) segment alone first: the rest, sent once a worker has
         # taken it, cannot end up in its batch and hold its audio back.
         await state.submit(jobs[:1])
-        return StreamingResponse(_stream(state, jobs, ids, fmt), media_type=media_type, headers=headers)
+        pieces = _stream(state, jobs, ids, fmt)
+        if req.stream_format == "sse":
+            return StreamingResponse(_events(pieces, len(req.input)), media_type="text/event-stream",
+                                     headers={**headers, "Cache-Control": "no-cache"})
+        return StreamingResponse(_audio(pieces), media_type=media_type, headers=headers)
     await state.submit(jobs)
     metas = await asyncio.gather(*(_wait(state, job_id) for job_id in ids))
     blobs = await asyncio.gather(*(state.audio_of(m) for m in metas))
@@ -74,11 +80,29 @@ def _assemble(blobs: list[bytes], fmt: str) -> bytes:
     return from_pcm16(b"".join(blobs), 24_000, fmt)
 
 
+# Each closes its pieces when it ends or the client goes: that cancels the segments' waits.
+async def _audio(pieces: AsyncGenerator[tuple[bytes, float], None]) -> AsyncIterator[bytes]:
+    async with aclosing(pieces):
+        async for audio, _ in pieces:
+            yield audio
+
+
+async def _events(pieces: AsyncGenerator[tuple[bytes, float], None], input_chars: int) -> AsyncIterator[bytes]:
+    """The audio stream's bytes as OpenAI's events: together, the same bytes."""
+    seconds = 0.0
+    async with aclosing(pieces):
+        async for audio, duration_s in pieces:
+            seconds += duration_s
+            yield sse_delta(audio)
+    yield sse_done(input_chars, seconds)
+
+
 async def _stream(state: GatewayState, jobs: list[dict[str, Any]], ids: list[str],
-                  fmt: str) -> AsyncIterator[bytes]:
-    """Each segment (`ids`: their task ids) as soon as it and those before it are done, in order."""
+                  fmt: str) -> AsyncGenerator[tuple[bytes, float], None]:
+    """Each segment (`ids`: their task ids) as soon as it and those before it are done, in
+    order, with the seconds of audio it holds."""
     if fmt == "wav":
-        yield wav_stream_header(24_000)
+        yield wav_stream_header(24_000), 0.0
     if len(jobs) > 1:
         for _ in range(200):  # up to 10 s; a busy pool may hold the first one longer
             meta = await state.waiter.get(ids[0])
@@ -92,8 +116,10 @@ async def _stream(state: GatewayState, jobs: list[dict[str, Any]], ids: list[str
     waits = [asyncio.ensure_future(state.waiter.wait(job_id, WAIT_S)) for job_id in ids]
     try:
         for fut in waits:
-            audio = await state.audio_of(await fut)
-            yield await anyio.to_thread.run_sync(_mp3_frames, audio) if fmt == "mp3" else audio
+            meta = await fut
+            audio = await state.audio_of(meta)
+            yield (await anyio.to_thread.run_sync(_mp3_frames, audio) if fmt == "mp3" else audio,
+                   float(meta["result"].get("duration_s") or 0.0))
     finally:
         for fut in waits:
             fut.cancel()

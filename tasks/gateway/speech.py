@@ -8,10 +8,14 @@
   about 10 % apart (speed 5 = 1.0), so the factor is mapped to the nearest one and
   clamped: 0.5 and below are [speed_0], 1.4 and above [speed_9].
 - `input` longer than one job is split at sentence ends, like a book.
+- `stream_format`: "audio" streams the audio itself, "sse" the same bytes as OpenAI's
+  server-sent events (`speech.audio.delta` with base64 audio, then `speech.audio.done`).
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import struct
 from typing import Annotated, Any, Literal, Union
 
@@ -38,7 +42,7 @@ class SpeechRequest(BaseModel):
     response_format: ResponseFormat = "mp3"
     speed: Annotated[Union[StrictFloat, StrictInt], Field(ge=0.25, le=4.0)] = 1.0
     stream: StrictBool = False
-    stream_format: Literal["audio"] | None = None
+    stream_format: Literal["audio", "sse"] | None = None
     instructions: StrictStr | None = None  # OpenAI's style prompt: accepted, not used by ChatTTS
     # ttspool's own fields.
     seed: Annotated[StrictInt, Field(ge=0, le=2**31 - 1)] | None = None
@@ -120,3 +124,20 @@ def wav_stream_header(sample_rate: int) -> bytes:
     byte_rate = sample_rate * 2
     return (b"RIFF" + struct.pack("<I", 0xFFFFFFFF) + b"WAVE" + b"fmt " + struct.pack("<IHHIIHH", 16, 1, 1,
             sample_rate, byte_rate, 2, 16) + b"data" + struct.pack("<I", 0xFFFFFFFF))
+
+
+def sse_delta(audio: bytes) -> bytes:
+    return _sse({"type": "speech.audio.delta", "audio": base64.b64encode(audio).decode()})
+
+
+def sse_done(input_chars: int, audio_s: float) -> bytes:
+    """OpenAI's last event, with its `usage`. ChatTTS' tokenizer runs on the worker, so the
+    input is counted in characters; the output in GPT steps (4 audio codes each), which
+    the audio's length gives (512 samples each)."""
+    steps = round(audio_s * STEPS_PER_SECOND)
+    return _sse({"type": "speech.audio.done",
+                 "usage": {"input_tokens": input_chars, "output_tokens": steps, "total_tokens": input_chars + steps}})
+
+
+def _sse(event: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(event, separators=(',', ':'))}\n\n".encode()
