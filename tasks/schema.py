@@ -26,6 +26,10 @@ MAX_STEPS = 2048
 # (G.711 u-law, A-law, or PCM16). tasks/audio.py encodes them.
 AUDIO_FORMATS = ("wav", "flac", "mp3", "opus", "aac", "pcm", "wav-ulaw-8k", "wav-alaw-8k", "wav-pcm-8k")
 AudioFormatName = Literal["wav", "flac", "mp3", "opus", "aac", "pcm", "wav-ulaw-8k", "wav-alaw-8k", "wav-pcm-8k"]
+# A book's formats (tasks/book.py), named as jobs name them. "ogg", a book's name for Ogg
+# Vorbis before, is taken as "opus": one name for Ogg audio everywhere.
+BOOK_FORMATS = ("wav", "flac", "opus")
+BOOK_FORMAT_ALIASES = {"ogg": "opus"}
 
 # SSML-like markup (<speak>, <break time="1s"/>) is stripped rather than refused, so
 # pipelines that template their prompts still work; ChatTTS' own [tags] are kept.

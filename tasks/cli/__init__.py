@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 
 from ..errors import TtspoolError
 from ..settings import Settings, redact_url
+from .parsing import Parser, add_global_options
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
@@ -25,11 +26,11 @@ _COMMAND_MODULES: tuple[str, ...] = (
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="ttspool", description="GPU batch text-to-speech on a Celery queue.")
-    ap.add_argument("--broker-url", help="redis://... (TTSPOOL_BROKER_URL)")
+    ap = Parser(prog="ttspool", description="GPU batch text-to-speech on a Celery queue.")
     sub = ap.add_subparsers(dest="command", required=True)
     for name in _COMMAND_MODULES:
         importlib.import_module(name).add_commands(sub)
+    add_global_options(ap)
     return ap
 
 

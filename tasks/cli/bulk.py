@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..job_records import audio_key
-from ..schema import JobSpec
+from ..schema import BOOK_FORMAT_ALIASES, BOOK_FORMATS, JobSpec
 from ..settings import Settings
 from ..states import JobState
 from .common import producer, voice_arg
@@ -26,31 +26,34 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     b.add_argument("file", type=Path, help="UTF-8 text file")
     b.add_argument("--voice", type=voice_arg, default=JobSpec.model_fields["voice"].default,
                    help="voice name (ttspool voice list), speaker seed, or ChatTTS speaker string")
-    b.add_argument("--seed", type=int, default=JobSpec.model_fields["seed"].default)
-    b.add_argument("--speed", type=int, default=JobSpec.model_fields["speed"].default)
+    b.add_argument("--seed", type=int, default=JobSpec.model_fields["seed"].default,
+                   help="sampling seed of every segment")
+    b.add_argument("--speed", type=int, default=JobSpec.model_fields["speed"].default,
+                   help="speaking speed of every segment, 0-9")
     b.add_argument("--pause-ms", type=int, default=300, help="silence between segments")
-    b.add_argument("--out-format", choices=("wav", "flac", "ogg"), default="wav")
+    b.add_argument("--out-format", choices=(*BOOK_FORMATS, *BOOK_FORMAT_ALIASES), default="wav",
+                   help="the book's audio: WAV PCM16, FLAC or Ogg Opus, as jobs name them (ogg: opus)")
     b.add_argument("--max-segment-s", type=float, default=30.0, help="longest predicted segment (1-30 s)")
     b.add_argument("--max-tokens", type=int, help="cap on GPT steps per segment")
-    b.add_argument("--tenant")
+    b.add_argument("--tenant", help="the tenant the segments are submitted for (its rate limit and voices)")
     b.add_argument("--lang", choices=["auto", "en", "zh"], help="language numbers and symbols are read in")
     b.add_argument("--no-wait", action="store_true", help="print the book id and return")
-    b.add_argument("--timeout", type=float, default=86400.0)
+    b.add_argument("--timeout", type=float, default=86400.0, help="seconds to wait for the book")
     _add_output_flags(b)
     b.set_defaults(handler=_book)
 
     f = sub.add_parser("submit-file", help="submit one job per line of a JSONL file")
-    f.add_argument("file", type=Path)
+    f.add_argument("file", type=Path, help="UTF-8 JSONL: one job object per line (blank lines are skipped)")
     f.add_argument("--strict", action="store_true", help="enqueue nothing when any line is invalid")
     f.add_argument("--wait", action="store_true", help="wait for every job")
     f.add_argument("--results", type=Path, help="write one JSON line per job (id, status, url, duration)")
-    f.add_argument("--timeout", type=float, default=86400.0)
+    f.add_argument("--timeout", type=float, default=86400.0, help="with --wait: seconds to wait for every job")
     _add_output_flags(f)
     f.set_defaults(handler=_submit_file)
 
 
 def _add_output_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON: one object per book or job")
     p.add_argument("--presign", type=int, metavar="SECONDS", help="print presigned HTTPS URLs for S3 results")
     p.add_argument("--storage-url", help="where the worker stores results (TTSPOOL_STORAGE_URL), for --presign")
 
@@ -84,6 +87,9 @@ def _book(args: argparse.Namespace, settings: Settings) -> int:
     from ..book import submit_book
 
     text = args.file.read_text(encoding="utf-8")
+    if args.out_format in BOOK_FORMAT_ALIASES:
+        print(f"ttspool: note: --out-format {args.out_format} is called {BOOK_FORMAT_ALIASES[args.out_format]} now "
+              "(Ogg Opus, the jobs' name for it)", file=sys.stderr)
     presign = _Presigner(settings, args.presign)
     job = {k: v for k, v in (("max_tokens", args.max_tokens), ("tenant", args.tenant), ("lang", args.lang))
            if v is not None}
