@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 
 from ..errors import TtspoolError
 from ..settings import Settings, redact_url
+from .fixes import cli_fix
 from .parsing import Parser, add_global_options
 
 Handler = Callable[[argparse.Namespace, Settings], int]
@@ -82,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler: Handler = args.handler
         return handler(args, settings)
     except TtspoolError as err:
-        return _fail(str(err), err.exit_code)
+        return _fail(str(err) + cli_fix(err), err.exit_code)
     except (ValueError, FileNotFoundError) as err:
         return _fail(str(err), 2)
     except TimeoutError as err:

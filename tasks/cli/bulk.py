@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from ..schema import BOOK_FORMAT_ALIASES, BOOK_FORMATS, JobSpec
 from ..settings import Settings
 from ..states import JobState
 from .common import producer, voice_arg
+from .fixes import cli_fix
 
 if TYPE_CHECKING:
     from storage import Storage
@@ -153,22 +155,34 @@ def print_book_status(client: Client, book_id: str, as_json: bool) -> bool:
 # -- submit-file --------------------------------------------------------------------
 
 
-def read_jobs(path: Path) -> tuple[list[tuple[int, Any]], list[str]]:
-    """Valid jobs as (line number, spec) and one error line per invalid line."""
+def read_jobs(path: Path) -> tuple[list[tuple[int, Any]], list[tuple[int, str]]]:
+    """Valid jobs as (line number, spec), and (line number, error) per invalid line. Lines
+    and columns count from 1, columns in characters, as editors show them."""
     from ..schema import JobValidationError, parse_job
 
     jobs: list[tuple[int, Any]] = []
-    errors: list[str] = []
-    with path.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
+    errors: list[tuple[int, str]] = []
+    # Bytes, so that a line that is not UTF-8 is one invalid line, not the end of the file.
+    with path.open("rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            if n == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)
+            try:
+                # Without its line end: a line cut short is then wrong at its own end, not
+                # at "line 2, column 1" of the decoder's view.
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as err:
+                column = len(raw[:err.start].decode("utf-8")) + 1
+                errors.append((n, f"line {n}, column {column}: not UTF-8 (byte 0x{raw[err.start]:02x})"))
+                continue
             if not line.strip():
                 continue
             try:
                 jobs.append((n, parse_job(json.loads(line))))
             except json.JSONDecodeError as err:
-                errors.append(f"line {n}: not JSON ({err.msg} at column {err.colno})")
+                errors.append((n, f"line {n}, column {err.colno}: not JSON ({err.msg})"))
             except JobValidationError as err:
-                errors.append(f"line {n}: {err}")
+                errors.append((n, f"line {n}: {err}{cli_fix(err)}"))
     return jobs, errors
 
 
@@ -178,11 +192,11 @@ def _submit_file(args: argparse.Namespace, settings: Settings) -> int:
     try:
         # A line naming a voice the library does not have is an invalid line like any other.
         unknown = client.unknown_voices(spec for _, spec in jobs)
-        errors += [f"line {n}: invalid job: voice: {unknown[spec.voice_name]}" for n, spec in jobs
-                   if spec.voice_name in unknown]
+        errors += [(n, f"line {n}: invalid job: voice: {unknown[name]}{cli_fix(unknown[name])}")
+                   for n, spec in jobs if (name := spec.voice_name) in unknown]
         jobs = [(n, spec) for n, spec in jobs if spec.voice_name not in unknown]
-        errors.sort(key=lambda e: int(e.split(":", 1)[0].removeprefix("line ")))
-        for err in errors:
+        errors.sort(key=lambda e: e[0])
+        for _, err in errors:
             print(f"ttspool: {args.file}: {err}", file=sys.stderr)
         if errors and args.strict:
             print(f"ttspool: {len(errors)} invalid line(s); --strict: nothing enqueued", file=sys.stderr)

@@ -84,8 +84,17 @@ def _list(args: argparse.Namespace, settings: Settings) -> int:
 def _prune(args: argparse.Namespace, settings: Settings) -> int:
     from storage.models.cache import parse_age, prune
 
-    for m in prune(_root(args, settings), parse_age(args.older_than), dry_run=args.dry_run):
-        print(f"{'would remove' if args.dry_run else 'removed'} {m.model} {m.revision} {m.path}")
+    root = _root(args, settings)
+    now = time.time()
+    removed = prune(root, parse_age(args.older_than), dry_run=args.dry_run)
+    for m in removed:
+        print(f"{'would remove' if args.dry_run else 'removed'} {m.model} {m.revision} {m.size / 2**20:.1f} MiB "
+              f"(used {(now - m.last_used) / 86400:.1f} days ago) {m.path}")
+    if not removed:
+        print(f"nothing in {root} was last used more than {args.older_than} ago: nothing removed")
+    else:
+        freed = sum(m.size for m in removed) / 2**20
+        print(f"{'would free' if args.dry_run else 'freed'} {freed:.1f} MiB ({len(removed)} model(s))")
     return 0
 
 
