@@ -32,13 +32,12 @@ from tasks.text.segments import DEFAULT_MAX_SECONDS, split_text
 from . import polling
 from .claims import task_id
 from .producer import Client
-from .schema import JobSpec, JobValidationError, parse_job
+from .schema import BOOK_FORMAT_ALIASES, BOOK_FORMATS, JobSpec, JobValidationError, parse_job
 from .states import JobState
 
 BOOK_PREFIX = "ttspool:book:"
 BOOK_TTL = 7 * 86400
 MAX_ATTEMPTS = 3
-FORMATS = ("wav", "flac", "ogg")
 MAX_PAUSE_MS = 10_000
 _BOOK_ID = re.compile(r"book-[0-9a-f]{32}")
 # Segment job ids name their book, segment and attempt, so the worker needs no lookup
@@ -104,8 +103,9 @@ def submit_book(
     the given `segments`), enqueue one bulk job per segment, and return the book id.
     `job` adds per-segment job fields (temperature, max_tokens, tenant, ...). Raises
     JobValidationError (nothing enqueued) for bad input."""
-    if out_format not in FORMATS:
-        raise JobValidationError(f"out format must be one of {', '.join(FORMATS)}, got {out_format!r}")
+    out_format = BOOK_FORMAT_ALIASES.get(out_format, out_format)
+    if out_format not in BOOK_FORMATS:
+        raise JobValidationError(f"out format must be one of {', '.join(BOOK_FORMATS)}, got {out_format!r}")
     if not 0 <= pause_ms <= MAX_PAUSE_MS:
         raise JobValidationError(f"pause must be 0-{MAX_PAUSE_MS} ms, got {pause_ms}")
     extra = dict(job or {})

@@ -151,9 +151,11 @@ class Client:
         """Every voice name the jobs use is in the library, or JobValidationError."""
         unknown = self.unknown_voices(specs)
         if unknown:
-            raise JobValidationError(f"invalid job: voice: {unknown[min(unknown)]}")
+            # From the VoiceNotFound: its fix is what the CLI and the gateway phrase.
+            err = unknown[min(unknown)]
+            raise JobValidationError(f"invalid job: voice: {err}") from err
 
-    def unknown_voices(self, specs: Iterable[JobSpec]) -> dict[str, str]:
+    def unknown_voices(self, specs: Iterable[JobSpec]) -> dict[str, VoiceNotFound]:
         """The voice names the jobs use that the library does not have, each with why. A
         name is looked up as the job's tenant sees the library (tasks/voices.py)."""
         unknown = {}
@@ -161,7 +163,7 @@ class Client:
             try:
                 self.voices.scoped(tenant).require(name)
             except VoiceNotFound as err:
-                unknown[name] = str(err)
+                unknown[name] = err
         return unknown
 
     def _claim(self, wanted: Mapping[str, Claim]) -> set[str]:

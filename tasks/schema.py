@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal, Union
 import pybase16384 as b14
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 from pydantic import ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from .errors import UsageError
 
@@ -26,6 +27,10 @@ MAX_STEPS = 2048
 # (G.711 u-law, A-law, or PCM16). tasks/audio.py encodes them.
 AUDIO_FORMATS = ("wav", "flac", "mp3", "opus", "aac", "pcm", "wav-ulaw-8k", "wav-alaw-8k", "wav-pcm-8k")
 AudioFormatName = Literal["wav", "flac", "mp3", "opus", "aac", "pcm", "wav-ulaw-8k", "wav-alaw-8k", "wav-pcm-8k"]
+# A book's formats (tasks/book.py), named as jobs name them. "ogg", a book's name for Ogg
+# Vorbis before, is taken as "opus": one name for Ogg audio everywhere.
+BOOK_FORMATS = ("wav", "flac", "opus")
+BOOK_FORMAT_ALIASES = {"ogg": "opus"}
 
 # SSML-like markup (<speak>, <break time="1s"/>) is stripped rather than refused, so
 # pipelines that template their prompts still work; ChatTTS' own [tags] are kept.
@@ -40,6 +45,19 @@ Seed = Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]
 
 class JobValidationError(UsageError):
     """A job that must not run; the message names each offending field."""
+
+
+class TextTooLong(JobValidationError):
+    """A job whose text is over MAX_TEXT_CHARS. The message says no more: the surface it
+    reaches names its own way to speak a long text (the CLI `ttspool book`, the gateway
+    `/v1/audio/speech`), which splits it into jobs."""
+
+
+_TOO_LONG = "text_too_long"
+
+
+def _too_long(length: int) -> PydanticCustomError:
+    return PydanticCustomError(_TOO_LONG, f"text is longer than {MAX_TEXT_CHARS} characters ({length})")
 
 
 def check_speaker(value: str) -> int:
@@ -93,7 +111,7 @@ class JobSpec(BaseModel):
     @classmethod
     def _clean_text(cls, v: str) -> str:
         if len(v) > MAX_TEXT_CHARS * 2:
-            raise ValueError(f"text is longer than {MAX_TEXT_CHARS} characters")
+            raise _too_long(len(v))
         # Until nothing changes: removing inner markup can join outer markup ("<a<b>>"), and
         # the worker, validating again, must read the same text the producer sent.
         while (stripped := _MARKUP.sub(" ", v)) != v:
@@ -105,7 +123,7 @@ class JobSpec(BaseModel):
         if not v:
             raise ValueError("text is empty")
         if len(v) > MAX_TEXT_CHARS:
-            raise ValueError(f"text is longer than {MAX_TEXT_CHARS} characters ({len(v)})")
+            raise _too_long(len(v))
         return v
 
     @field_validator("voice")
@@ -198,6 +216,7 @@ def parse_job(data: Any) -> JobSpec:
     try:
         return JobSpec.model_validate(data)
     except ValidationError as err:
-        raise JobValidationError(f"invalid job: {_describe(err)}") from None
+        kind = TextTooLong if any(e["type"] == _TOO_LONG for e in err.errors()) else JobValidationError
+        raise kind(f"invalid job: {_describe(err)}") from None
     except (TypeError, ValueError, RecursionError) as err:
         raise JobValidationError(f"invalid job: {err}") from None

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Protocol, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError, model_validator
@@ -63,8 +64,23 @@ OPENAI_VOICES: dict[str, int] = {
 Kind = Literal["seed", "speaker", "mix", "recording"]
 
 
+@dataclass(frozen=True)
+class VoiceFix:
+    """What the caller can do about a VoiceError: add the voice, or add it again with
+    replace; `tenant`: in whose space. The library's messages name no command or route:
+    the surface the error reaches (the CLI, the gateway) says how, in its own words."""
+
+    action: Literal["add", "replace"]
+    name: str
+    tenant: str | None
+
+
 class VoiceError(UsageError):
     """A voice operation the caller must change: bad input, an unknown or taken name."""
+
+    def __init__(self, message: str, fix: VoiceFix | None = None) -> None:
+        super().__init__(message)
+        self.fix = fix
 
 
 class VoiceNotFound(VoiceError):
@@ -164,6 +180,15 @@ class Voice(BaseModel):
 Embedding.model_rebuild()  # MixPart, which Embedding names, is defined after it
 
 
+def fix_of(err: BaseException) -> VoiceFix | None:
+    """The fix of a VoiceError, or of the one `err` was raised from (a job that names an
+    unknown voice is a JobValidationError raised from its VoiceNotFound)."""
+    for cause in (err, err.__cause__):
+        if isinstance(cause, VoiceError) and cause.fix is not None:
+            return cause.fix
+    return None
+
+
 def check_name(name: Any) -> str:
     if not isinstance(name, str) or not NAME.fullmatch(name) or name.isdigit():
         raise VoiceError(
@@ -242,12 +267,8 @@ class VoiceLibrary:
     def require(self, name: str, fresh: bool = False) -> Voice:
         voice = self.get(name, fresh)
         if voice is None:
-            if self.tenant is None:
-                how = f"`ttspool voice add {name} ...` (see `ttspool voice list`)"
-            else:
-                how = (f"POST /v1/voices or `ttspool voice add {name} --tenant {self.tenant} ...` "
-                       "(see GET /v1/voices)")
-            raise VoiceNotFound(f"unknown voice {name!r}: add it with {how}")
+            raise VoiceNotFound(f"unknown voice {name!r}: add it to the voice library first",
+                                VoiceFix("add", name, self.tenant))
         return voice
 
     def list(self) -> list[Voice]:
@@ -295,12 +316,12 @@ class VoiceLibrary:
         current = self._read(space, name)
         seen = current or self._beneath(name)
         if seen is not None and not replace:
+            fix = VoiceFix("replace", name, space)
             if current is None and space is not None:
-                raise VoiceError(f"voice {name!r} exists as a {_SPACE_WORDS[seen.space]} voice (version {seen.version}); add it "
-                                 "with replace to put a voice of this tenant's own in its place, for this tenant's "
-                                 "jobs only")
-            raise VoiceError(f"voice {name!r} exists (version {seen.version}); add it with replace to make a new "
-                             "version")
+                raise VoiceError(f"voice {name!r} exists as a {_SPACE_WORDS[seen.space]} voice (version {seen.version}); "
+                                 "replace it to put a voice of this tenant's own in its place, for this tenant's "
+                                 "jobs only", fix)
+            raise VoiceError(f"voice {name!r} exists (version {seen.version}); replace it to make a new version", fix)
         # Versions count per space: a tenant's first voice of a shared name is its version 1.
         version = current.version + 1 if current is not None else 1
         fields: dict[str, Any] = {}
@@ -338,10 +359,11 @@ class VoiceLibrary:
             seen = self._beneath(name)
             if seen is None:
                 raise VoiceNotFound(f"unknown voice {name!r}")
+            fix = VoiceFix("replace", name, space)
             if seen.builtin and space is None:
-                raise VoiceReadOnly(f"{name!r} is a built-in voice: replace it instead of removing it")
-            raise VoiceReadOnly(f"{name!r} is a {_SPACE_WORDS[seen.space]} voice: only the operator changes it (a tenant may "
-                                "add its own voice of that name with replace)")
+                raise VoiceReadOnly(f"{name!r} is a built-in voice: replace it instead of removing it", fix)
+            raise VoiceReadOnly(f"{name!r} is a {_SPACE_WORDS[seen.space]} voice: only the operator changes it; a tenant "
+                                "may replace it with a voice of its own of that name", fix)
         store.delete(_record_key(space, name))
         if self.index is not None:
             self.index.hdel(_index_key(space), name)

@@ -99,11 +99,11 @@ def test_20k_character_chapter_end_to_end_via_cli(worker: WorkerProc, client: Cl
     path.write_text(text, encoding="utf-8")
     # Short segments of 8 GPT steps each keep random-tiny on the CPU quick.
     out = run_cli(worker.env, "book", str(path), "--voice", "3", "--seed", "7", "--pause-ms", "300",
-               "--out-format", "ogg", "--max-tokens", "8", "--json", "--timeout", "280")
+               "--out-format", "opus", "--max-tokens", "8", "--json", "--timeout", "280")
     assert out.returncode == 0, out.stderr[-3000:]
     final = json.loads(out.stdout)
     assert set(final) == FINAL_KEYS
-    assert final["url"].endswith(".ogg") and final["manifest_url"].endswith(".json") and final["srt_url"].endswith(".srt")
+    assert final["url"].endswith(".opus") and final["manifest_url"].endswith(".json") and final["srt_url"].endswith(".srt")
     texts = [s.text for s in split_text(text)]
     assert final["segments"] == len(texts) >= 50
     manifest = json.loads(_get(s3, final["manifest_url"]))

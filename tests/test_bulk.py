@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import threading
 import time
 import urllib.request
@@ -67,7 +68,7 @@ def test_jsonl_500_lines_5_invalid_all_valid_ones_complete(worker: WorkerProc, s
     out = run_cli(worker.env, "submit-file", str(jobs), "--wait", "--results", str(results), "--presign", "600", "--timeout", "280")
     assert out.returncode == 1, out.stderr[-3000:]  # some lines were invalid
     reported = [line for line in out.stderr.splitlines() if ": line " in line]
-    assert [int(line.split(": line ")[1].split(":")[0]) for line in reported] == sorted(INVALID)
+    assert [int(re.search(r": line (\d+)", line)[1]) for line in reported] == sorted(INVALID)  # type: ignore[index]
     assert "not JSON" in reported[0] and "text" in reported[1] and "speed" in reported[2] and "volume" in reported[3]
     assert "enqueued 495 job(s), 0 already submitted, 5 invalid line(s)" in out.stderr
     rows = [json.loads(line) for line in results.read_text().splitlines()]
@@ -92,6 +93,35 @@ def test_jsonl_strict_enqueues_nothing_and_lenient_enqueues_the_valid(worker: Wo
     lenient = run_cli(worker.env, "--broker-url", idle_url, "submit-file", str(jobs), "--json")
     assert lenient.returncode == 1 and _queued(idle_url) == len(valid) == 118
     assert [json.loads(line)["line"] for line in lenient.stdout.splitlines()] == valid
+
+
+# Each malformed line as written, and where an editor shows the fault: (line, column, why).
+MALFORMED = [
+    ('\ufeff{"text": "A file saved with a byte order mark."}', None),
+    ('{"text": "a trailing comma",}', (2, 29, "not JSON (Expecting property name enclosed in double quotes)")),
+    ('  {"text": "cut short"', (3, 23, "not JSON (Expecting ',' delimiter)")),
+    ('{"text": "日本語の文", oops}', (4, 19, "not JSON (Expecting property name enclosed in double quotes)")),
+    ('{"text": "fine"} {"text": "two on a line"}', (5, 18, "not JSON (Extra data)")),
+    ('{"text": "a raw\ttab"}', (6, 16, "not JSON (Invalid control character at)")),
+    ('{"text": "Windows line end"}\r', None),
+    ("", None),
+    ('{"text": "no line end at the end" "of the file"}', (9, 35, "not JSON (Expecting ',' delimiter)")),
+]
+
+
+def test_malformed_lines_are_reported_at_their_line_and_column(idle_url: str, tmp_path: Path) -> None:
+    jobs = tmp_path / "jobs.jsonl"
+    text = "\n".join(line for line, _ in MALFORMED).encode()
+    # A line that is not UTF-8 (Latin-1 bytes): reported at its first bad byte, the rest still read.
+    jobs.write_bytes(text.replace(b'"Windows', b'"Caf\xe9 Windows'))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TTSPOOL_")}
+    env |= {"TTSPOOL_BROKER_URL": idle_url, "TTSPOOL_STORAGE_URL": tmp_path.as_uri()}
+    proc = run_cli(env, "submit-file", str(jobs), "--strict")
+    assert proc.returncode == 2 and _queued(idle_url) == 0
+    expected = [f"ttspool: {jobs}: line {n}, column {c}: {why}" for _, where in MALFORMED if where for n, c, why in [where]]
+    expected.insert(5, f"ttspool: {jobs}: line 7, column 14: not UTF-8 (byte 0xe9)")
+    assert proc.stderr.splitlines()[:-1] == expected
+    assert proc.stderr.splitlines()[-1] == "ttspool: 7 invalid line(s); --strict: nothing enqueued"
 
 
 # -- presigned URLs -----------------------------------------------------------------

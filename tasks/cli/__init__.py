@@ -15,6 +15,8 @@ from typing import Callable, Sequence
 from ..errors import TtspoolError
 from ..settings import Settings, redact_url
 from .common import REDIS_FIX
+from .fixes import cli_fix
+from .parsing import Parser, add_global_options
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
@@ -26,11 +28,11 @@ _COMMAND_MODULES: tuple[str, ...] = (
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="ttspool", description="GPU batch text-to-speech on a Celery queue.")
-    ap.add_argument("--broker-url", help="redis://... (TTSPOOL_BROKER_URL)")
+    ap = Parser(prog="ttspool", description="GPU batch text-to-speech on a Celery queue.")
     sub = ap.add_subparsers(dest="command", required=True)
     for name in _COMMAND_MODULES:
         importlib.import_module(name).add_commands(sub)
+    add_global_options(ap)
     return ap
 
 
@@ -82,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler: Handler = args.handler
         return handler(args, settings)
     except TtspoolError as err:
-        return _fail(str(err), err.exit_code)
+        return _fail(str(err) + cli_fix(err), err.exit_code)
     except (ValueError, FileNotFoundError) as err:
         return _fail(str(err), 2)
     except TimeoutError as err:

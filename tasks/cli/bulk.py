@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..job_records import audio_key
-from ..schema import JobSpec
+from ..schema import BOOK_FORMAT_ALIASES, BOOK_FORMATS, JobSpec
 from ..settings import Settings
 from ..states import JobState
 from .common import producer, voice_arg
+from .fixes import cli_fix
 
 if TYPE_CHECKING:
     from storage import Storage
@@ -26,31 +28,34 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     b.add_argument("file", type=Path, help="UTF-8 text file")
     b.add_argument("--voice", type=voice_arg, default=JobSpec.model_fields["voice"].default,
                    help="voice name (ttspool voice list), speaker seed, or ChatTTS speaker string")
-    b.add_argument("--seed", type=int, default=JobSpec.model_fields["seed"].default)
-    b.add_argument("--speed", type=int, default=JobSpec.model_fields["speed"].default)
+    b.add_argument("--seed", type=int, default=JobSpec.model_fields["seed"].default,
+                   help="sampling seed of every segment")
+    b.add_argument("--speed", type=int, default=JobSpec.model_fields["speed"].default,
+                   help="speaking speed of every segment, 0-9")
     b.add_argument("--pause-ms", type=int, default=300, help="silence between segments")
-    b.add_argument("--out-format", choices=("wav", "flac", "ogg"), default="wav")
+    b.add_argument("--out-format", choices=(*BOOK_FORMATS, *BOOK_FORMAT_ALIASES), default="wav",
+                   help="the book's audio: WAV PCM16, FLAC or Ogg Opus, as jobs name them (ogg: opus)")
     b.add_argument("--max-segment-s", type=float, default=30.0, help="longest predicted segment (1-30 s)")
     b.add_argument("--max-tokens", type=int, help="cap on GPT steps per segment")
-    b.add_argument("--tenant")
+    b.add_argument("--tenant", help="the tenant the segments are submitted for (its rate limit and voices)")
     b.add_argument("--lang", choices=["auto", "en", "zh"], help="language numbers and symbols are read in")
     b.add_argument("--no-wait", action="store_true", help="print the book id and return")
-    b.add_argument("--timeout", type=float, default=86400.0)
+    b.add_argument("--timeout", type=float, default=86400.0, help="seconds to wait for the book")
     _add_output_flags(b)
     b.set_defaults(handler=_book)
 
     f = sub.add_parser("submit-file", help="submit one job per line of a JSONL file")
-    f.add_argument("file", type=Path)
+    f.add_argument("file", type=Path, help="UTF-8 JSONL: one job object per line (blank lines are skipped)")
     f.add_argument("--strict", action="store_true", help="enqueue nothing when any line is invalid")
     f.add_argument("--wait", action="store_true", help="wait for every job")
     f.add_argument("--results", type=Path, help="write one JSON line per job (id, status, url, duration)")
-    f.add_argument("--timeout", type=float, default=86400.0)
+    f.add_argument("--timeout", type=float, default=86400.0, help="with --wait: seconds to wait for every job")
     _add_output_flags(f)
     f.set_defaults(handler=_submit_file)
 
 
 def _add_output_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON: one object per book or job")
     p.add_argument("--presign", type=int, metavar="SECONDS", help="print presigned HTTPS URLs for S3 results")
     p.add_argument("--storage-url", help="where the worker stores results (TTSPOOL_STORAGE_URL), for --presign")
 
@@ -84,6 +89,9 @@ def _book(args: argparse.Namespace, settings: Settings) -> int:
     from ..book import submit_book
 
     text = args.file.read_text(encoding="utf-8")
+    if args.out_format in BOOK_FORMAT_ALIASES:
+        print(f"ttspool: note: --out-format {args.out_format} is called {BOOK_FORMAT_ALIASES[args.out_format]} now "
+              "(Ogg Opus, the jobs' name for it)", file=sys.stderr)
     presign = _Presigner(settings, args.presign)
     job = {k: v for k, v in (("max_tokens", args.max_tokens), ("tenant", args.tenant), ("lang", args.lang))
            if v is not None}
@@ -151,22 +159,34 @@ def print_book_status(client: Client, book_id: str, as_json: bool) -> bool:
 # -- submit-file --------------------------------------------------------------------
 
 
-def read_jobs(path: Path) -> tuple[list[tuple[int, Any]], list[str]]:
-    """Valid jobs as (line number, spec) and one error line per invalid line."""
+def read_jobs(path: Path) -> tuple[list[tuple[int, Any]], list[tuple[int, str]]]:
+    """Valid jobs as (line number, spec), and (line number, error) per invalid line. Lines
+    and columns count from 1, columns in characters, as editors show them."""
     from ..schema import JobValidationError, parse_job
 
     jobs: list[tuple[int, Any]] = []
-    errors: list[str] = []
-    with path.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
+    errors: list[tuple[int, str]] = []
+    # Bytes, so that a line that is not UTF-8 is one invalid line, not the end of the file.
+    with path.open("rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            if n == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)
+            try:
+                # Without its line end: a line cut short is then wrong at its own end, not
+                # at "line 2, column 1" of the decoder's view.
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as err:
+                column = len(raw[:err.start].decode("utf-8")) + 1
+                errors.append((n, f"line {n}, column {column}: not UTF-8 (byte 0x{raw[err.start]:02x})"))
+                continue
             if not line.strip():
                 continue
             try:
                 jobs.append((n, parse_job(json.loads(line))))
             except json.JSONDecodeError as err:
-                errors.append(f"line {n}: not JSON ({err.msg} at column {err.colno})")
+                errors.append((n, f"line {n}, column {err.colno}: not JSON ({err.msg})"))
             except JobValidationError as err:
-                errors.append(f"line {n}: {err}")
+                errors.append((n, f"line {n}: {err}{cli_fix(err)}"))
     return jobs, errors
 
 
@@ -177,11 +197,11 @@ def _submit_file(args: argparse.Namespace, settings: Settings) -> int:
     try:
         # A line naming a voice the library does not have is an invalid line like any other.
         unknown = client.unknown_voices(spec for _, spec in jobs)
-        errors += [f"line {n}: invalid job: voice: {unknown[spec.voice_name]}" for n, spec in jobs
-                   if spec.voice_name in unknown]
+        errors += [(n, f"line {n}: invalid job: voice: {unknown[name]}{cli_fix(unknown[name])}")
+                   for n, spec in jobs if (name := spec.voice_name) in unknown]
         jobs = [(n, spec) for n, spec in jobs if spec.voice_name not in unknown]
-        errors.sort(key=lambda e: int(e.split(":", 1)[0].removeprefix("line ")))
-        for err in errors:
+        errors.sort(key=lambda e: e[0])
+        for _, err in errors:
             print(f"ttspool: {args.file}: {err}", file=sys.stderr)
         if errors and args.strict:
             print(f"ttspool: {len(errors)} invalid line(s); --strict: nothing enqueued", file=sys.stderr)

@@ -10,6 +10,9 @@ from pathlib import Path
 from ..settings import Settings
 
 
+_CACHE_DIR_HELP = "cache root (TTSPOOL_CACHE_DIR, default ~/.cache/ttspool)"
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("model", help="model files: fetch into the node cache, list, prune, export")
     msub = p.add_subparsers(dest="model_command", required=True)
@@ -19,27 +22,27 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="hf | s3://bucket/prefix | http(s)://mirror/path | /local/dir (TTSPOOL_MODEL_SOURCE, else hf)")
     f.add_argument("--model", help="expected model name (default: the source's manifest; chattts without one)")
     f.add_argument("--revision", help="Hub revision for hf; a sub-folder of the source otherwise (TTSPOOL_MODEL_REVISION)")
-    f.add_argument("--cache-dir", type=Path, help="cache root (TTSPOOL_CACHE_DIR)")
+    f.add_argument("--cache-dir", type=Path, help=_CACHE_DIR_HELP)
     f.add_argument("--pubkey", type=Path,
                    help="Ed25519 public key (PEM or 32 raw bytes): require a signed manifest (TTSPOOL_MODEL_PUBKEY)")
     f.add_argument("--attempts", type=int, default=3, help="fetches per file before a sha256 mismatch is fatal")
     f.set_defaults(handler=_fetch)
 
     ls = msub.add_parser("list", help="models in the cache: size, state, last use")
-    ls.add_argument("--cache-dir", type=Path)
+    ls.add_argument("--cache-dir", type=Path, help=_CACHE_DIR_HELP)
     ls.add_argument("--verify", action="store_true", help="re-hash every file (slow for big models)")
     ls.set_defaults(handler=_list)
 
     pr = msub.add_parser("prune", help="delete models not used for a while")
     pr.add_argument("--older-than", required=True, help="age since last use: 7d, 12h, 30m, 2w")
-    pr.add_argument("--cache-dir", type=Path)
-    pr.add_argument("--dry-run", action="store_true")
+    pr.add_argument("--cache-dir", type=Path, help=_CACHE_DIR_HELP)
+    pr.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
     pr.set_defaults(handler=_prune)
 
     ex = msub.add_parser("export-random", help="write a random model's files and manifest.json (to seed a mirror)")
     ex.add_argument("--model", default="random-tiny", help="random-tiny | random-full")
-    ex.add_argument("--cache-dir", type=Path)
-    ex.add_argument("out", type=Path)
+    ex.add_argument("--cache-dir", type=Path, help=_CACHE_DIR_HELP + "; random models are built there")
+    ex.add_argument("out", type=Path, help="folder to write the files and manifest.json to")
     ex.set_defaults(handler=_export_random)
 
 
@@ -81,8 +84,17 @@ def _list(args: argparse.Namespace, settings: Settings) -> int:
 def _prune(args: argparse.Namespace, settings: Settings) -> int:
     from storage.models.cache import parse_age, prune
 
-    for m in prune(_root(args, settings), parse_age(args.older_than), dry_run=args.dry_run):
-        print(f"{'would remove' if args.dry_run else 'removed'} {m.model} {m.revision} {m.path}")
+    root = _root(args, settings)
+    now = time.time()
+    removed = prune(root, parse_age(args.older_than), dry_run=args.dry_run)
+    for m in removed:
+        print(f"{'would remove' if args.dry_run else 'removed'} {m.model} {m.revision} {m.size / 2**20:.1f} MiB "
+              f"(used {(now - m.last_used) / 86400:.1f} days ago) {m.path}")
+    if not removed:
+        print(f"nothing in {root} was last used more than {args.older_than} ago: nothing removed")
+    else:
+        freed = sum(m.size for m in removed) / 2**20
+        print(f"{'would free' if args.dry_run else 'freed'} {freed:.1f} MiB ({len(removed)} model(s))")
     return 0
 
 

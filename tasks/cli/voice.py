@@ -40,16 +40,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     ls.set_defaults(handler=_list)
 
     sh = verbs.add_parser("show", parents=[space], help="one voice's current version")
-    sh.add_argument("name")
-    sh.add_argument("--json", action="store_true")
+    sh.add_argument("name", help="the voice's name")
+    sh.add_argument("--json", action="store_true", help="print the record as JSON")
     sh.set_defaults(handler=_show)
 
     rm = verbs.add_parser("rm", parents=[space], help="remove a voice (what it replaced comes back)")
-    rm.add_argument("name")
+    rm.add_argument("name", help="the voice's name")
     rm.set_defaults(handler=_rm)
 
     ex = verbs.add_parser("export", parents=[space], help="print the voice's ChatTTS speaker string")
-    ex.add_argument("name")
+    ex.add_argument("name", help="the voice's name")
     ex.set_defaults(handler=_export)
 
 

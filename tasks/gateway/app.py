@@ -25,6 +25,7 @@ from ..settings import Settings
 from ..voices import VoiceError, VoiceNotFound
 from . import routes_jobs, routes_ops, routes_speech, routes_voices
 from .deps import GatewayState, Storage, bearer, gateway_state
+from .fixes import http_fix
 
 log = logging.getLogger(__name__)
 
@@ -158,11 +159,11 @@ async def _unreadable(request: Request, exc: RequestValidationError) -> JSONResp
 
 
 async def _invalid(request: Request, exc: JobValidationError) -> JSONResponse:
-    return _error(400, str(exc))
+    return _error(400, str(exc) + http_fix(exc))
 
 
 async def _bad_voice(request: Request, exc: VoiceError) -> JSONResponse:
-    return _error(404 if isinstance(exc, VoiceNotFound) else 400, str(exc))
+    return _error(404 if isinstance(exc, VoiceNotFound) else 400, str(exc) + http_fix(exc))
 
 
 async def _backend_failed(request: Request, exc: TtspoolError) -> JSONResponse:

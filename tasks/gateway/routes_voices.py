@@ -21,6 +21,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 
 from ..voices import VoiceLibrary, VoiceReadOnly
 from .deps import State, VoiceNameParam
+from .fixes import http_fix
 from .speech import VoiceRequest
 
 router = APIRouter()
@@ -98,5 +99,5 @@ async def remove_voice(name: VoiceNameParam, caller: VoiceCaller, state: State) 
     try:
         gone = await state.in_storage_pool(library.remove, name)
     except VoiceReadOnly as err:
-        raise HTTPException(403, str(err)) from None
+        raise HTTPException(403, str(err) + http_fix(err)) from None
     return {"name": gone.name, "version": gone.version, "removed": True}
