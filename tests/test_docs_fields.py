@@ -20,8 +20,8 @@ def _names(braces: str) -> set[str]:
 
 def test_readme_status_fields_are_job_status() -> None:
     readme = (ROOT / "README.md").read_text()
-    line = re.search(r"^ttspool status JOB_ID --json\s+# (\{.*\})$", readme, re.M)
-    assert line is not None, "README's `ttspool status JOB_ID --json` example is gone"
+    line = re.search(r"^ttspool status \S+ --json\s+# (\{.*\})$", readme, re.M)
+    assert line is not None, "README's `ttspool status ... --json` example is gone"
     assert _names(line[1]) == STATUS_FIELDS
 
 
