@@ -15,8 +15,9 @@ it when the batch returns. Here:
   says which jobs are finished (acked) and which must go back to the queue; the rest stay
   held, unacked, for a later tick;
 - if the batch function raises, every held message is requeued: a job is never acked
-  without a recorded result. A requeue Redis refuses (out of memory) leaves the job held,
-  to be tried again later, instead of stopping the worker.
+  without a recorded result. A requeue Redis refuses (out of memory) is tried again at
+  each of the transport's sweeps, instead of stopping the worker
+  (workers.broker.transport.QoS).
 """
 
 from __future__ import annotations

@@ -5,7 +5,10 @@ over from earlier ones), not only the newest flush: the scheduler chooses each G
 from the whole window, so realtime jobs that arrive while a bulk batch runs go next and
 a job waits for company at most `max_wait_ms`. A message is acked only once its result
 is recorded (`settle`, as soon as that happens, which also frees its prefetch slot),
-given back when the runner says so, and held otherwise.
+given back when the runner says so, and held otherwise. Celery runs each ack and
+requeue later, on the consumer's event loop, through the transport's QoS
+(workers/broker/transport.py), which keeps a Redis that refuses writes from turning
+one into an error there: the calls here never fail.
 
 Touched by the consumer thread (new messages), the pool thread (a batch's end) and the
 store threads (rows acked as they are recorded): every method takes the lock.
@@ -13,16 +16,12 @@ store threads (rows acked as they are recorded): every method takes the lock.
 
 from __future__ import annotations
 
-import logging
 import threading
 from typing import Any, Callable, Collection
 
 from celery_batches import SimpleRequest
-from redis.exceptions import RedisError
 
 from workers.pipeline.jobs import Outcome
-
-log = logging.getLogger(__name__)
 
 
 class HeldMessages:
@@ -92,12 +91,7 @@ class HeldMessages:
             if req is None or not same_kwargs(req.kwargs, kwargs):
                 return
             del self._held[job_id]
-        try:
-            req.acknowledge()
-        except Exception as err:  # noqa: BLE001 - kept held: settled again when the batch ends
-            log.warning("could not ack job %s, kept: %s", job_id, err)
-            with self._lock:
-                self._held.setdefault(job_id, req)
+        req.acknowledge()
 
     def end_batch(self, outcome: Outcome | None, given: dict[str, Any]) -> None:
         """A batch returned `outcome` (None: it raised, and every held message goes back);
@@ -106,22 +100,17 @@ class HeldMessages:
             # Every held message, also those that arrived while the batch ran.
             now_held = list(self._held.items())
         for job_id, req in now_held:
-            try:
-                if outcome is None or job_id in outcome.requeue:
-                    req.reject(requeue=True)
-                elif job_id in outcome.finished:
-                    if job_id in given and not same_kwargs(given[job_id], req.kwargs):
-                        continue  # a different job took the id meanwhile: not the one finished
-                    req.acknowledge()
-                else:
-                    continue
-                with self._lock:
-                    if self._held.get(job_id) is req:
-                        del self._held[job_id]
-            except RedisError as err:
-                # Redis refused (out of memory, or gone): the message is still the
-                # broker's, unacked; it stays held and is settled on a later tick.
-                log.warning("could not settle job %s with the broker, kept: %s", job_id, err)
+            if outcome is None or job_id in outcome.requeue:
+                req.reject(requeue=True)
+            elif job_id in outcome.finished:
+                if job_id in given and not same_kwargs(given[job_id], req.kwargs):
+                    continue  # a different job took the id meanwhile: not the one finished
+                req.acknowledge()
+            else:
+                continue
+            with self._lock:
+                if self._held.get(job_id) is req:
+                    del self._held[job_id]
 
 
 def same_kwargs(a: Any, b: Any) -> bool:

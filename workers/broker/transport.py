@@ -97,23 +97,70 @@ def _admit(item: bytes, recorded: bool, rejections: Rejections) -> dict[str, Any
 
 
 class QoS(kombu_redis.QoS):
+    """kombu's books of unacked messages, with acks and requeues that a Redis refusing
+    writes cannot turn into an error out of Celery's event loop.
+
+    Celery runs every ack and requeue as a callback of the consumer's event loop
+    (`Consumer.call_soon`), where an exception stops the worker ("Unrecoverable error").
+    At maxmemory Redis refuses every command queued in a MULTI, also the ZREM and HDEL of
+    kombu's ack, which only free memory: here they go without MULTI, so an ack passes
+    at maxmemory. A requeue must write (it pushes the message back on its list): one
+    Redis refuses is tried again at every sweep (`restore_visible`, every
+    `unacked_restore_interval`) until it passes; the message's unacked record stays in
+    Redis meanwhile, so a worker that dies first loses nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._requeues: dict[Any, bool] = {}  # tag: leftmost, requeues Redis refused
+
     def append(self, message: Any, delivery_tag: Any) -> None:
         # The fetch script recorded it in Redis already: only this process's own books.
         kombu_redis.virtual.QoS.append(self, message, delivery_tag)
 
+    def ack(self, delivery_tag: Any) -> None:
+        try:
+            self._remove_from_indices(delivery_tag).execute()
+        except redis.exceptions.ResponseError as err:
+            # A Redis that refuses even deletes (MISCONF: its snapshots fail): the record
+            # stays, the message comes back after the visibility timeout, and admission
+            # reports its recorded result then without running it again.
+            log.warning("the broker refused an ack (%s); the message comes back after the visibility timeout", err)
+        kombu_redis.virtual.QoS.ack(self, delivery_tag)
+
+    def _remove_from_indices(self, delivery_tag: Any, pipe: Any = None) -> Any:
+        if pipe is not None:
+            return super()._remove_from_indices(delivery_tag, pipe)  # inside kombu's restore transaction
+        # No MULTI (refused whole at maxmemory). The record first: cut off between the
+        # two, what is left is an index entry, which the restore sweep drops.
+        with self.channel.conn_or_acquire() as client:
+            return client.pipeline(transaction=False).hdel(self.unacked_key, delivery_tag) \
+                .zrem(self.unacked_index_key, delivery_tag)
+
     def restore_by_tag(self, tag: Any, client: Any = None, leftmost: bool = False) -> Any:
         try:
-            return super().restore_by_tag(tag, client, leftmost)
+            done = super().restore_by_tag(tag, client, leftmost)
+            self._requeues.pop(tag, None)
+            return done
         except (*_UNDECODABLE, redis.exceptions.DataError) as exc:
             # A record that cannot go back to a queue would stop every restore sweep (and
             # every worker start) at it: it is dropped and dead-lettered instead.
             log.error("dropped an unacked record that could not be restored (%s)", type(exc).__name__)
+            self._requeues.pop(tag, None)
             self._remove_from_indices(tag).execute()
             self.channel.rejections.record(envelope.Rejection("undecodable", f"an unacked record could not be restored "
                                                                 f"({type(exc).__name__})", None), None)
             return None
+        except redis.exceptions.ResponseError as err:
+            # Refused (maxmemory): the record stays unacked in Redis; tried again at the
+            # next sweep, and restored by the visibility timeout if this worker is gone.
+            if tag not in self._requeues:
+                log.warning("the broker refused to requeue a message (%s); trying again at each sweep", err)
+            self._requeues[tag] = leftmost
+            return None
 
     def restore_visible(self, *args: Any, **kwargs: Any) -> Any:
+        for tag, leftmost in list(self._requeues.items()):
+            self.restore_by_tag(tag, leftmost=leftmost)
         try:
             return super().restore_visible(*args, **kwargs)
         except redis.exceptions.OutOfMemoryError:
