@@ -34,12 +34,14 @@ class HeldMessages:
         with self._lock:
             return len(self._held)
 
-    def clear(self) -> None:
+    def clear(self) -> list[Any]:
         """Forget everything (a new broker connection: the old one's messages cannot be
-        acked any more and come back through Redis)."""
+        acked any more); returns what was held."""
         with self._lock:
+            held = list(self._held.values())
             self._held.clear()
             self._arrivals.clear()
+        return held
 
     def hold(self, requests: Collection[Any], owns: Callable[[str, Any], bool],
              refuse: Callable[[Any], None], running: bool) -> None:

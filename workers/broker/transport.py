@@ -30,12 +30,12 @@ import logging
 import time
 from queue import Empty
 from time import monotonic
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import redis
 from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
-from kombu.utils.json import loads
+from kombu.utils.json import dumps, loads
 
 from tasks import envelope
 from tasks.broker_redis import FailoverConnection
@@ -77,6 +77,19 @@ for i = 1, n do
 end
 return false
 """
+# A message this worker held goes back to the head of its queue list (where kombu's
+# restore puts one), unless Redis has its unacked record (then it is the broker's still,
+# and kombu's restore brings it back if need be). KEYS: the unacked hash, the list;
+# ARGV: the delivery tag, the message. Returns 1 when it was pushed.
+_RESEND = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
+  return 0
+end
+redis.call('RPUSH', KEYS[2], ARGV[2])
+return 1
+"""
+
+
 def _admit(item: bytes, recorded: bool, rejections: Rejections) -> dict[str, Any] | None:
     """The decoded envelope, or None when it was refused (and the refusal recorded).
     `recorded`: the fetch recorded it as unacked (Lua's JSON decoder accepted it too)."""
@@ -175,6 +188,21 @@ class Channel(kombu_redis.Channel):
     rejections: Rejections  # set by transport_for
     # A test hook (workers/faults.py): called with each fetched item before it is delivered.
     on_fetch: Callable[[bytes], None] | None = None
+
+    def resend(self, client: redis.Redis, message: Any, queues: Collection[str], default_queue: str) -> bool:
+        """Put a message this channel delivered back at the head of its queue, with its id,
+        body and delivery tag, marked redelivered as kombu's restore marks one, unless
+        Redis still has its unacked record. Its queue is its routing key when that is one
+        of `queues` (the producer's routes: a queue's routing key is its name), else
+        `default_queue`. True when it was put back."""
+        raw = message.serializable()
+        props = raw["properties"]
+        info = props.get("delivery_info") or {}
+        payload = {**raw, "headers": {**raw["headers"], "redelivered": True},
+                   "properties": {**props, "delivery_info": {**info, "redelivered": True}}}
+        queue = info.get("routing_key") if info.get("routing_key") in queues else default_queue
+        key = self._q_for_pri(queue, self._get_message_priority(payload, reverse=False))
+        return bool(client.eval(_RESEND, 2, self.unacked_key, key, message.delivery_tag, dumps(payload)))
 
     def _brpop_start(self, timeout: Any = None) -> Any:
         queues = self._queue_cycle.consume(len(self.active_queues))
