@@ -5,9 +5,8 @@ an unacked record of each (workers/broker/transport.py), from which kombu's rest
 a message back on its queue once the visibility timeout has passed without an ack. A
 lost connection ends the worker's hold: Celery starts a new consumer, and the requests
 of the old one cannot be acked any more (workers.broker.gpu_batches), so the worker
-lets them go and Redis brings them back. A Redis that restarted without persistence (or
-a promoted replica that never received the records) has no record to bring back: those
-jobs were dropped silently.
+lets them go and Redis brings them back. A Redis that restarted without persistence has
+no record to bring back: those jobs were dropped silently.
 
 So after every reconnect the worker asks whether Redis kept its data. The epoch key is
 set once with a random token and read back after each reconnect: a Redis that kept its
