@@ -131,14 +131,26 @@ class QoS(kombu_redis.QoS):
         kombu_redis.virtual.QoS.append(self, message, delivery_tag)
 
     def ack(self, delivery_tag: Any) -> None:
+        self._forget(delivery_tag)
+        kombu_redis.virtual.QoS.ack(self, delivery_tag)
+
+    def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+        if requeue:
+            self.restore_by_tag(delivery_tag, leftmost=True)
+        else:
+            self._forget(delivery_tag)
+        kombu_redis.virtual.QoS.ack(self, delivery_tag)
+
+    def _forget(self, delivery_tag: Any) -> None:
+        """Drop the message's unacked record: it is done with."""
         try:
             self._remove_from_indices(delivery_tag).execute()
         except redis.exceptions.ResponseError as err:
             # A Redis that refuses even deletes (MISCONF: its snapshots fail): the record
             # stays, the message comes back after the visibility timeout, and admission
             # reports its recorded result then without running it again.
-            log.warning("the broker refused an ack (%s); the message comes back after the visibility timeout", err)
-        kombu_redis.virtual.QoS.ack(self, delivery_tag)
+            log.warning("the broker refused to drop an unacked record (%s); the message comes back after the "
+                        "visibility timeout", err)
 
     def _remove_from_indices(self, delivery_tag: Any, pipe: Any = None) -> Any:
         if pipe is not None:
@@ -159,7 +171,7 @@ class QoS(kombu_redis.QoS):
             # every worker start) at it: it is dropped and dead-lettered instead.
             log.error("dropped an unacked record that could not be restored (%s)", type(exc).__name__)
             self._requeues.pop(tag, None)
-            self._remove_from_indices(tag).execute()
+            self._forget(tag)
             self.channel.rejections.record(envelope.Rejection("undecodable", f"an unacked record could not be restored "
                                                                 f"({type(exc).__name__})", None), None)
             return None
