@@ -63,7 +63,7 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
                                               faults.fetch_hook(settings.faults))
     # Two batches' worth of messages: the next batch fills while the current one runs.
     app.conf.worker_prefetch_multiplier = runner.policy.prefetch
-    task = register(app, runner, messages, outbox, Resender(runner.redis, WORKER_QUEUES, QUEUE_BULK))
+    task = register(app, runner, messages, outbox, Resender(runner.redis, WORKER_QUEUES, QUEUE_BULK, messages.expect_again))
     # A worker whose scheduler stopped ticking, or whose batch never returns, fails
     # /healthz so that its orchestrator restarts it. A batch past the visibility timeout
     # has been handed to another worker already.

@@ -28,6 +28,9 @@ class HeldMessages:
     def __init__(self) -> None:
         self._held: dict[str, Any] = {}  # by job id: celery Requests
         self._arrivals: list[Any] = []  # held while a batch runs, not yet offered to it
+        # Messages sent again after the broker lost its data (workers.broker.resend), until
+        # their copies arrive, by job id: their kwargs, and whether the job was finished.
+        self._again: dict[str, tuple[Any, bool]] = {}
         self._lock = threading.RLock()
 
     def __len__(self) -> int:
@@ -41,7 +44,21 @@ class HeldMessages:
             held = list(self._held.values())
             self._held.clear()
             self._arrivals.clear()
+            self._again.clear()
         return held
+
+    def expect_again(self, requests: Collection[Any]) -> None:
+        """Copies of these messages are on their way back (workers.broker.resend). A job
+        finished before its copy arrives (its result may have gone to the Redis that lost
+        it) has the copy acked on arrival instead of being admitted, and run, again."""
+        with self._lock:
+            for req in requests:
+                self._again.setdefault(req.id, (req.kwargs, False))
+
+    def _finished(self, job_id: str, kwargs: Any) -> None:
+        again = self._again.get(job_id)
+        if again is not None and (kwargs is None or same_kwargs(again[0], kwargs)):
+            self._again[job_id] = (again[0], True)
 
     def hold(self, requests: Collection[Any], owns: Callable[[str, Any], bool],
              refuse: Callable[[Any], None], running: bool) -> None:
@@ -50,6 +67,10 @@ class HeldMessages:
         names; `refuse(request)` records one that is not."""
         with self._lock:
             for req in requests:
+                again = self._again.pop(req.id, None)
+                if again is not None and again[1] and same_kwargs(again[0], req.kwargs):
+                    req.acknowledge()
+                    continue
                 old = self._held.get(req.id)
                 if old is not None and old is not req and not _same_job(old, req):
                     # A different job under a held job's id (a forged message, or a client
@@ -89,6 +110,7 @@ class HeldMessages:
         message the runner finished: one that replaced it under the same id meanwhile
         (a different job) is left for its own turn."""
         with self._lock:
+            self._finished(job_id, kwargs)
             req = self._held.get(job_id)
             if req is None or not same_kwargs(req.kwargs, kwargs):
                 return
@@ -101,6 +123,8 @@ class HeldMessages:
         with self._lock:
             # Every held message, also those that arrived while the batch ran.
             now_held = list(self._held.items())
+            for job_id in outcome.finished if outcome is not None else ():
+                self._finished(job_id, given.get(job_id))
         for job_id, req in now_held:
             if outcome is None or job_id in outcome.requeue:
                 req.reject(requeue=True)

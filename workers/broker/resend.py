@@ -18,7 +18,9 @@ script, workers.broker.transport.Channel.resend), and runs once more from the qu
   (workers.pipeline.admission);
 - a job still running in the GPU batch, or admitted and waiting, is the same job to the
   worker's table of held work (same id, same kwargs): held again, not admitted again,
-  and acked when its row is recorded;
+  and acked when its row is recorded; a job finished before its copy arrives has the
+  copy acked on arrival (HeldMessages.expect_again): its result may have been written
+  to the Redis that lost it, just before the restart;
 - a job that only sat in the queue list is not known to any worker: lost with the data.
 While Redis refuses (down again, at maxmemory), the check and the re-sends are tried
 again at every scheduler tick; a message is re-sent at most once per lost connection.
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from typing import Any, Collection, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import redis
 
@@ -38,10 +40,13 @@ EPOCH_KEY = "ttspool:broker-epoch"
 
 
 class Resender:
-    def __init__(self, r: redis.Redis, queues: Collection[str], default_queue: str) -> None:
+    def __init__(self, r: redis.Redis, queues: Collection[str], default_queue: str,
+                 expect: Callable[[Sequence[Any]], None]) -> None:
         """`queues`: those a message may be sent back to (its routing key), else
-        `default_queue`."""
+        `default_queue`; `expect(requests)`: told before their copies are sent
+        (HeldMessages.expect_again)."""
         self.redis = r
+        self.expect = expect
         self.queues = frozenset(queues)
         self.default_queue = default_queue
         self._epoch: bytes | None = None  # the token Redis held when last asked
@@ -67,6 +72,7 @@ class Resender:
             if self._lost is None:
                 self._lost = self._data_lost()
             if self._lost:
+                self.expect(self._orphans)
                 sent = 0
                 while self._orphans:
                     req = self._orphans[-1]  # the newest first: the oldest ends up at the head
