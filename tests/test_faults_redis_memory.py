@@ -18,7 +18,7 @@ import redis
 from tasks.cli.local_redis import LocalRedis, free_port
 
 from .conftest import S3Endpoint, running_worker
-from .fault_tools import assert_stored, fault_env, tail, until, wait_all
+from .fault_tools import assert_stored, counted_warm_up, fault_env, job_counts, tail, until, wait_all
 from .scrape import fetch, parse, value
 
 
@@ -38,12 +38,6 @@ def _recorded(r: redis.Redis, job_id: str) -> bool:
     return raw is not None and b'"SUCCESS"' in raw and not r.exists(f"ttspool:deliveries:{job_id}")
 
 
-def _success_count(port: int) -> float:
-    scraped = parse(fetch(f"http://127.0.0.1:{port}/metrics")[1])
-    return sum(value(scraped, "ttspool_jobs_total", status="success", reason=reason) or 0.0
-               for reason in ("synthesized", "cache_hit"))
-
-
 def test_broker_full_between_a_result_and_its_ack(broker: LocalRedis, s3: S3Endpoint, aws_env,
                                                   tmp_path: Path) -> None:
     port = free_port()
@@ -52,7 +46,7 @@ def test_broker_full_between_a_result_and_its_ack(broker: LocalRedis, s3: S3Endp
     r = redis.Redis.from_url(broker.url)
     r.config_set("maxmemory-policy", "noeviction")
     with running_worker(env, log) as (proc, client):
-        before = _success_count(port)
+        before = sum(counted_warm_up(port, proc, log).values())
         audio_before = value(parse(fetch(f"http://127.0.0.1:{port}/metrics")[1]), "ttspool_audio_seconds_total") or 0
         # Rows of different lengths: they end, and are recorded, one at a time.
         ids = client.submit_many([{"text": "Mem says " + " ".join(["steady"] * (10 + 6 * i)) + ".", "seed": i,
@@ -80,9 +74,9 @@ def test_broker_full_between_a_result_and_its_ack(broker: LocalRedis, s3: S3Endp
         assert proc.poll() is None, tail(log)
         # Exactly once: each job recorded once (a cached one was served from the audio it
         # uploaded before the refusal) and each job's audio synthesized once.
-        until("every job counted", lambda: _success_count(port) - before >= len(ids), 30, proc, log)
+        until("every job counted", lambda: sum(job_counts(port).values()) - before >= len(ids), 30, proc, log)
         until("every message acked", lambda: r.hlen("unacked") == 0, 30, proc, log)
-        assert _success_count(port) - before == len(ids), tail(log)
+        assert sum(job_counts(port).values()) - before == len(ids), tail(log)
         made = value(parse(fetch(f"http://127.0.0.1:{port}/metrics")[1]), "ttspool_audio_seconds_total") or 0
         assert abs((made - audio_before) - sum(st.duration_s for st in done)) < 0.01, tail(log)
     assert_stored(s3, done)

@@ -63,7 +63,9 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
                                               faults.fetch_hook(settings.faults))
     # Two batches' worth of messages: the next batch fills while the current one runs.
     app.conf.worker_prefetch_multiplier = runner.policy.prefetch
-    task = register(app, runner, messages, outbox, Resender(runner.redis, WORKER_QUEUES, QUEUE_BULK, messages.expect_again))
+    # What it held goes back to its queue when Redis comes back without its data.
+    resender = Resender(runner.redis, WORKER_QUEUES, QUEUE_BULK, messages.expect_again)
+    task = register(app, runner, messages, outbox, resender)
     # A worker whose scheduler stopped ticking, or whose batch never returns, fails
     # /healthz so that its orchestrator restarts it. A batch past the visibility timeout
     # has been handed to another worker already.
