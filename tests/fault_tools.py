@@ -26,6 +26,7 @@ from tasks.settings import QUEUE_BULK
 from workers.bench.tcp_proxy import TcpProxy
 
 from .conftest import S3Endpoint, worker_env
+from .scrape import fetch, parse, value
 
 VISIBILITY_S = 10  # the setting's minimum: killed workers' jobs come back this fast
 
@@ -101,3 +102,18 @@ def health(port: int) -> tuple[int, dict[str, object]]:
             return reply.status, json.loads(reply.read())
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read())
+
+
+def job_counts(port: int) -> dict[str, float]:
+    """The worker's `ttspool_jobs_total` for successes, by reason (synthesized, cache_hit)."""
+    scraped = parse(fetch(f"http://127.0.0.1:{port}/metrics")[1])
+    return {reason: value(scraped, "ttspool_jobs_total", status="success", reason=reason) or 0.0
+            for reason in ("synthesized", "cache_hit")}
+
+
+def counted_warm_up(port: int, proc, log: Path) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """job_counts once the worker's warm-up job is counted: its status reads done a moment
+    before the metric moves, and it is a cache hit when an earlier worker of the session
+    made the same audio."""
+    return until("the warm-up job to be counted", lambda: sum(job_counts(port).values()) >= 1 and job_counts(port),
+                 30, proc, log)

@@ -16,11 +16,11 @@ import redis
 from tasks.cli.local_redis import LocalRedis, free_port
 from tasks.errors import BrokerFull
 from tasks.producer import Client
-from tasks.settings import Settings
+from tasks.settings import QUEUE_BULK, Settings
 from workers.bench.tcp_proxy import TcpProxy
 
 from .conftest import S3Endpoint, running_worker, start_worker, stop_process
-from .fault_tools import assert_stored, fault_env, jobs, tail, until, wait_all
+from .fault_tools import assert_stored, counted_warm_up, fault_env, job_counts, jobs, tail, until, wait_all
 from .scrape import fetch, parse, value
 
 
@@ -159,3 +159,40 @@ def test_broker_at_maxmemory_keeps_the_worker_and_the_audio(broker: LocalRedis, 
     finally:
         if second is not None:
             stop_process(second)
+
+
+def test_redis_restart_without_its_data_sends_the_held_jobs_again(s3: S3Endpoint, aws_env, tmp_path: Path) -> None:
+    """A Redis without persistence (`--save '' --appendonly no`) restarted on its port
+    while the worker holds every job (a GPU batch running, the rest waiting in its
+    window): the unacked records are gone with the data, and the worker sends what it
+    held again (workers/broker/resend.py). Every job ends SUCCESS, recorded once and
+    synthesized once."""
+    broker = LocalRedis().start()
+    try:
+        port = free_port()
+        env = fault_env(broker, s3, aws_env, TTSPOOL_MAX_BATCH="4", TTSPOOL_METRICS_PORT=str(port))
+        log = tmp_path / "worker.log"
+        r = redis.Redis.from_url(broker.url)
+        with running_worker(env, log) as (proc, client):
+            before = counted_warm_up(port, proc, log)
+            audio = value(parse(fetch(f"http://127.0.0.1:{port}/metrics")[1]), "ttspool_audio_seconds_total") or 0
+            ids = client.submit_many(jobs(8, "held", words=60))  # prefetch: two batches of 4
+            until("every job held, four in a running batch",
+                  lambda: r.llen(QUEUE_BULK) == 0 and r.hlen("unacked") == len(ids)
+                  and r.get("ttspool:strikes:held-0") == b"1", 120, proc, log, poll=0.005)
+            broker.stop()  # SIGTERM: with no save point, nothing is written to disk
+            broker.start()
+            final = wait_all(client, ids, r, log, timeout=180)
+            assert proc.poll() is None
+            until("every message acked", lambda: r.hlen("unacked") == 0, 30, proc, log)
+            until("every job counted", lambda: sum(job_counts(port).values()) >= sum(before.values()) + 8, 30,
+                  proc, log)
+            after = job_counts(port)
+            # Each job recorded once, and made once (none served again from its own audio).
+            assert (after["synthesized"] - before["synthesized"], after["cache_hit"] - before["cache_hit"]) == (8, 0)
+            made = value(parse(fetch(f"http://127.0.0.1:{port}/metrics")[1]), "ttspool_audio_seconds_total") or 0
+            assert abs((made - audio) - sum(st.duration_s for st in final)) < 0.01, tail(log)
+        assert_stored(s3, final)
+        assert "held message(s) sent again" in log.read_text()
+    finally:
+        broker.close()

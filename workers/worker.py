@@ -17,13 +17,14 @@ from storage.probe import fix_for, probe
 from tasks.celery_app import make_app
 from tasks.broker_redis import broker_redis, is_sentinel
 from tasks.errors import SettingsError
-from tasks.settings import WORKER_QUEUES, Settings, redact_url
+from tasks.settings import QUEUE_BULK, WORKER_QUEUES, Settings, redact_url
 
 from workers import faults
 from workers.broker.consumer import consumer_for
 from workers.broker.event_outbox import EventOutbox
 from workers.broker.gpu_batches import register
 from workers.broker.held_messages import HeldMessages
+from workers.broker.resend import Resender
 from workers.broker.transport import transport_for
 from workers.engine.assets import ModelFetch
 from workers.engine.engine import Engine
@@ -67,7 +68,9 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
                                               faults.fetch_hook(settings.faults))
     # Two batches' worth of messages: the next batch fills while the current one runs.
     app.conf.worker_prefetch_multiplier = runner.policy.prefetch
-    task = register(app, runner, messages, outbox)
+    # What it held goes back to its queue when Redis comes back without its data.
+    resender = Resender(runner.redis, WORKER_QUEUES, QUEUE_BULK, messages.expect_again)
+    task = register(app, runner, messages, outbox, resender)
     # A worker whose scheduler stopped ticking, or whose batch never returns, fails
     # /healthz so that its orchestrator restarts it. A batch past the visibility timeout
     # has been handed to another worker already.

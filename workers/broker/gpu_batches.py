@@ -15,8 +15,9 @@ it when the batch returns. Here:
   says which jobs are finished (acked) and which must go back to the queue; the rest stay
   held, unacked, for a later tick;
 - if the batch function raises, every held message is requeued: a job is never acked
-  without a recorded result. A requeue Redis refuses (out of memory) leaves the job held,
-  to be tried again later, instead of stopping the worker.
+  without a recorded result. A requeue Redis refuses (out of memory) is tried again at
+  each of the transport's sweeps, instead of stopping the worker
+  (workers.broker.transport.QoS).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from celery_batches import Batches, SimpleRequest, apply_batches_task
 from tasks.settings import TASK_NAME
 from workers.broker.event_outbox import EventOutbox
 from workers.broker.held_messages import HeldMessages
+from workers.broker.resend import Resender
 from workers.pipeline.jobs import Outcome
 from workers.pipeline.runner import BatchRunner
 
@@ -46,6 +48,7 @@ class GpuBatches(Batches):
     runner: BatchRunner
     messages: HeldMessages
     outbox: EventOutbox
+    resender: Resender
     tick_s: float
     flush_every = 1
 
@@ -73,9 +76,11 @@ class GpuBatches(Batches):
     def Strategy(self, task: Any, app: Any, consumer: Any) -> Any:  # noqa: N802 - Celery's name
         # Celery calls this again when the consumer restarts after a lost broker
         # connection. Requests from the old connection cannot be acked any more (their
-        # messages come back through Redis), and the old timer's ticks are gone.
-        self.messages.clear()
-        self._unheld.clear()
+        # messages come back through Redis, or are sent again if Redis lost them:
+        # workers.broker.resend), and the old timer's ticks are gone.
+        orphans = self.messages.clear() + self._unheld
+        self._unheld = []
+        self.resender.reconnected(orphans)
         self._worker_pool = consumer.pool
         self.outbox.attach(consumer)
         if self._tick_tref is not None:
@@ -115,6 +120,7 @@ class GpuBatches(Batches):
 
     def _tick(self) -> None:
         self.last_tick = time.monotonic()
+        self.resender.retry()
         if self._unheld:
             retry, self._unheld = self._unheld, []
             self._hold(retry)
@@ -145,9 +151,10 @@ class GpuBatches(Batches):
             raise
 
 
-def register(app: Celery, runner: BatchRunner, messages: HeldMessages, outbox: EventOutbox) -> GpuBatches:
+def register(app: Celery, runner: BatchRunner, messages: HeldMessages, outbox: EventOutbox,
+             resender: Resender) -> GpuBatches:
     @app.task(name=TASK_NAME, base=GpuBatches, bind=False, acks_late=True, runner=runner, messages=messages,
-              outbox=outbox, tick_s=runner.policy.tick_s,
+              outbox=outbox, resender=resender, tick_s=runner.policy.tick_s,
               # celery-batches' own timer: each message is flushed as it arrives, so its
               # buffer is empty whenever the timer would look.
               flush_interval=1.0)

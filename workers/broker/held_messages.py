@@ -5,7 +5,10 @@ over from earlier ones), not only the newest flush: the scheduler chooses each G
 from the whole window, so realtime jobs that arrive while a bulk batch runs go next and
 a job waits for company at most `max_wait_ms`. A message is acked only once its result
 is recorded (`settle`, as soon as that happens, which also frees its prefetch slot),
-given back when the runner says so, and held otherwise.
+given back when the runner says so, and held otherwise. Celery runs each ack and
+requeue later, on the consumer's event loop, through the transport's QoS
+(workers/broker/transport.py), which keeps a Redis that refuses writes from turning
+one into an error there: the calls here never fail.
 
 Touched by the consumer thread (new messages), the pool thread (a batch's end) and the
 store threads (rows acked as they are recorded): every method takes the lock.
@@ -13,34 +16,49 @@ store threads (rows acked as they are recorded): every method takes the lock.
 
 from __future__ import annotations
 
-import logging
 import threading
 from typing import Any, Callable, Collection
 
 from celery_batches import SimpleRequest
-from redis.exceptions import RedisError
 
 from workers.pipeline.jobs import Outcome
-
-log = logging.getLogger(__name__)
 
 
 class HeldMessages:
     def __init__(self) -> None:
         self._held: dict[str, Any] = {}  # by job id: celery Requests
         self._arrivals: list[Any] = []  # held while a batch runs, not yet offered to it
+        # Messages sent again after the broker lost its data (workers.broker.resend), until
+        # their copies arrive, by job id: their kwargs, and whether the job was finished.
+        self._again: dict[str, tuple[Any, bool]] = {}
         self._lock = threading.RLock()
 
     def __len__(self) -> int:
         with self._lock:
             return len(self._held)
 
-    def clear(self) -> None:
+    def clear(self) -> list[Any]:
         """Forget everything (a new broker connection: the old one's messages cannot be
-        acked any more and come back through Redis)."""
+        acked any more); returns what was held."""
         with self._lock:
+            held = list(self._held.values())
             self._held.clear()
             self._arrivals.clear()
+            self._again.clear()
+        return held
+
+    def expect_again(self, requests: Collection[Any]) -> None:
+        """Copies of these messages are on their way back (workers.broker.resend). A job
+        finished before its copy arrives (its result may have gone to the Redis that lost
+        it) has the copy acked on arrival instead of being admitted, and run, again."""
+        with self._lock:
+            for req in requests:
+                self._again.setdefault(req.id, (req.kwargs, False))
+
+    def _finished(self, job_id: str, kwargs: Any) -> None:
+        again = self._again.get(job_id)
+        if again is not None and (kwargs is None or same_kwargs(again[0], kwargs)):
+            self._again[job_id] = (again[0], True)
 
     def hold(self, requests: Collection[Any], owns: Callable[[str, Any], bool],
              refuse: Callable[[Any], None], running: bool) -> None:
@@ -49,6 +67,10 @@ class HeldMessages:
         names; `refuse(request)` records one that is not."""
         with self._lock:
             for req in requests:
+                again = self._again.pop(req.id, None)
+                if again is not None and again[1] and same_kwargs(again[0], req.kwargs):
+                    req.acknowledge()
+                    continue
                 old = self._held.get(req.id)
                 if old is not None and old is not req and not _same_job(old, req):
                     # A different job under a held job's id (a forged message, or a client
@@ -88,16 +110,12 @@ class HeldMessages:
         message the runner finished: one that replaced it under the same id meanwhile
         (a different job) is left for its own turn."""
         with self._lock:
+            self._finished(job_id, kwargs)
             req = self._held.get(job_id)
             if req is None or not same_kwargs(req.kwargs, kwargs):
                 return
             del self._held[job_id]
-        try:
-            req.acknowledge()
-        except Exception as err:  # noqa: BLE001 - kept held: settled again when the batch ends
-            log.warning("could not ack job %s, kept: %s", job_id, err)
-            with self._lock:
-                self._held.setdefault(job_id, req)
+        req.acknowledge()
 
     def end_batch(self, outcome: Outcome | None, given: dict[str, Any]) -> None:
         """A batch returned `outcome` (None: it raised, and every held message goes back);
@@ -105,23 +123,20 @@ class HeldMessages:
         with self._lock:
             # Every held message, also those that arrived while the batch ran.
             now_held = list(self._held.items())
+            for job_id in outcome.finished if outcome is not None else ():
+                self._finished(job_id, given.get(job_id))
         for job_id, req in now_held:
-            try:
-                if outcome is None or job_id in outcome.requeue:
-                    req.reject(requeue=True)
-                elif job_id in outcome.finished:
-                    if job_id in given and not same_kwargs(given[job_id], req.kwargs):
-                        continue  # a different job took the id meanwhile: not the one finished
-                    req.acknowledge()
-                else:
-                    continue
-                with self._lock:
-                    if self._held.get(job_id) is req:
-                        del self._held[job_id]
-            except RedisError as err:
-                # Redis refused (out of memory, or gone): the message is still the
-                # broker's, unacked; it stays held and is settled on a later tick.
-                log.warning("could not settle job %s with the broker, kept: %s", job_id, err)
+            if outcome is None or job_id in outcome.requeue:
+                req.reject(requeue=True)
+            elif job_id in outcome.finished:
+                if job_id in given and not same_kwargs(given[job_id], req.kwargs):
+                    continue  # a different job took the id meanwhile: not the one finished
+                req.acknowledge()
+            else:
+                continue
+            with self._lock:
+                if self._held.get(job_id) is req:
+                    del self._held[job_id]
 
 
 def same_kwargs(a: Any, b: Any) -> bool:

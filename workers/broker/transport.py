@@ -30,12 +30,12 @@ import logging
 import time
 from queue import Empty
 from time import monotonic
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import redis
 from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
-from kombu.utils.json import loads
+from kombu.utils.json import dumps, loads
 
 from tasks import envelope
 from tasks.broker_redis import FailoverConnection
@@ -77,6 +77,19 @@ for i = 1, n do
 end
 return false
 """
+# A message this worker held goes back to the head of its queue list (where kombu's
+# restore puts one), unless Redis has its unacked record (then it is the broker's still,
+# and kombu's restore brings it back if need be). KEYS: the unacked hash, the list;
+# ARGV: the delivery tag, the message. Returns 1 when it was pushed.
+_RESEND = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
+  return 0
+end
+redis.call('RPUSH', KEYS[2], ARGV[2])
+return 1
+"""
+
+
 def _admit(item: bytes, recorded: bool, rejections: Rejections) -> dict[str, Any] | None:
     """The decoded envelope, or None when it was refused (and the refusal recorded).
     `recorded`: the fetch recorded it as unacked (Lua's JSON decoder accepted it too)."""
@@ -97,23 +110,82 @@ def _admit(item: bytes, recorded: bool, rejections: Rejections) -> dict[str, Any
 
 
 class QoS(kombu_redis.QoS):
+    """kombu's books of unacked messages, with acks and requeues that a Redis refusing
+    writes cannot turn into an error out of Celery's event loop.
+
+    Celery runs every ack and requeue as a callback of the consumer's event loop
+    (`Consumer.call_soon`), where an exception stops the worker ("Unrecoverable error").
+    At maxmemory Redis refuses every command queued in a MULTI, also the ZREM and HDEL of
+    kombu's ack, which only free memory: here they go without MULTI, so an ack passes
+    at maxmemory. A requeue must write (it pushes the message back on its list): one
+    Redis refuses is tried again at every sweep (`restore_visible`, every
+    `unacked_restore_interval`) until it passes; the message's unacked record stays in
+    Redis meanwhile, so a worker that dies first loses nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._requeues: dict[Any, bool] = {}  # tag: leftmost, requeues Redis refused
+
     def append(self, message: Any, delivery_tag: Any) -> None:
         # The fetch script recorded it in Redis already: only this process's own books.
         kombu_redis.virtual.QoS.append(self, message, delivery_tag)
 
+    def ack(self, delivery_tag: Any) -> None:
+        self._forget(delivery_tag)
+        kombu_redis.virtual.QoS.ack(self, delivery_tag)
+
+    def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+        if requeue:
+            self.restore_by_tag(delivery_tag, leftmost=True)
+        else:
+            self._forget(delivery_tag)
+        kombu_redis.virtual.QoS.ack(self, delivery_tag)
+
+    def _forget(self, delivery_tag: Any) -> None:
+        """Drop the message's unacked record: it is done with."""
+        try:
+            self._remove_from_indices(delivery_tag).execute()
+        except redis.exceptions.ResponseError as err:
+            # A Redis that refuses even deletes (MISCONF: its snapshots fail): the record
+            # stays, the message comes back after the visibility timeout, and admission
+            # reports its recorded result then without running it again.
+            log.warning("the broker refused to drop an unacked record (%s); the message comes back after the "
+                        "visibility timeout", err)
+
+    def _remove_from_indices(self, delivery_tag: Any, pipe: Any = None) -> Any:
+        if pipe is not None:
+            return super()._remove_from_indices(delivery_tag, pipe)  # inside kombu's restore transaction
+        # No MULTI (refused whole at maxmemory). The record first: cut off between the
+        # two, what is left is an index entry, which the restore sweep drops.
+        with self.channel.conn_or_acquire() as client:
+            return client.pipeline(transaction=False).hdel(self.unacked_key, delivery_tag) \
+                .zrem(self.unacked_index_key, delivery_tag)
+
     def restore_by_tag(self, tag: Any, client: Any = None, leftmost: bool = False) -> Any:
         try:
-            return super().restore_by_tag(tag, client, leftmost)
+            done = super().restore_by_tag(tag, client, leftmost)
+            self._requeues.pop(tag, None)
+            return done
         except (*_UNDECODABLE, redis.exceptions.DataError) as exc:
             # A record that cannot go back to a queue would stop every restore sweep (and
             # every worker start) at it: it is dropped and dead-lettered instead.
             log.error("dropped an unacked record that could not be restored (%s)", type(exc).__name__)
-            self._remove_from_indices(tag).execute()
+            self._requeues.pop(tag, None)
+            self._forget(tag)
             self.channel.rejections.record(envelope.Rejection("undecodable", f"an unacked record could not be restored "
                                                                 f"({type(exc).__name__})", None), None)
             return None
+        except redis.exceptions.ResponseError as err:
+            # Refused (maxmemory): the record stays unacked in Redis; tried again at the
+            # next sweep, and restored by the visibility timeout if this worker is gone.
+            if tag not in self._requeues:
+                log.warning("the broker refused to requeue a message (%s); trying again at each sweep", err)
+            self._requeues[tag] = leftmost
+            return None
 
     def restore_visible(self, *args: Any, **kwargs: Any) -> Any:
+        for tag, leftmost in list(self._requeues.items()):
+            self.restore_by_tag(tag, leftmost=leftmost)
         try:
             return super().restore_visible(*args, **kwargs)
         except redis.exceptions.OutOfMemoryError:
@@ -128,6 +200,21 @@ class Channel(kombu_redis.Channel):
     rejections: Rejections  # set by transport_for
     # A test hook (workers/faults.py): called with each fetched item before it is delivered.
     on_fetch: Callable[[bytes], None] | None = None
+
+    def resend(self, client: redis.Redis, message: Any, queues: Collection[str], default_queue: str) -> bool:
+        """Put a message this channel delivered back at the head of its queue, with its id,
+        body and delivery tag, marked redelivered as kombu's restore marks one, unless
+        Redis still has its unacked record. Its queue is its routing key when that is one
+        of `queues` (the producer's routes: a queue's routing key is its name), else
+        `default_queue`. True when it was put back."""
+        raw = message.serializable()
+        props = raw["properties"]
+        info = props.get("delivery_info") or {}
+        payload = {**raw, "headers": {**raw["headers"], "redelivered": True},
+                   "properties": {**props, "delivery_info": {**info, "redelivered": True}}}
+        queue = info.get("routing_key") if info.get("routing_key") in queues else default_queue
+        key = self._q_for_pri(queue, self._get_message_priority(payload, reverse=False))
+        return bool(client.eval(_RESEND, 2, self.unacked_key, key, message.delivery_tag, dumps(payload)))
 
     def _brpop_start(self, timeout: Any = None) -> Any:
         queues = self._queue_cycle.consume(len(self.active_queues))
