@@ -97,8 +97,14 @@ class Recorder:
         an ended job is not run again (its result says it ended), and Redis need not keep
         them through the window. Called for jobs admitted as their id's owners only."""
         ended = Claim(digest_of(kwargs), tenant_of(kwargs), "")
-        self.redis.pipeline(transaction=False).set(claim_key(job_id), ended.encode(), xx=True, ex=self.ttl_s).delete(
-            STRIKES + job_id, DELIVERIES + job_id).execute()
+        try:
+            self.redis.pipeline(transaction=False).set(claim_key(job_id), ended.encode(), xx=True,
+                                                       ex=self.ttl_s).delete(STRIKES + job_id,
+                                                                             DELIVERIES + job_id).execute()
+        except redis.exceptions.OutOfMemoryError as err:
+            # The result is recorded by now: raising would record it again (as cached). At
+            # maxmemory the claim keeps its first TTL (set at submit) and the deletes pass.
+            log.warning("job %s: could not renew its claim (the broker is full): %s", job_id, err)
 
     def mark_queued(self, job_ids: set[str]) -> None:
         """Back to the queue: the job's state says so (not STARTED) while it waits again."""
