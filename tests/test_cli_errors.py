@@ -65,6 +65,8 @@ class HangUp:
             conn.close()
 
     def close(self) -> None:
+        # A close alone leaves accept() blocked in its thread; a shutdown wakes it (Linux).
+        self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
         self._thread.join(10)
 

@@ -29,6 +29,7 @@ from tasks.gateway.app import create_app
 from tasks.settings import Settings
 
 from .conftest import PREFIX, ROOT, S3Endpoint, WorkerProc, stop_process
+from .test_cli_errors import HangUp
 from .test_gateway import Gateway
 
 KEY = "acme-key-0123456789abcdef"
@@ -296,3 +297,21 @@ def test_connections_past_the_limit_get_503(own_broker: LocalRedis, tmp_path: Pa
         for sock in held:
             sock.close()
         stop_process(gw.proc)
+
+
+def test_a_broker_never_reached_answers_503_at_once(tmp_path: Path) -> None:
+    """A gateway whose Redis never answered: a submit tries it once (no retry loop) and
+    answers 503 with Retry-After; the result listener's Redis, on a port of its own,
+    is left to its backed-off reconnects."""
+    broker, backend = HangUp(), HangUp()
+    try:
+        settings = Settings.from_env({"TTSPOOL_BROKER_URL": broker.url, "TTSPOOL_RESULT_BACKEND": backend.url,
+                                      "TTSPOOL_STORAGE_URL": tmp_path.as_uri()})
+        with TestClient(create_app(settings, storage_for(settings)), raise_server_exceptions=False) as http:
+            resp = http.post("/v1/jobs", json={"text": "Hello."})
+            assert resp.status_code == 503 and resp.headers["retry-after"] == "5", resp.text
+            assert "unreachable" in resp.json()["error"]["message"]
+            assert broker.accepted == 1
+    finally:
+        broker.close()
+        backend.close()
