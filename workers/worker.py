@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import sys
 import time
@@ -59,7 +60,10 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
     t_setup = time.perf_counter()
     app = make_app(settings)
     messages, outbox = HeldMessages(), EventOutbox()
-    runner = BatchRunner(app, engine, storage, settings, metrics, messages=messages, events=TaskEvents(outbox.send))
+    # A store that refuses stops this worker with Celery's warm shutdown: the running batch
+    # ends, every held message goes back (workers/pipeline/delivery.py).
+    runner = BatchRunner(app, engine, storage, settings, metrics, messages=messages, events=TaskEvents(outbox.send),
+                         stop=lambda: os.kill(os.getpid(), signal.SIGTERM))
     # Celery's consumer and kombu's Redis transport, except that a queue item that is not
     # a valid message is refused and recorded instead of stopping the worker, and a
     # fetched message is recorded as unacked in the same step (workers/broker/transport.py).

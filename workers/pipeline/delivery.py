@@ -21,8 +21,6 @@ refuses at its storage probe (workers/worker.py) until the store is fixed.
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -43,12 +41,16 @@ log = logging.getLogger(__name__)
 
 class Delivery:
     def __init__(self, recorder: Recorder, strike: Callable[[Iterable[Job], int], None],
-                 settle: Callable[[Job], None], metrics: Metrics, threads: int, capacity: int) -> None:
+                 settle: Callable[[Job], None], metrics: Metrics, threads: int, capacity: int,
+                 stop: Callable[[], None]) -> None:
         self.recorder = recorder
         self.strike = strike
         # Acks a finished job's message at once (workers.broker.held_messages.HeldMessages.settle).
         self.settle = settle
         self.metrics = metrics
+        # How the worker stops when the store refuses (the composition root's choice: a
+        # runner in a test process must not signal that process).
+        self.stop = stop
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="store")
         self._slots = threading.BoundedSemaphore(capacity)
         # The store's first refusal: the worker stops, and says why as it exits.
@@ -61,8 +63,7 @@ class Delivery:
                 return
             self.refused = err
         log.error("storage refuses (%s): no retry mends that; this worker stops", err)
-        # Celery's warm shutdown: the running batch ends, every held message goes back.
-        os.kill(os.getpid(), signal.SIGTERM)
+        self.stop()
 
     def batch(self, retry_s: float) -> "BatchDelivery":
         return BatchDelivery(self, retry_s)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 import redis
 from celery import Celery
@@ -57,11 +57,14 @@ class BatchRunner:
 
     def __init__(self, app: Celery, engine: Engine, storage: Storage, settings: Settings,
                  metrics: Metrics | None = None, *, messages: Messages | None = None,
-                 events: TaskEvents | None = None, rejections: Rejections | None = None) -> None:
+                 events: TaskEvents | None = None, rejections: Rejections | None = None,
+                 stop: Callable[[], None] | None = None) -> None:
         """`messages`: the broker's side of the held messages (arrivals while a batch runs,
         acks as rows are recorded; workers.broker.held_messages); `events`: where task
-        events go; `rejections`: where refused messages are recorded. Left out, the
-        runner sees no arrivals, acks nothing, and sends no events: it runs in process."""
+        events go; `rejections`: where refused messages are recorded; `stop`: how the
+        worker stops when the store refuses (`delivery.refused` says why). Left out, the
+        runner sees no arrivals, acks nothing, sends no events and stops nothing: it runs
+        in process."""
         self.app = app
         self.engine = engine
         self.settings = settings
@@ -90,7 +93,8 @@ class BatchRunner:
         # A whole batch's rows may wait for storage before the GPU thread waits for it.
         self.delivery = Delivery(self.recorder, self.admission.strike,
                                  lambda job: self.messages.settle(job.id, job.kwargs),
-                                 self.metrics, threads=settings.store_threads, capacity=settings.max_batch)
+                                 self.metrics, threads=settings.store_threads, capacity=settings.max_batch,
+                                 stop=stop if stop is not None else lambda: None)
         self._refused_since: float | None = None  # Redis has refused writes since then
         # A warm shutdown waits for the running batch: it must not take in held jobs
         # then (they go back to the queue), or the batch would outlast the grace period.
