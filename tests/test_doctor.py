@@ -57,7 +57,7 @@ def test_text_output_is_one_line_per_check_with_its_fix(tmp_path: Path) -> None:
     assert proc.returncode == 1
     lines = proc.stdout.splitlines()
     assert [line.split()[:2] for line in lines] == [["ok", "python"], ["fail", "broker"], ["ok", "storage"]]
-    assert "-- fix: start Redis" in lines[1]
+    assert "-- fix: run `ttspool up`" in lines[1]
 
 
 def test_a_stopped_redis_fails_the_broker_line(tmp_path: Path) -> None:

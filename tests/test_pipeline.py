@@ -24,7 +24,7 @@ from .conftest import BUCKET, PREFIX, ROOT, S3Endpoint, WorkerProc, raw_message
 from .model_facts import steps_to_samples
 from .scrape import fetch, parse, value
 
-STATUS_FIELDS = {"id", "status", "url", "duration_s", "sample_rate", "error", "spoken_text", "format", "dropped"}
+STATUS_FIELDS = {"id", "status", "url", "duration_s", "sample_rate", "error", "spoken_text", "format", "dropped", "voice"}
 
 
 def _cli(worker: WorkerProc, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
