@@ -57,6 +57,18 @@ class Request:
     args: list[Any] = field(default_factory=list)
 
 
+@contextmanager
+def idle_client(redis_server: LocalRedis, db: int) -> Iterator[Client]:
+    """A producer on a broker database (`db`) that no worker reads, empty before and after."""
+    c = Client(Settings(broker_url=redis_server.url.rsplit("/", 1)[0] + f"/{db}"))
+    c.redis.flushdb()
+    try:
+        yield c
+    finally:
+        c.redis.flushdb()
+        c.close()
+
+
 @pytest.fixture(scope="module")
 def own_broker() -> Iterator[LocalRedis]:
     """A Redis of the test module's own (MONITOR sees its commands only)."""

@@ -286,3 +286,12 @@ def test_cli_over_the_limit_is_a_clear_error(worker: WorkerProc, idle_url: str, 
     assert refused.stderr.count("\n") == 1
     with redis.Redis.from_url(idle_url) as r:
         assert r.keys("ttspool:book:*") == []  # the refused book left nothing behind
+
+
+def test_presign_on_a_local_folder_says_it_does_nothing(worker: WorkerProc, idle_url: str, tmp_path: Path) -> None:
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"text": "Kept in a folder."}) + "\n")
+    env = {**worker.env, "TTSPOOL_STORAGE_URL": (tmp_path / "out").as_uri()}
+    out = run_cli(env, "--broker-url", idle_url, "submit-file", str(jobs), "--presign", "60")
+    assert out.returncode == 0, out.stderr
+    assert "--presign applies to S3 storage" in out.stderr and "printed as they are" in out.stderr

@@ -122,7 +122,8 @@ def test_up_serves_a_job_then_stops_every_child_on_sigint(tmp_path: Path, unrela
         assert set(pids) == {"redis", "gateway", "worker"}
         export = up.wait_for("export ", 30)
         exported = dict(item.split("=", 1) for item in shlex.split(export.removeprefix("export ")))
-        assert set(exported) == {"TTSPOOL_BROKER_URL", "TTSPOOL_STORAGE_URL"}
+        assert set(exported) == {"TTSPOOL_BROKER_URL", "TTSPOOL_STORAGE_URL", "TTSPOOL_MODEL"}
+        assert exported["TTSPOOL_MODEL"] == "random-tiny"
         # Its own Redis on a port of its own, never the default one (where another Redis runs).
         broker = exported["TTSPOOL_BROKER_URL"]
         assert broker.startswith("redis://127.0.0.1:") and not broker.startswith("redis://127.0.0.1:6379/")
@@ -142,6 +143,9 @@ def test_up_serves_a_job_then_stops_every_child_on_sigint(tmp_path: Path, unrela
         status = json.loads(submitted.stdout)
         assert status["status"] == "SUCCESS"
         assert Path(status["url"].removeprefix("file://")).is_file()
+        # The README's next line: doctor checks this pool's model, not the default one.
+        doctor = run_cli(clean_env(tmp_path / "elsewhere", **exported), "doctor", timeout=120)
+        assert doctor.returncode == 0, doctor.stdout + doctor.stderr
         with urllib.request.urlopen(f"http://127.0.0.1:{gateway_port}/healthz", timeout=10) as resp:
             assert resp.status == 200 and json.loads(resp.read())["status"] == "ok"
         if unrelated_redis is not None:

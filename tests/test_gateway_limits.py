@@ -83,14 +83,11 @@ def test_every_route_refuses_bad_path_parameters(keys: bool, own_broker: LocalRe
                         assert resp.status_code == 404, (url, resp.status_code)  # StaticFiles' own answer
                     else:
                         _assert_openai_error(resp.status_code, resp.content, f"{method} {url}")
-        # Well-formed but unknown: 404 where the route can tell (a job without keys is
-        # PENDING to Celery until it exists, as it is to every producer).
-        for method, url in (("GET", "/v1/jobs/no-such-job/audio"), ("GET", "/v1/voices/no-such-voice"),
-                            ("DELETE", "/v1/voices/no-such-voice")):
+        # Well-formed but unknown: 404, with keys or without (no claim, no record).
+        for method, url in (("GET", "/v1/jobs/no-such-job"), ("GET", "/v1/jobs/no-such-job/audio"),
+                            ("GET", "/v1/voices/no-such-voice"), ("DELETE", "/v1/voices/no-such-voice")):
             resp = http.request(method, url, headers=headers)
             assert resp.status_code == 404, (method, url, resp.text)
-        if keys:
-            assert http.get("/v1/jobs/no-such-job", headers=headers).status_code == 404
 
 
 class StalledServer:

@@ -17,22 +17,17 @@ from tasks.book import book_key, submit_book
 from tasks.cli.local_redis import LocalRedis
 from tasks.producer import Client
 from tasks.schema import JobValidationError, parse_job
-from tasks.settings import DEAD_LETTER_KEY, QUEUE_BULK, TASK_NAME, Settings
+from tasks.settings import DEAD_LETTER_KEY, QUEUE_BULK, TASK_NAME
 
-from .conftest import WorkerProc
+from .conftest import WorkerProc, idle_client
 from .fault_tools import until
 from .test_submit_crash import _producer
 
 
 @pytest.fixture()
 def idle(redis_server: LocalRedis) -> Iterator[Client]:
-    """A producer on a broker database no worker reads."""
-    url = redis_server.url.rsplit("/", 1)[0] + "/6"
-    c = Client(Settings(broker_url=url))
-    c.redis.flushdb()
-    yield c
-    c.redis.flushdb()
-    c.close()
+    with idle_client(redis_server, 6) as client:
+        yield client
 
 
 def test_an_id_is_its_first_submitters(idle: Client) -> None:

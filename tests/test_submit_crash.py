@@ -25,6 +25,7 @@ from tasks.gateway.app import create_app
 from tasks.producer import Client
 from tasks.settings import QUEUE_BULK, Settings
 
+from .conftest import idle_client
 from .fault_tools import until
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,13 +73,8 @@ print(json.dumps(client.submit_many_report(jobs).new), flush=True)
 
 @pytest.fixture()
 def idle(redis_server: LocalRedis) -> Iterator[Client]:
-    """A producer on a broker database no worker reads."""
-    url = redis_server.url.rsplit("/", 1)[0] + "/7"
-    c = Client(Settings(broker_url=url))
-    c.redis.flushdb()
-    yield c
-    c.redis.flushdb()
-    c.close()
+    with idle_client(redis_server, 7) as client:
+        yield client
 
 
 def _producer(client: Client, point: str, jobs: list[dict[str, object]]) -> subprocess.Popen[str]:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..job_records import audio_key
 from ..schema import BOOK_FORMAT_ALIASES, BOOK_FORMATS, JobSpec
-from ..settings import Settings
+from ..settings import Settings, redact_url
 from ..states import JobState
 from .common import producer, voice_arg
 from .fixes import cli_fix
@@ -68,6 +68,10 @@ class _Presigner:
             from storage import storage_for
 
             self.storage = storage_for(settings)
+            if not settings.storage_url.startswith("s3://"):
+                # Said once, up front: a local folder's file:// URLs are printed as they are.
+                print(f"ttspool: note: --presign applies to S3 storage; {redact_url(settings.storage_url)} "
+                      "is a local folder, so its file:// URLs are printed as they are", file=sys.stderr)
 
     def __call__(self, url: str | None) -> str | None:
         if url is None or self.storage is None or self.seconds is None:

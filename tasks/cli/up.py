@@ -90,7 +90,9 @@ def _shown_host(host: str) -> str:
 
 def _lines(settings: Settings, children: list[_Child], state_dir: Path, redis_server: LocalRedis | None) -> list[str]:
     gateway = f"http://{_shown_host(settings.http_host)}:{settings.http_port}"
-    env = {"TTSPOOL_BROKER_URL": settings.broker_url, "TTSPOOL_STORAGE_URL": settings.storage_url}
+    # The model too: `doctor` and a second `ttspool worker` must check and load this pool's.
+    env = {"TTSPOOL_BROKER_URL": settings.broker_url, "TTSPOOL_STORAGE_URL": settings.storage_url,
+           "TTSPOOL_MODEL": settings.model}
     if "result_backend" in settings.explicit:
         env["TTSPOOL_RESULT_BACKEND"] = settings.backend_url
     pids = ", ".join(([f"redis {redis_server.proc.pid}"] if redis_server and redis_server.proc else [])

@@ -55,7 +55,9 @@ async def job_status(job_id: JobIdParam, request: Request, tenant: Tenant, state
     # Redis, and storage only for a job Redis let go: the default threads, so that a
     # stalled store holds the reads of such jobs only.
     status: JobStatus = await anyio.to_thread.run_sync(state.client.status, task)
-    if tenant is not None and status.status == JobState.PENDING and \
+    # PENDING is also what Celery says of an id it never saw: an id with no claim (and so
+    # no record either, or status would have read it) was never submitted.
+    if status.status == JobState.PENDING and \
             await anyio.to_thread.run_sync(state.client.owner, task) is None:
         raise HTTPException(404, f"no job {job_id!r}")
     out = {**status.to_dict(), "id": job_id}
